@@ -1,0 +1,44 @@
+"""ctx-jax: CrossTransformers and the Meta-Dataset episode pipeline in JAX."""
+
+import setuptools
+
+setuptools.setup(
+    name="ctx-jax",
+    version="0.1.0",
+    description=(
+        "JAX/Flax CrossTransformers (CTX) and a Meta-Dataset episode "
+        "pipeline aligned with google-research/meta-dataset."
+    ),
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(
+        include=["ctx_jax*", "meta_dataset_pipeline*", "experiments*",
+                 "launch*"]),
+    install_requires=[
+        "jax>=0.10,<0.11",
+        "jaxlib>=0.10,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12,<0.13",
+        "chex>=0.1.90",
+        "ml-collections>=1.1",
+        "absl-py>=2.1",
+        "clu>=0.0.12",
+        "numpy>=2.0",
+        "pillow>=10.0",
+        "matplotlib>=3.8",
+        "tensorflow-cpu>=2.21,<2.22",
+        "tensorflow-datasets>=4.9.10",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+    },
+    entry_points={
+        "console_scripts": [
+            "ctx-train=ctx_jax.main:run",
+            "ctx-eval=ctx_jax.eval.main:run",
+            "ctx-make-demo-data=meta_dataset_pipeline.demo_data:run",
+            "ctx-import-official=ctx_jax.models.official_import:run",
+            "ctx-run-episode=ctx_jax.models.official_import:run_episode_main",
+        ],
+    },
+)

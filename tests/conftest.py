@@ -1,0 +1,28 @@
+"""Test set-up: CPU only, 8 fake devices, quiet TensorFlow.
+
+The device count must be set before JAX touches a device, so this runs
+before any test module imports the code under test.
+"""
+
+import os
+import pathlib
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import jax  # pylint: disable=g-import-not-at-top
+import pytest  # pylint: disable=g-import-not-at-top
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED = REPO_ROOT.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_dir():
+  """The read-only `shared/` folder beside the checkout (fixtures)."""
+  if not SHARED.is_dir():
+    pytest.skip(f"{SHARED} not found: the shared fixtures sit beside the repo")
+  return SHARED
