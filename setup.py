@@ -34,6 +34,7 @@ setuptools.setup(
     },
     entry_points={
         "console_scripts": [
+            "ctx-demo=ctx_jax.demo:run",
             "ctx-train=ctx_jax.main:run",
             "ctx-eval=ctx_jax.eval.main:run",
             "ctx-make-demo-data=meta_dataset_pipeline.demo_data:run",

@@ -1,0 +1,76 @@
+r"""`ctx-train`: trains (and then evaluates) a few-shot model from a config.
+
+  ctx-train --config experiments/demo.py --workdir runs/demo_ctx \
+      [--config.optimizer.learning_rate=1e-3 ...]
+
+Multi-host runs add `--distributed` (or set CTX_JAX_DISTRIBUTED=1, as the
+launchers do): `jax.distributed.initialize` then runs before any device is
+touched, with cluster auto-detection (Cloud TPU, SLURM) or the explicit
+`--coordinator_address/--num_processes/--process_id`. A failure to initialise
+is an error, never a silent fallback to a single process.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (experiments/<name>.py[:arg]).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, "
+                               "summaries and results are written.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", os.environ.get("CTX_JAX_DISTRIBUTED") == "1",
+    "Call jax.distributed.initialize() first (multi-process runs).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 (optional).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Number of processes (optional).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "This process's index (optional).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+# Errors of the user's making: print the message, no traceback, exit 1.
+USER_ERRORS = (FileNotFoundError, FileExistsError, PermissionError,
+               ValueError, KeyError, FloatingPointError)
+
+
+def initialize_distributed() -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  kwargs = {k: v for k, v in (("coordinator_address", _COORDINATOR.value),
+                              ("num_processes", _NUM_PROCESSES.value),
+                              ("process_id", _PROCESS_ID.value))
+            if v is not None}
+  jax.distributed.initialize(**kwargs)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _DISTRIBUTED.value:
+    initialize_distributed()
+  import jax  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  # tf.data runs on the host only; keep TF off the accelerators.
+  tf.config.set_visible_devices([], "GPU")
+  from ctx_jax.training import train  # pylint: disable=g-import-not-at-top
+  logging.info("config:\n%s", _CONFIG.value)
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except USER_ERRORS as e:
+    logging.exception("%s", type(e).__name__)
+    print(f"ctx-train: error: {e}", file=sys.stderr)
+    sys.exit(1)
+  del jax
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,215 @@
+"""The CrossTransformer (CTX) head of Doersch et al. (NeurIPS 2020).
+
+For a query image, every query position p attends over all spatial positions
+j of the support images of class c (a softmax per class, Eq. 2-4 of the
+paper), which builds a query-aligned prototype t_c(p) from the support
+values. The logit of class c is minus the squared distance between the query
+values and t_c, summed over positions and channels and divided by the number
+of query positions (shared/ALIGNMENT.md, "CrossTransformer head").
+
+Memory: the full attention of an episode is [Q*P, S*J] (about 38 GB in
+float32 for 500+500 images with 14x14 features), so queries are processed in
+chunks under `jax.lax.map`, and each chunk is rematerialised
+(`jax.checkpoint`) in the backward pass, as the official
+`_get_dist_rematerialize` does one query at a time.
+
+Shape letters: S support images, Q query images, B queries in a chunk,
+W ways (classes), J spatial positions of a support image, P spatial positions
+of a query image, D key/query channels, C value channels, E embedding
+channels.
+"""
+
+import math
+
+from flax import nnx
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+from ctx_jax.models import backbone
+
+# Logit of a class with no real support image: very negative so it gets no
+# probability mass, finite so that cross-entropy and its gradient stay finite.
+ABSENT_CLASS_LOGIT = -1e9
+
+
+def class_onehot(labels: jax.Array, mask: jax.Array,
+                 num_ways: int) -> jax.Array:
+  """[S,W] float32 one-hot of labels with padded rows (mask False) zeroed."""
+  onehot = jax.nn.one_hot(labels, num_ways, dtype=jnp.float32)
+  return onehot * mask.astype(jnp.float32)[:, None]
+
+
+def _chunk_distances(queries, query_values, keys, values, labels, mask,
+                     onehot):
+  """Distances [B,W] of a chunk of B queries to their aligned prototypes.
+
+  Args:
+    queries: [B,P,D] projected query features (the key projection).
+    query_values: [B,P,C].
+    keys: [S,J,D].
+    values: [S,J,C].
+    labels: [S] int32.
+    mask: [S] bool, False for padded support rows.
+    onehot: [S,W] masked one-hot labels.
+
+  Returns:
+    [B,W] float32 distances.
+  """
+  # Softmax and distances in at least float32, whatever the compute dtype.
+  acc = jnp.promote_types(queries.dtype, jnp.float32)
+  scale = 1.0 / math.sqrt(keys.shape[-1])
+  logits = jnp.einsum('bpd,sjd->bpsj', queries, keys,
+                      preferred_element_type=acc) * scale
+  # -inf *before* exp: exp(-inf) = 0 with a zero gradient, whereas masking
+  # exp(logits) afterwards would let an overflowing padded row produce NaN
+  # gradients (0 * inf).
+  logits = jnp.where(mask[:, None], logits, -jnp.inf)
+  # Per-class max over all positions of all images of the class, as the
+  # official stabiliser. It cancels exactly in the softmax, so it carries no
+  # gradient. Classes without support give -inf; use 0 there so that padded
+  # rows (logit -inf) give exp(-inf - 0) = 0, never NaN.
+  image_max = jnp.max(lax.stop_gradient(logits), axis=-1)  # [B,P,S]
+  class_max = jnp.max(jnp.where(onehot > 0, image_max[..., None], -jnp.inf),
+                      axis=2)  # [B,P,W]
+  class_max = jnp.where(jnp.isfinite(class_max), class_max, 0.0)
+  shift = jnp.take(class_max, labels, axis=-1, mode='clip')  # [B,P,S]
+  exp_logits = jnp.exp(logits - shift[..., None])
+  # Softmax denominator of each class: sum over its images and positions.
+  denom = jnp.einsum('bps,sw->bpw', jnp.sum(exp_logits, axis=-1), onehot)
+  denom = jnp.where(denom > 0, denom, 1.0)  # Empty classes: avoid 0/0.
+  per_image = jnp.einsum('bpsj,sjc->bpsc', exp_logits.astype(values.dtype),
+                         values, preferred_element_type=acc)
+  prototypes = jnp.einsum('bpsc,sw->bpwc', per_image, onehot) / denom[..., None]
+  diff = query_values.astype(acc)[:, :, None, :] - prototypes
+  return jnp.sum(jnp.square(diff), axis=(1, 3)) / queries.shape[1]
+
+
+def _check_head_inputs(queries, query_values, keys, values, labels, mask):
+  """Raises ValueError unless the flattened head inputs agree in shape."""
+  if queries.ndim != 3 or keys.ndim != 3 or values.ndim != 3:
+    raise ValueError('queries, keys, values must be [N,positions,channels]; '
+                     f'got {queries.shape}, {keys.shape}, {values.shape}')
+  if query_values.shape[:2] != queries.shape[:2]:
+    raise ValueError(f'query_values {query_values.shape} does not match '
+                     f'queries {queries.shape}')
+  if keys.shape[-1] != queries.shape[-1]:
+    raise ValueError(f'keys {keys.shape} and queries {queries.shape} differ '
+                     'in channels')
+  if (values.shape[:2] != keys.shape[:2] or
+      values.shape[-1] != query_values.shape[-1]):
+    raise ValueError(f'values {values.shape} do not match keys {keys.shape} '
+                     f'and query_values {query_values.shape}')
+  if labels.shape != keys.shape[:1] or mask.shape != keys.shape[:1]:
+    raise ValueError(f'labels {labels.shape} and mask {mask.shape} must be '
+                     f'[{keys.shape[0]}]')
+
+
+def _sanitise_padding(keys, values, labels, mask):
+  """Zeroes padded support rows and gives them label 0.
+
+  Non-finite padding can then never reach the (0-weighted) products, and an
+  arbitrary padding label (e.g. -1) never indexes out of range.
+  """
+  keys = jnp.where(mask[:, None, None], keys, 0)
+  values = jnp.where(mask[:, None, None], values, 0)
+  return keys, values, jnp.where(mask, labels, 0)
+
+
+def crosstransformer_logits(queries, query_values, keys, values, labels,
+                            mask, *, num_ways: int, chunk_size: int):
+  """CTX logits, computed in rematerialised chunks of queries.
+
+  Args:
+    queries: [Q,P,D] query features under the key projection.
+    query_values: [Q,P,C] query features under the value projection.
+    keys: [S,J,D] support keys.
+    values: [S,J,C] support values.
+    labels: [S] int32 support labels in [0, num_ways).
+    mask: [S] bool, False for padded support rows.
+    num_ways: static number of classes W.
+    chunk_size: queries per chunk; peak memory grows with it.
+
+  Returns:
+    [Q,W] float32 logits; ABSENT_CLASS_LOGIT for classes with no support.
+  """
+  _check_head_inputs(queries, query_values, keys, values, labels, mask)
+  if chunk_size < 1:
+    raise ValueError(f'chunk_size must be positive, got {chunk_size}')
+  num_queries = queries.shape[0]
+  chunk_size = min(chunk_size, num_queries)
+  num_chunks = -(-num_queries // chunk_size)
+  pad = num_chunks * chunk_size - num_queries
+  onehot = class_onehot(labels, mask, num_ways)
+  keys, values, labels = _sanitise_padding(keys, values, labels, mask)
+
+  def chunked(x):
+    x = jnp.pad(x, ((0, pad), (0, 0), (0, 0)))
+    return x.reshape((num_chunks, chunk_size) + x.shape[1:])
+
+  dist_fn = jax.checkpoint(_chunk_distances, prevent_cse=False)
+  body = lambda qs: dist_fn(qs[0], qs[1], keys, values, labels, mask, onehot)
+  dist = lax.map(body, (chunked(queries), chunked(query_values)))
+  dist = dist.reshape((-1, num_ways))[:num_queries]
+  present = jnp.sum(onehot, axis=0) > 0
+  return jnp.where(present, -dist, ABSENT_CLASS_LOGIT)
+
+
+def crosstransformer_logits_naive(queries, query_values, keys, values,
+                                  labels, mask, *, num_ways: int):
+  """Reference CTX logits that materialise the whole [Q,P,S,J] attention.
+
+  Same arguments and result as `crosstransformer_logits`; kept for tests and
+  the memory benchmark, not for training.
+  """
+  _check_head_inputs(queries, query_values, keys, values, labels, mask)
+  onehot = class_onehot(labels, mask, num_ways)
+  keys, values, labels = _sanitise_padding(keys, values, labels, mask)
+  dist = _chunk_distances(queries, query_values, keys, values, labels, mask,
+                          onehot)
+  present = jnp.sum(onehot, axis=0) > 0
+  return jnp.where(present, -dist, ABSENT_CLASS_LOGIT)
+
+
+class PointwiseConv(nnx.Module):
+  """A bias-free 1x1 convolution with an HWIO kernel `weight` [1,1,E,D]."""
+
+  def __init__(self, in_channels: int, out_channels: int, *, init: str,
+               dtype: jnp.dtype, rngs: nnx.Rngs):
+    self.weight = nnx.Param(backbone.kernel_init(
+        init, rngs.params(), (1, 1, in_channels, out_channels)))
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """[N,H,W,E] -> [N,H*W,D]: projects and flattens the positions."""
+    y = jnp.einsum('nhwe,ed->nhwd', x.astype(self.dtype),
+                   self.weight[0, 0].astype(self.dtype))
+    return y.reshape((y.shape[0], -1, y.shape[-1]))
+
+
+class CrossTransformerHead(nnx.Module):
+  """Shared key/query projection `tformer_keys`, value `tformer_values`."""
+
+  def __init__(self, in_channels: int, *, query_dim: int = 128,
+               val_dim: int = 128, query_chunk_size: int = 8,
+               init: str = 'official', dtype: jnp.dtype = jnp.float32,
+               rngs: nnx.Rngs):
+    self.tformer_keys = PointwiseConv(in_channels, query_dim, init=init,
+                                      dtype=dtype, rngs=rngs)
+    self.tformer_values = PointwiseConv(in_channels, val_dim, init=init,
+                                        dtype=dtype, rngs=rngs)
+    self.query_chunk_size = query_chunk_size
+
+  def __call__(self, support_emb: jax.Array, support_labels: jax.Array,
+               support_mask: jax.Array, query_emb: jax.Array, *,
+               num_ways: int) -> jax.Array:
+    """Logits [Q,W] float32 from support [S,h,w,E] and query [Q,h',w',E]."""
+    if support_emb.ndim != 4 or query_emb.ndim != 4:
+      raise ValueError('embeddings must be [N,h,w,E]; got '
+                       f'{support_emb.shape} and {query_emb.shape}')
+    return crosstransformer_logits(
+        self.tformer_keys(query_emb), self.tformer_values(query_emb),
+        self.tformer_keys(support_emb), self.tformer_values(support_emb),
+        support_labels, support_mask, num_ways=num_ways,
+        chunk_size=self.query_chunk_size)
+

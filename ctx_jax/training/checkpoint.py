@@ -1,0 +1,158 @@
+"""Checkpoints: the only module that imports orbax.
+
+Two formats live here:
+
+* Training checkpoints, `<workdir>/ckpt/<step>/`, written by an orbax
+  `CheckpointManager`: model state, optimizer state and the step. Resume picks
+  the latest *finalized* step; orbax writes into a temporary directory and
+  renames it when complete, so a checkpoint interrupted half-way is never
+  picked up.
+* Exported models, `<dir>/model_config.json` + `<dir>/state/`: just the model
+  state (parameters and batch-norm EMA statistics) and the model config needed
+  to rebuild it. `ctx-import-official` writes this format, `ctx-eval` and
+  `init_from` read it, and training can export its final model to it.
+
+States are stored as pure nested dicts of arrays (`nnx.to_pure_dict`) so the
+files do not depend on flax's internal Variable classes.
+"""
+
+import json
+import os
+import pathlib
+from typing import Any
+
+from flax import nnx
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+MODEL_CONFIG_FILE = "model_config.json"
+STATE_DIR = "state"
+
+
+def _abstract_pure_state(module: nnx.Module) -> dict[str, Any]:
+  """Pure-dict pytree of ShapeDtypeStructs (with shardings) for `module`."""
+  pure = nnx.to_pure_dict(nnx.state(module))
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, pure)
+
+
+def export_model(directory: str | os.PathLike[str], model: nnx.Module,
+                 model_config: ml_collections.ConfigDict) -> pathlib.Path:
+  """Writes `model`'s state and config to `directory` (must not exist).
+
+  Args:
+    directory: destination folder; created. An existing non-empty folder is an
+      error, so an earlier export is never overwritten.
+    model: the model whose `nnx.state` (params + batch stats) is saved.
+    model_config: the ConfigDict `models.build_model` was called with.
+
+  Returns:
+    The absolute path of the export.
+  """
+  directory = pathlib.Path(directory).absolute()
+  if directory.exists() and any(directory.iterdir()):
+    raise FileExistsError(
+        f"export directory {directory} exists and is not empty; choose a new "
+        "one so that nothing already written is overwritten")
+  directory.mkdir(parents=True, exist_ok=True)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(directory / STATE_DIR,
+                    nnx.to_pure_dict(nnx.state(model)))
+  checkpointer.wait_until_finished()
+  # The config goes last: its presence marks a complete export.
+  tmp = directory / (MODEL_CONFIG_FILE + ".tmp")
+  tmp.write_text(model_config.to_json_best_effort(indent=2) + "\n")
+  tmp.rename(directory / MODEL_CONFIG_FILE)
+  return directory
+
+
+def load_model_config(directory: str | os.PathLike[str]
+                      ) -> ml_collections.ConfigDict:
+  """Reads the model config of an export, with a clear error if absent."""
+  path = pathlib.Path(directory) / MODEL_CONFIG_FILE
+  if not path.is_file():
+    raise FileNotFoundError(
+        f"{path} not found: {directory} is not a complete exported model "
+        "(written by ctx-import-official or ctx-train)")
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def restore_model_state(directory: str | os.PathLike[str],
+                        model: nnx.Module) -> None:
+  """Loads an export's state into an already built `model`, in place."""
+  directory = pathlib.Path(directory).absolute()
+  target = _abstract_pure_state(model)
+  restored = ocp.StandardCheckpointer().restore(directory / STATE_DIR, target)
+  state = nnx.state(model)
+  nnx.replace_by_pure_dict(state, restored)
+  nnx.update(model, state)
+
+
+def load_exported_model(directory: str | os.PathLike[str],
+                        rngs: nnx.Rngs | None = None):
+  """Rebuilds a model from an export.
+
+  Args:
+    directory: a folder written by `export_model`.
+    rngs: RNGs for building the (then overwritten) initial parameters.
+
+  Returns:
+    `(model, model_config)`.
+  """
+  from ctx_jax import models  # pylint: disable=g-import-not-at-top
+  model_config = load_model_config(directory)
+  model = models.build_model(model_config, rngs=rngs or nnx.Rngs(0))
+  restore_model_state(directory, model)
+  return model, model_config
+
+
+class TrainCheckpointer:
+  """Periodic, resumable training checkpoints in `<workdir>/ckpt`.
+
+  Wraps `ocp.CheckpointManager`: `save` may be called every step and only
+  writes every `save_every` steps (or when forced, e.g. at the end or on
+  preemption); the last `max_to_keep` are kept.
+  """
+
+  def __init__(self, workdir: str | os.PathLike[str], save_every: int,
+               max_to_keep: int = 3):
+    self.directory = pathlib.Path(workdir).absolute() / "ckpt"
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=max(1, save_every), max_to_keep=max_to_keep,
+        create=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer,
+           force: bool = False) -> bool:
+    """Saves if the policy (or `force`) says so; returns whether it did."""
+    items = {
+        "model": nnx.to_pure_dict(nnx.state(model)),
+        "optimizer": nnx.to_pure_dict(nnx.state(optimizer)),
+    }
+    return self._manager.save(step, args=ocp.args.StandardSave(items),
+                              force=force)
+
+  def restore(self, model: nnx.Module, optimizer: nnx.Optimizer,
+              step: int | None = None) -> int:
+    """Restores `step` (default: latest) into `model`/`optimizer` in place."""
+    step = self._manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    target = {"model": _abstract_pure_state(model),
+              "optimizer": _abstract_pure_state(optimizer)}
+    restored = self._manager.restore(step,
+                                     args=ocp.args.StandardRestore(target))
+    for module, key in ((model, "model"), (optimizer, "optimizer")):
+      state = nnx.state(module)
+      nnx.replace_by_pure_dict(state, restored[key])
+      nnx.update(module, state)
+    return step
+
+  def wait_until_finished(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()

@@ -1,0 +1,104 @@
+"""Builds episode iterators for training and evaluation from a config.
+
+The only place in `ctx_jax` that touches `meta_dataset_pipeline` (and hence
+TensorFlow); the model and the train step never do.
+"""
+
+import os
+import pathlib
+from typing import Iterator, Sequence
+
+import ml_collections
+import numpy as np
+
+import meta_dataset_pipeline as mdp
+
+SPLITS = {"TRAIN": mdp.Split.TRAIN, "VALID": mdp.Split.VALID,
+          "TEST": mdp.Split.TEST}
+
+
+def source_dir(records_root: str, source: str) -> pathlib.Path:
+  """`<records_root>/<source>`, with a clear error when it is missing."""
+  if not records_root:
+    raise FileNotFoundError(
+        "config.data.records_root is empty: set it to the folder holding one "
+        "folder of Meta-Dataset records per source")
+  path = pathlib.Path(records_root) / source
+  if not path.is_dir():
+    raise FileNotFoundError(
+        f"records of source '{source}' not found: {os.path.abspath(path)} is "
+        "not a directory (check config.data.records_root and the sources)")
+  return path
+
+
+def load_specs(records_root: str, sources: Sequence[str]):
+  return [mdp.load_dataset_spec(source_dir(records_root, s)) for s in sources]
+
+
+def episode_description_config(cfg: ml_collections.ConfigDict
+                               ) -> "mdp.EpisodeDescriptionConfig":
+  return mdp.EpisodeDescriptionConfig(**cfg.to_dict())
+
+
+def max_ways(config: ml_collections.ConfigDict, split: str) -> int:
+  """Static logit width for episodes of `split`."""
+  data = config.data
+  cfg = data.train_episode if split == "TRAIN" else data.eval_episode
+  return int(cfg.num_ways or cfg.max_ways_upper_bound)
+
+
+def episodes(config: ml_collections.ConfigDict, split: str,
+             sources: Sequence[str], seed: int, pad_multiple: int = 1,
+             process_index: int = 0, process_count: int = 1
+             ) -> Iterator[dict[str, np.ndarray]]:
+  """Infinite iterator of padded numpy episodes of `split` from `sources`.
+
+  Every process draws the same episodes (same seed) and keeps its own
+  contiguous block of support and query rows, as the official distributed
+  learner splits an episode over replicas.
+
+  Args:
+    config: the experiment config (uses `config.data`).
+    split: "TRAIN", "VALID" or "TEST".
+    sources: source names, folders under `config.data.records_root`.
+    seed: episode sampling seed.
+    pad_multiple: support and query sizes are padded to a multiple of this
+      (the global device count), so the episode splits evenly.
+    process_index: this process's index.
+    process_count: number of processes.
+
+  Yields:
+    Episode dicts (see `meta_dataset_pipeline`), rows of this process only.
+  """
+  data = config.data
+  specs = load_specs(data.records_root, sources)
+  episode_cfg = episode_description_config(
+      data.train_episode if split == "TRAIN" else data.eval_episode)
+  kwargs = dict(split=SPLITS[split], episode_config=episode_cfg,
+                image_size=data.image_size, seed=seed,
+                pad_multiple=pad_multiple,
+                shuffle_buffer_size=data.shuffle_buffer_size)
+  if len(specs) == 1:
+    dataset = mdp.make_one_source_episode_dataset(specs[0], **kwargs)
+  else:
+    dataset = mdp.make_multisource_episode_dataset(specs, **kwargs)
+  for episode in dataset.as_numpy_iterator():
+    if process_count > 1:
+      episode = local_rows(episode, process_index, process_count)
+    yield episode
+
+
+def local_rows(episode: dict[str, np.ndarray], process_index: int,
+               process_count: int) -> dict[str, np.ndarray]:
+  """This process's contiguous block of the support and query rows."""
+  out = dict(episode)
+  for prefix in ("support_", "query_"):
+    keys = [k for k in episode if k.startswith(prefix)]
+    rows = episode[keys[0]].shape[0]
+    if rows % process_count:
+      raise ValueError(f"{rows} {prefix[:-1]} rows do not split over "
+                       f"{process_count} processes")
+    block = rows // process_count
+    for k in keys:
+      out[k] = episode[k][process_index * block:(process_index + 1) * block]
+  return out

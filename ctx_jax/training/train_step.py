@@ -1,0 +1,113 @@
+"""The jitted train and eval steps, and the episode loss. No TensorFlow here.
+
+An episode is a dict of arrays (shape letters: S support, Q query, W ways):
+  support_images [S,H,W,3], support_labels [S] int32, support_mask [S] bool,
+  query_images [Q,H,W,3], query_labels [Q] int32, query_mask [Q] bool.
+Padding rows (mask False) contribute nothing: the model keeps them out of the
+batch-norm moments and prototypes, and the loss and accuracy here are masked
+means over the real queries.
+"""
+
+from typing import Any
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import optax
+
+from ctx_jax import models
+
+Episode = dict[str, jax.Array]
+MODEL_INPUT_KEYS = ("support_images", "support_labels", "support_mask",
+                    "query_images", "query_labels", "query_mask")
+
+
+def masked_episode_metrics(logits: jax.Array, labels: jax.Array,
+                           mask: jax.Array) -> dict[str, jax.Array]:
+  """Mean cross-entropy and accuracy over the real (mask True) queries.
+
+  Args:
+    logits: [Q, W] float.
+    labels: [Q] int.
+    mask: [Q] bool.
+
+  Returns:
+    `loss`, `accuracy` (masked means) and `num_queries` (real count).
+  """
+  weights = mask.astype(jnp.float32)
+  count = jnp.maximum(jnp.sum(weights), 1.0)
+  ce = optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), labels)
+  correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+  return {
+      "loss": jnp.sum(ce * weights) / count,
+      "accuracy": jnp.sum(correct * weights) / count,
+      "num_queries": jnp.sum(weights),
+  }
+
+
+def _call_model(model: nnx.Module, episode: Episode, num_ways: int):
+  return model(episode["support_images"], episode["support_labels"],
+               episode["support_mask"], episode["query_images"],
+               num_ways=num_ways)
+
+
+def episode_loss(model: nnx.Module, episode: Episode, num_ways: int,
+                 weight_decay: float):
+  """Official training loss: mean query cross-entropy + L2 on conv kernels.
+
+  The regulariser is `weight_decay * sum(w**2)` (Keras L2, no factor 1/2) over
+  every conv kernel of the backbone and the transformer; batch-norm parameters
+  are not decayed.
+  """
+  logits = _call_model(model, episode, num_ways)
+  metrics = masked_episode_metrics(logits, episode["query_labels"],
+                                   episode["query_mask"])
+  regularizer = weight_decay * models.weight_decay_sum(model)
+  metrics["regularizer"] = regularizer
+  return metrics["loss"] + regularizer, metrics
+
+
+def _global_norm(tree: Any) -> jax.Array:
+  return optax.tree.norm(tree)
+
+
+@nnx.jit(static_argnames=("num_ways", "weight_decay"),
+         donate_argnames=("model", "optimizer"))
+def train_step(model: nnx.Module, optimizer: nnx.Optimizer, episode: Episode,
+               num_ways: int, weight_decay: float) -> dict[str, jax.Array]:
+  """One optimisation step on one episode (train-mode batch norm).
+
+  Args:
+    model: the few-shot model, in train mode; updated in place (parameters and
+      batch-norm EMA statistics).
+    optimizer: `nnx.Optimizer` over the model's `nnx.Param`s; updated in place.
+    episode: the (possibly padded, possibly sharded) episode.
+    num_ways: static width of the logits (the config's maximum ways).
+    weight_decay: L2 coefficient.
+
+  Returns:
+    Scalar metrics: loss, total_loss, accuracy, regularizer, grad_norm,
+    param_norm, update_norm, num_queries.
+  """
+  grad_fn = nnx.value_and_grad(episode_loss, has_aux=True)
+  (total_loss, metrics), grads = grad_fn(model, episode, num_ways,
+                                         weight_decay)
+  params_before = nnx.state(model, nnx.Param)
+  optimizer.update(model, grads)
+  params_after = nnx.state(model, nnx.Param)
+  metrics["total_loss"] = total_loss
+  metrics["grad_norm"] = _global_norm(grads)
+  metrics["param_norm"] = _global_norm(params_after)
+  metrics["update_norm"] = _global_norm(
+      jax.tree.map(jnp.subtract, params_after, params_before))
+  return metrics
+
+
+@nnx.jit(static_argnames=("num_ways",))
+def eval_step(model: nnx.Module, episode: Episode,
+              num_ways: int) -> dict[str, jax.Array]:
+  """Loss and accuracy of one episode; the model should be in eval mode."""
+  logits = _call_model(model, episode, num_ways)
+  return masked_episode_metrics(logits, episode["query_labels"],
+                                episode["query_mask"])

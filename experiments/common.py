@@ -1,0 +1,127 @@
+"""The base config every experiment starts from, and config-argument parsing.
+
+Every field is overridable from the command line (`--config.optimizer.
+learning_rate=1e-4`); the config is locked, so a mistyped key is an error.
+Defaults are the official CTX ImageNet hyperparameters (gin resolved, see
+ALIGNMENT.md in the shared folder): Adam at 6e-4, staircase decay by
+0.915193802145601 every 2000 steps, normalised gradient descent, weight decay
+8.85787420909229e-05, 224x224 images, official variable-way variable-shot
+episodes.
+"""
+
+import math
+
+import ml_collections
+from ml_collections import config_dict
+
+from ctx_jax import models
+
+
+def episode_config(**overrides) -> ml_collections.ConfigDict:
+  """Episode description fields, official names and defaults.
+
+  `num_ways`, `num_support` and `num_query` left unset (None) mean variable
+  way / shot as in the official sampler.
+  """
+  cfg = ml_collections.ConfigDict({
+      "num_ways": config_dict.placeholder(int),
+      "num_support": config_dict.placeholder(int),
+      "num_query": config_dict.placeholder(int),
+      "min_ways": 5,
+      "max_ways_upper_bound": 50,
+      "max_num_query": 10,
+      "max_support_set_size": 500,
+      "max_support_size_contrib_per_class": 100,
+      "min_log_weight": math.log(0.5),
+      "max_log_weight": math.log(2),
+      "ignore_dag_ontology": False,
+      "ignore_bilevel_ontology": False,
+      "ignore_hierarchy_probability": 0.0,
+      "min_examples_in_class": 0,
+  })
+  cfg.update(overrides)
+  return cfg
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  """Official CTX-on-ILSVRC settings; variants override a few fields."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  # Devices the episode is split over (0 = all devices of all processes).
+  config.num_devices = 0
+  # Export of a model (`ctx-import-official` or a finished run) whose backbone
+  # initialises this run, as the official `checkpoint_to_restore` does
+  # (backbone and its batch-norm statistics; not the transformer head).
+  config.init_from = ""
+
+  config.data = ml_collections.ConfigDict()
+  # Folder holding one folder of records per source (`<root>/<source>/`).
+  config.data.records_root = ""
+  config.data.train_sources = ("ilsvrc_2012",)
+  config.data.valid_sources = ("ilsvrc_2012",)
+  config.data.test_sources = ("ilsvrc_2012",)
+  config.data.image_size = 224
+  config.data.train_episode = episode_config()
+  config.data.eval_episode = episode_config()
+  config.data.shuffle_buffer_size = 1000
+
+  config.model = models.default_model_config()
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.learning_rate = 6e-4
+  config.optimizer.decay_every = 2000
+  config.optimizer.decay_rate = 0.915193802145601
+  config.optimizer.normalized_gradient_descent = True
+  config.optimizer.weight_decay = 8.85787420909229e-05
+  config.optimizer.adam_b1 = 0.9
+  config.optimizer.adam_b2 = 0.999
+  config.optimizer.adam_epsilon = 1e-7  # Keras Adam (distributed trainer).
+
+  config.train = ml_collections.ConfigDict()
+  config.train.num_steps = 100_000
+  config.train.log_every = 100
+  config.train.checkpoint_every = 1000
+  config.train.keep_checkpoints = 3
+  config.train.valid_every = 5000
+  config.train.num_valid_episodes = 600
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.num_episodes = 600
+  config.eval.seed = 0
+  return config
+
+
+def parse_arg(arg: str | None, **defaults):
+  """Parses `"a=1,b=x,flag"` into a ConfigDict typed by `defaults`.
+
+  A bare name sets a boolean default to True. Unknown names are errors.
+  """
+  result = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    name, _, value = item.partition("=")
+    if name not in defaults:
+      raise ValueError(f"unknown config argument '{name}'; known: "
+                       f"{sorted(defaults)}")
+    kind = type(defaults[name])
+    if kind is bool:
+      result[name] = value.lower() in ("", "1", "true", "yes")
+    else:
+      result[name] = kind(value)
+  return result
+
+
+def apply_smoke(config: ml_collections.ConfigDict) -> None:
+  """Tiny settings for tests and CI: 2-way 1-shot, 3 steps, no heavy eval."""
+  config.data.image_size = 32
+  config.data.train_episode = episode_config(num_ways=2, num_support=1,
+                                             num_query=2)
+  config.data.eval_episode = episode_config(num_ways=2, num_support=1,
+                                            num_query=2)
+  config.model.backbone = "resnet_tiny"
+  config.model.max_stride = 8
+  config.train.num_steps = 3
+  config.train.log_every = 1
+  config.train.checkpoint_every = 2
+  config.train.valid_every = 2
+  config.train.num_valid_episodes = 2
+  config.eval.num_episodes = 4
