@@ -28,6 +28,7 @@ setuptools.setup(
         "matplotlib>=3.8",
         "tensorflow-cpu>=2.21,<2.22",
         "tensorflow-datasets>=4.9.10",
+        "tensorboard>=2.20",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5"],

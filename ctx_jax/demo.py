@@ -63,7 +63,7 @@ def main(argv=None) -> int:
   workdir = train.prepare_workdir(args.workdir)
   if not (data_dir / "dataset_spec.json").is_file():
     print(f"generating the demo dataset in {data_dir} ...", flush=True)
-    demo_data.generate(data_dir)
+    demo_data.generate_dataset(str(data_dir), log=print)
   methods = [m.strip() for m in args.methods.split(",") if m.strip()]
   rows, timings = {}, {}
   for head in ("ctx", "protonet"):

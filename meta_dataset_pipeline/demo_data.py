@@ -1,4 +1,58 @@
-"""Embedded demo dataset: procedurally rendered glyphs (DOC TODO)."""
+r"""Embedded demo dataset: procedurally rendered glyphs, nothing to download.
+
+    ctx-make-demo-data --output_dir demo_data/glyphs
+
+writes a few-shot dataset in the official Meta-Dataset record format (one
+`<class_id>.tfrecords` per class plus `dataset_spec.json`, see
+`records_writer`) that CTX can train and be evaluated on with a 2-core CPU.
+Defaults: 100 classes x 40 images, 64x64 RGB JPEGs (quality 75, as the
+official converters), 5.5 MB, about 20 s on one core.
+
+Classes. Each class is a random "character": 2-4 strokes (lines, quadratic
+and cubic Bezier curves, arcs, zigzags) drawn by a class-specific random
+program; most strokes start on an earlier one, as in handwriting, and some
+glyphs get a diacritic-like dot. Classes come in families of 4 consecutive
+ids that share 1-2 strokes (like letters of one alphabet) and add 1-2
+strokes of their own, so most 5-way episodes hold look-alike classes.
+
+Split. A flat `DatasetSpecification`: 64 train (ids 0-63), 16 valid
+(64-79) and 20 test (80-99) classes. Classes and families are disjoint
+across splits: test glyphs are never seen in training.
+
+Nuisances, drawn per image independently of the class (so none is a class
+cue): rotation +-20 deg, scale 0.8-1.1, aspect +-12%, shear +-0.2, shift
++-15% of the half-width; an elastic wobble (smooth random displacement field,
+plus a small shift of each stroke); pen width ~2-4 px; foreground and
+background colours uniform in RGB, of either polarity (minimum luminance
+contrast 0.3); background shading and smooth blotches; 0-4 faint thin clutter
+strokes or specks; brightness/contrast jitter; occasional blur; pixel noise;
+JPEG artefacts.
+
+Determinism. Every class and every image has its own random stream derived
+from (seed, class id[, image index]), so the same flags give byte-identical
+files (with the same numpy and Pillow versions), and any class can be
+regenerated alone.
+
+Measured difficulty (default dataset, seed 0; 200 test episodes, 5-way
+5-shot, 10 queries per class, images resized to 48x48 as the model reads
+them; mean +- 95% CI; chance 20%):
+
+| features                                   | 1-NN         | nearest mean |
+|--------------------------------------------|--------------|--------------|
+| raw pixels (`pixel_nn_accuracy`)           | 21.8 +- 0.8% | 19.1 +- 0.8% |
+| grey pixels, per-image abs z-score         | 51.4 +- 1.2% | 59.9 +- 1.2% |
+| HOG shape features (`hog_features`)        | 85.4 +- 1.0% | 89.0 +- 0.9% |
+| small CNN trained on the 64 train classes  | 92.0 +- 0.7% | 90.7 +- 0.8% |
+
+Raw pixels are at chance (colour and position dominate pixel distances);
+hand-normalised pixels (`normalize=True`: grey, z-scored, absolute value,
+which removes colour and polarity) reach about half; a hand-made
+shift-tolerant shape feature reaches 85-89%, so the class information is in
+the shape. The CNN row (4 conv blocks, 32-96 channels, softmax over the train
+classes for 8 epochs, then nearest neighbour on its pooled features) was a
+one-off check outside this module; it shows the problem is learnable.
+`ctx-make-demo-data ... --baselines` prints the first three rows.
+"""
 
 import argparse
 import dataclasses
@@ -17,7 +71,6 @@ import numpy as np
 from PIL import Image
 from PIL import ImageDraw
 from PIL import ImageFilter
-import tensorflow as tf
 
 from meta_dataset_pipeline import records_writer
 
@@ -47,6 +100,9 @@ class DemoConfig:
     images_per_class: images rendered for every class.
     image_size: side of the stored square images, in pixels.
     seed: master seed; the same seed gives byte-identical files.
+    family_size: classes per family; the classes of a family share 1-2
+      strokes (like letters of one alphabet), so episodes hold look-alike
+      classes. 1 makes every class unrelated.
     image_format: "jpeg" (as the official records) or "png".
     jpeg_quality: JPEG quality; 75 is Pillow's default, which the official
       converters use.
@@ -57,6 +113,7 @@ class DemoConfig:
   images_per_class: int = 40
   image_size: int = 64
   seed: int = 0
+  family_size: int = 4
   image_format: str = "jpeg"
   jpeg_quality: int = 75
 
@@ -84,11 +141,16 @@ class DemoConfig:
     if self.images_per_class < 1:
       raise ValueError(f"images_per_class must be >= 1, got "
                        f"{self.images_per_class}")
+    if self.family_size < 1:
+      raise ValueError(f"family_size must be >= 1, got {self.family_size}")
     if self.image_size < 16:
       raise ValueError(f"image_size must be >= 16, got {self.image_size}")
     if self.image_format not in ("jpeg", "png"):
       raise ValueError(f"image_format must be jpeg or png, got "
                        f"{self.image_format!r}")
+    if not 1 <= self.jpeg_quality <= 95:
+      raise ValueError(f"jpeg_quality must be in [1, 95], got "
+                       f"{self.jpeg_quality}")
 
 
 # ---------------------------------------------------------------------------
@@ -168,28 +230,64 @@ def _random_curve(rng: np.random.Generator, start: np.ndarray,
       [a + t * (b - a) for a, b in zip(points[:-1], points[1:])])
 
 
-def make_glyph(rng: np.random.Generator) -> list[Stroke]:
-  """Draws one class: a random "character" made of 2-4 strokes.
+def _random_strokes(rng: np.random.Generator, count: int,
+                    existing: Sequence[np.ndarray] = (),
+                    length: tuple[float, float] = (0.7, 1.4),
+                    p_attached: float = 0.65) -> list[np.ndarray]:
+  """`count` random curves; most start on an earlier (or existing) curve.
 
-  Like handwritten characters, most strokes start on an earlier stroke, so
-  glyphs are mostly connected; a diacritic-like dot is sometimes added. The
-  glyph is centred and scaled to `_GLYPH_EXTENT`.
+  Starting on an earlier stroke, as in handwriting, keeps glyphs mostly
+  connected.
+
+  Args:
+    rng: the random generator (consumed).
+    count: number of curves to draw.
+    existing: curves already in the glyph, which new ones may start on.
+    length: range of the curves' size, normalised units.
+    p_attached: probability that a curve starts on an earlier one.
+
+  Returns:
+    The new curves only.
+  """
+  curves = list(existing)
+  for _ in range(count):
+    if curves and rng.random() < p_attached:
+      prev = curves[rng.integers(len(curves))]
+      start = prev[rng.integers(len(prev))]
+    else:
+      start = rng.uniform(-0.6, 0.6, 2)
+    curves.append(_random_curve(rng, start, rng.uniform(*length)))
+  return curves[len(existing):]
+
+
+def make_family(rng: np.random.Generator) -> list[np.ndarray]:
+  """Draws the 1-2 strokes that all classes of a family share."""
+  return _random_strokes(rng, rng.choice([1, 2], p=[0.3, 0.7]))
+
+
+def make_glyph(rng: np.random.Generator,
+               shared: Sequence[np.ndarray] = ()) -> list[Stroke]:
+  """Draws one class: a random "character" made of 2-4 strokes.
 
   Args:
     rng: the class's random generator (consumed).
+    shared: strokes of the class's family (from `make_family`), which the
+      glyph contains; the class adds 1-2 strokes of its own. Empty for an
+      unrelated glyph of 2-4 strokes.
 
   Returns:
-    The strokes of the glyph.
+    The strokes of the glyph, centred and scaled to `_GLYPH_EXTENT`, plus
+    sometimes a diacritic-like dot.
   """
   while True:
-    curves = []
-    for _ in range(rng.choice([2, 3, 4], p=[0.3, 0.45, 0.25])):
-      if curves and rng.random() < 0.65:
-        prev = curves[rng.integers(len(curves))]
-        start = prev[rng.integers(len(prev))]
-      else:
-        start = rng.uniform(-0.6, 0.6, 2)
-      curves.append(_random_curve(rng, start, rng.uniform(0.7, 1.4)))
+    if shared:
+      # Shorter strokes, mostly attached to the shared ones: siblings keep
+      # the family's overall layout and differ in a part.
+      own = _random_strokes(rng, rng.choice([1, 2], p=[0.6, 0.4]), shared,
+                            length=(0.5, 1.1), p_attached=0.8)
+    else:
+      own = _random_strokes(rng, rng.choice([2, 3, 4], p=[0.3, 0.45, 0.25]))
+    curves = list(shared) + own
     points = np.concatenate(curves)
     lo, hi = points.min(0), points.max(0)
     extent = hi - lo
@@ -230,7 +328,8 @@ def _smooth_field(rng: np.random.Generator, size: int, cells: int,
   """A smooth random (size, size, channels) field, unit-ish amplitude."""
   coarse = rng.normal(size=(channels, cells, cells))
   m = _interp_matrix(size, cells)
-  return np.einsum("yi,cij,xj->yxc", m, coarse, m)
+  # Separable upsampling as two matmuls (einsum here is ~10x slower).
+  return np.moveaxis(m @ coarse @ m.T, 0, -1)
 
 
 def _luminance(rgb: np.ndarray) -> float:
@@ -401,21 +500,36 @@ def render_instance(glyph: Sequence[Stroke], rng: np.random.Generator,
 # ---------------------------------------------------------------------------
 
 
-def _class_rng(seed: int, class_id: int) -> np.random.Generator:
-  # Independent streams per class and per instance (tagged 0 / 1 so they
-  # never collide), so any class can be regenerated alone, in any order.
-  return np.random.default_rng(np.random.SeedSequence([seed, 0, class_id]))
+def _rng(seed: int, *key: int) -> np.random.Generator:
+  # Independent streams keyed by (kind, ids): 0 = class, 1 = instance,
+  # 2 = family. Any class can be regenerated alone, in any order, with the
+  # same result.
+  return np.random.default_rng(np.random.SeedSequence([seed, *key]))
 
 
-def _instance_rng(seed: int, class_id: int,
-                  index: int) -> np.random.Generator:
-  return np.random.default_rng(
-      np.random.SeedSequence([seed, 1, class_id, index]))
+def family_start(config: DemoConfig, class_id: int) -> int:
+  """Returns the first class id of `class_id`'s family.
+
+  Families are runs of `config.family_size` consecutive ids inside one split
+  (the last run of a split may be shorter), so a family never straddles two
+  splits and test families are unseen in training.
+  """
+  first = 0
+  for size in config.split_sizes().values():
+    if class_id < first + size:
+      return first + (class_id - first) // config.family_size * (
+          config.family_size)
+    first += size
+  raise ValueError(f"class id {class_id} >= {config.num_classes}")
 
 
-def class_glyph(seed: int, class_id: int) -> list[Stroke]:
-  """Returns the glyph program of class `class_id` under `seed`."""
-  return make_glyph(_class_rng(seed, class_id))
+def class_glyph(config: DemoConfig, class_id: int) -> list[Stroke]:
+  """Returns the glyph of class `class_id`."""
+  shared = ()
+  if config.family_size > 1:
+    shared = make_family(_rng(config.seed, 2,
+                              family_start(config, class_id)))
+  return make_glyph(_rng(config.seed, 0, class_id), shared)
 
 
 def render_class(config: DemoConfig, class_id: int,
@@ -430,9 +544,9 @@ def render_class(config: DemoConfig, class_id: int,
   Returns:
     The images; image i is the same whatever `num_images` is.
   """
-  glyph = class_glyph(config.seed, class_id)
+  glyph = class_glyph(config, class_id)
   n = config.images_per_class if num_images is None else num_images
-  return [render_instance(glyph, _instance_rng(config.seed, class_id, i),
+  return [render_instance(glyph, _rng(config.seed, 1, class_id, i),
                           config.image_size) for i in range(n)]
 
 
@@ -576,6 +690,9 @@ def generate_dataset(output_dir: str, config: DemoConfig = DemoConfig(),
     # The spec is written last: a folder without it is never complete.
     records_writer.write_dataset_spec(staging, spec)
     _move_into_place(staging, output_dir)
+  except OSError as e:
+    # E.g. a full disk: report it against the folder the user named.
+    raise OutputDirError(f"writing {output_dir} failed: {e}") from e
   finally:
     if os.path.isdir(staging):
       shutil.rmtree(staging, ignore_errors=True)
@@ -626,6 +743,10 @@ def load_split_images(records_dir: str, split: str = "TEST",
   Returns:
     (images float32 [N, size, size, 3], labels int64 [N]).
   """
+  # Imported here: only reading needs TensorFlow; the generator and
+  # records_writer are numpy/PIL/pure Python.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   with open(os.path.join(records_dir, records_writer.DATASET_SPEC_FILENAME),
             encoding="utf-8") as f:
     spec = json.load(f)
@@ -710,10 +831,23 @@ def episode_nn_accuracy(features: np.ndarray, labels: np.ndarray,
   return {"1nn": _mean_ci(nn_acc), "ncm": _mean_ci(ncm_acc)}
 
 
+def normalize_pixels(images: np.ndarray) -> np.ndarray:
+  """Grey levels, z-scored per image, absolute value: colour/polarity-free.
+
+  Glyph strokes are the outliers of an image's grey-level distribution
+  whatever their colour, so |z| maps them to high values on either polarity.
+  """
+  grey = images.mean(-1)
+  z = (grey - grey.mean((1, 2), keepdims=True)) / (
+      grey.std((1, 2), keepdims=True) + 1e-6)
+  return np.abs(z)
+
+
 def pixel_nn_accuracy(records_dir: str, split: str = "TEST",
                       num_episodes: int = 200, ways: int = 5, shots: int = 5,
                       queries: int = 10, image_size: int = 48,
-                      seed: int = 0) -> dict[str, tuple[float, float]]:
+                      seed: int = 0, *, normalize: bool = False
+                      ) -> dict[str, tuple[float, float]]:
   """Raw-pixel 1-NN and nearest-class-mean accuracy on few-shot episodes.
 
   A lower bound that a learned model must clearly beat: if raw pixels sufficed
@@ -728,11 +862,14 @@ def pixel_nn_accuracy(records_dir: str, split: str = "TEST",
     queries: query images per class.
     image_size: side the images are resized to (as the model reads them).
     seed: episode sampling seed.
+    normalize: compare `normalize_pixels` images instead of raw RGB.
 
   Returns:
     {"1nn": (mean, ci95), "ncm": (mean, ci95)}.
   """
   images, labels = load_split_images(records_dir, split, image_size)
+  if normalize:
+    images = normalize_pixels(images)
   return episode_nn_accuracy(images, labels, num_episodes, ways, shots,
                              queries, seed)
 
@@ -827,6 +964,9 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument("--image_size", type=int, default=d.image_size,
                       help="side of the stored images, pixels")
   parser.add_argument("--seed", type=int, default=d.seed)
+  parser.add_argument("--family_size", type=int, default=d.family_size,
+                      help="classes per family of look-alike glyphs that "
+                      "share strokes (1: all classes unrelated)")
   parser.add_argument("--image_format", choices=("jpeg", "png"),
                       default=d.image_format)
   parser.add_argument("--name", default=None,
@@ -853,7 +993,8 @@ def main(argv: Sequence[str]) -> int:
       num_valid_classes=args.num_valid_classes,
       num_test_classes=args.num_test_classes,
       images_per_class=args.images_per_class, image_size=args.image_size,
-      seed=args.seed, image_format=args.image_format)
+      seed=args.seed, family_size=args.family_size,
+      image_format=args.image_format)
   try:
     config.validate()
   except ValueError as e:
@@ -876,8 +1017,11 @@ def main(argv: Sequence[str]) -> int:
     render_preview(config, args.preview)
     print(f"Preview: {args.preview}")
   if args.baselines:
-    for label, fn in (("raw pixels", pixel_nn_accuracy),
-                      ("HOG shape features", shape_feature_nn_accuracy)):
+    for label, fn in (
+        ("raw pixels", pixel_nn_accuracy),
+        ("grey |z-score| pixels",
+         lambda d: pixel_nn_accuracy(d, normalize=True)),
+        ("HOG shape features", shape_feature_nn_accuracy)):
       acc = fn(args.output_dir)
       print(f"5-way 5-shot test, {label}: "
             f"1-NN {100 * acc['1nn'][0]:.1f} +- {100 * acc['1nn'][1]:.1f}%, "

@@ -52,7 +52,8 @@ def kernel_init(init: str, key: jax.Array, shape: Sequence[int]) -> jax.Array:
     A float32 array of `shape`.
   """
   if init == 'official':
-    return 0.1 * jax.random.truncated_normal(key, -2.0, 2.0, shape)
+    return 0.1 * jax.random.truncated_normal(key, -2.0, 2.0, shape,
+                                             jnp.float32)
   if init == 'he':
     init_fn = nnx.initializers.variance_scaling(
         2.0, 'fan_in', 'truncated_normal', in_axis=(0, 1, 2), out_axis=3)
@@ -149,10 +150,9 @@ class BasicBlock(nnx.Module):
                         rate=input_rate, **kwargs)
     self.conv2 = ConvBN(out_channels, out_channels, 3, stride=1,
                         rate=output_rate, **kwargs)
-    self.identity = None
-    if project:
-      self.identity = Shortcut(ConvBN(in_channels, out_channels, 1,
-                                      stride=stride, rate=1, **kwargs))
+    self.identity = Shortcut(ConvBN(
+        in_channels, out_channels, 1, stride=stride, rate=1,
+        **kwargs)) if project else None
 
   def __call__(self, x: jax.Array, stat_weight: jax.Array) -> jax.Array:
     h = jax.nn.relu(self.conv1(x, stat_weight))
@@ -241,7 +241,7 @@ class ResNet(nnx.Module):
     x = jax.nn.relu(self.conv1(x, stat_weight))
     # Initialising with -inf makes the SAME-padded cells never win, which is
     # what TF's max-pool does.
-    x = lax.reduce_window(x, jnp.array(-jnp.inf, x.dtype), lax.max,
+    x = lax.reduce_window(x, -jnp.inf, lax.max,
                           (1, 3, 3, 1), (1, 2, 2, 1), 'SAME')
     for stage_name in _STAGE_NAMES:
       x = getattr(self, stage_name)(x, stat_weight)

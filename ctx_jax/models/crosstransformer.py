@@ -40,6 +40,17 @@ def class_onehot(labels: jax.Array, mask: jax.Array,
   return onehot * mask.astype(jnp.float32)[:, None]
 
 
+def _einsum(spec: str, a: jax.Array, b: jax.Array, acc: jnp.dtype):
+  """einsum accumulating and returning `acc` (at least float32).
+
+  XLA:CPU has no bfloat16 x bfloat16 -> float32 dot, so there the operands
+  are upcast; accelerators keep bfloat16 operands with float32 accumulation.
+  """
+  if jax.default_backend() == 'cpu':
+    a, b = a.astype(acc), b.astype(acc)
+  return jnp.einsum(spec, a, b, preferred_element_type=acc)
+
+
 def _chunk_distances(queries, query_values, keys, values, labels, mask,
                      onehot):
   """Distances [B,W] of a chunk of B queries to their aligned prototypes.
@@ -59,8 +70,7 @@ def _chunk_distances(queries, query_values, keys, values, labels, mask,
   # Softmax and distances in at least float32, whatever the compute dtype.
   acc = jnp.promote_types(queries.dtype, jnp.float32)
   scale = 1.0 / math.sqrt(keys.shape[-1])
-  logits = jnp.einsum('bpd,sjd->bpsj', queries, keys,
-                      preferred_element_type=acc) * scale
+  logits = _einsum('bpd,sjd->bpsj', queries, keys, acc) * scale
   # -inf *before* exp: exp(-inf) = 0 with a zero gradient, whereas masking
   # exp(logits) afterwards would let an overflowing padded row produce NaN
   # gradients (0 * inf).
@@ -78,8 +88,8 @@ def _chunk_distances(queries, query_values, keys, values, labels, mask,
   # Softmax denominator of each class: sum over its images and positions.
   denom = jnp.einsum('bps,sw->bpw', jnp.sum(exp_logits, axis=-1), onehot)
   denom = jnp.where(denom > 0, denom, 1.0)  # Empty classes: avoid 0/0.
-  per_image = jnp.einsum('bpsj,sjc->bpsc', exp_logits.astype(values.dtype),
-                         values, preferred_element_type=acc)
+  per_image = _einsum('bpsj,sjc->bpsc', exp_logits.astype(values.dtype),
+                      values, acc)
   prototypes = jnp.einsum('bpsc,sw->bpwc', per_image, onehot) / denom[..., None]
   diff = query_values.astype(acc)[:, :, None, :] - prototypes
   return jnp.sum(jnp.square(diff), axis=(1, 3)) / queries.shape[1]

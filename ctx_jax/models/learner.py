@@ -134,6 +134,8 @@ def build_model(config: ml_collections.ConfigDict, *,
   if config.dtype not in _DTYPES:
     raise ValueError(f'dtype must be one of {sorted(_DTYPES)}, got '
                      f'{config.dtype!r}')
+  if config.head not in ('ctx', 'protonet'):
+    raise ValueError(f"head must be 'ctx' or 'protonet', got {config.head!r}")
   dtype = _DTYPES[config.dtype]
   resnet = backbone_lib.ResNet(
       config.backbone, max_stride=config.max_stride or None,
@@ -144,10 +146,8 @@ def build_model(config: ml_collections.ConfigDict, *,
         resnet.out_channels, query_dim=config.query_dim,
         val_dim=config.val_dim, query_chunk_size=config.query_chunk_size,
         init=config.init, dtype=dtype, rngs=rngs)
-  elif config.head == 'protonet':
-    head = protonet.ProtoNetHead(config.protonet_distance)
   else:
-    raise ValueError(f"head must be 'ctx' or 'protonet', got {config.head!r}")
+    head = protonet.ProtoNetHead(config.protonet_distance)
   return EpisodicModel(resnet, head)
 
 

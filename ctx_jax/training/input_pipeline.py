@@ -13,10 +13,6 @@ import numpy as np
 
 import meta_dataset_pipeline as mdp
 
-SPLITS = {"TRAIN": mdp.Split.TRAIN, "VALID": mdp.Split.VALID,
-          "TEST": mdp.Split.TEST}
-
-
 def source_dir(records_root: str, source: str) -> pathlib.Path:
   """`<records_root>/<source>`, with a clear error when it is missing."""
   if not records_root:
@@ -74,7 +70,7 @@ def episodes(config: ml_collections.ConfigDict, split: str,
   specs = load_specs(data.records_root, sources)
   episode_cfg = episode_description_config(
       data.train_episode if split == "TRAIN" else data.eval_episode)
-  kwargs = dict(split=SPLITS[split], episode_config=episode_cfg,
+  kwargs = dict(split=mdp.Split[split], episode_config=episode_cfg,
                 image_size=data.image_size, seed=seed,
                 pad_multiple=pad_multiple,
                 shuffle_buffer_size=data.shuffle_buffer_size)
