@@ -39,6 +39,7 @@ setuptools.setup(
             "ctx-train=ctx_jax.main:run",
             "ctx-eval=ctx_jax.eval.main:run",
             "ctx-make-demo-data=meta_dataset_pipeline.demo_data:run",
+            "md-episodes=meta_dataset_pipeline.episodes_cli:run",
             "ctx-import-official=ctx_jax.models.official_import:run",
             "ctx-run-episode=ctx_jax.models.official_import:run_episode_main",
         ],

@@ -51,6 +51,9 @@ def initialize_distributed() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    # Orbax and JAX log a lot at INFO; `--verbosity=0` brings it back.
+    logging.set_verbosity(logging.WARNING)
   if _DISTRIBUTED.value:
     initialize_distributed()
   import jax  # pylint: disable=g-import-not-at-top

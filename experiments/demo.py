@@ -43,13 +43,13 @@ def get_config(arg: str | None = None):
   config.model.val_dim = 64
 
   config.optimizer.learning_rate = 2e-3
-  config.optimizer.decay_every = 500
+  config.optimizer.decay_every = 400
   config.optimizer.decay_rate = 0.5
   config.optimizer.weight_decay = 1e-4
 
-  config.train.num_steps = 1500
+  config.train.num_steps = 1000
   config.train.log_every = 50
-  config.train.checkpoint_every = 500
+  config.train.checkpoint_every = 250
   config.train.valid_every = 500
   config.train.num_valid_episodes = 50
   config.eval.num_episodes = 300

@@ -487,8 +487,14 @@ def load_dataset_spec(path, num_leaf_images_path=None) -> AnySpec:
   if kind == "HierarchicalDatasetSpecification":
     leaf_file = num_leaf_images_path
     if leaf_file is None:
-      candidate = os.path.join(folder, NUM_LEAF_IMAGES_FILENAME)
-      leaf_file = candidate if os.path.isfile(candidate) else None
+      # Records folders hold `num_leaf_images.json`; the official canonical
+      # specs sit next to `<name>_num_leaf_images.json`.
+      base = os.path.basename(filename)
+      candidates = [os.path.join(folder, NUM_LEAF_IMAGES_FILENAME)]
+      if base.endswith("_" + SPEC_FILENAME):
+        candidates.append(os.path.join(folder, base[:-len(SPEC_FILENAME)]
+                                       + NUM_LEAF_IMAGES_FILENAME))
+      leaf_file = next((c for c in candidates if os.path.isfile(c)), None)
     leaf_counts = None
     if leaf_file is not None:
       leaf_counts = _read_json(os.fspath(leaf_file))

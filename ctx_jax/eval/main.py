@@ -60,6 +60,9 @@ def format_table(rows: dict[str, dict], first_column: str = "source",
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    # Orbax and JAX log a lot at INFO; `--verbosity=0` brings it back.
+    logging.set_verbosity(logging.WARNING)
   from ctx_jax.eval import evaluate  # pylint: disable=g-import-not-at-top
   from ctx_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
   from ctx_jax.training import mesh as mesh_lib  # pylint: disable=g-import-not-at-top

@@ -62,8 +62,9 @@ def kernel_init(init: str, key: jax.Array, shape: Sequence[int]) -> jax.Array:
 
 
 class BatchNorm(nnx.Module):
-  """Episodic batch norm: `y = x*s + (offset - mean*s)`, `s = scale/sqrt(var+eps)`.
+  """Episodic batch norm: `y = x*s + (offset - mean*s)`.
 
+  Here `s = scale / sqrt(var + eps)`, as in `tf.nn.batch_normalization`.
   Train mode (`use_running_average=False`) takes per-channel statistics over
   the rows with positive weight and updates the EMA in place; eval mode uses
   the EMA statistics for every row.
@@ -163,7 +164,7 @@ class BasicBlock(nnx.Module):
 
 
 class Stage(nnx.Module):
-  """One ResNet stage; its blocks are attributes `bottleneck_0`, ... as in TF."""
+  """One ResNet stage; its blocks are attributes `bottleneck_<i>`, as in TF."""
 
   def __init__(self, blocks: Sequence[BasicBlock]):
     self.num_blocks = len(blocks)

@@ -1,0 +1,211 @@
+"""Episode pipeline throughput: ours, and upstream's on the same records.
+
+    python benchmarks/pipeline_bench.py [--official_src DIR --gin_path DIR]
+        [--sizes 84,126,224] [--seconds 10] [--rounds 2] [--output out.json]
+
+Measures episodes/s and images/s (real, unpadded images) of the one-source
+pipeline on the shared fixture records (`omniglot`, bi-level, 105x105 JPEGs;
+`dtd`, flat, JPEGs of varied sizes) and of the multi-source pipeline over
+both, with the official variable-way/shot episode config and no
+augmentation, at each image size. Every measurement runs in a fresh
+subprocess (so the two implementations do not share TF state), after one
+warm-up episode, for at least `--seconds`; implementations alternate and
+each cell keeps its best round, which damps the noise of a shared machine.
+
+The official pipeline (google-research/meta-dataset) runs when
+`--official_src` points at an extracted copy of that repository (e.g.
+`git archive HEAD meta_dataset | tar x`) and `--gin_path` at a folder
+holding the `gin-config` package (`pip install --target DIR gin-config`).
+It is run unmodified with upstream's data config (shuffle buffer 1000, 1 MB
+read buffers, 64 prefetched examples per class, decoders with zero-strength
+augmentation); two import-time shims are needed on current TF: `gin.tf`
+(which needs the removed `tf.estimator`) is aliased to `gin`, and the
+SimCLR helper module, used only for SimCLR episodes, is stubbed.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+RECORDS = REPO.parent / "shared" / "fixtures" / "md_records"
+CASES = (("omniglot",), ("dtd",), ("omniglot", "dtd"))
+
+
+def _measure(iterator, count_images, seconds):
+  next(iterator)  # Warm-up: graph building, first reads, buffer filling.
+  start, episodes, images = time.perf_counter(), 0, 0
+  while time.perf_counter() - start < seconds or episodes < 5:
+    images += count_images(next(iterator))
+    episodes += 1
+  elapsed = time.perf_counter() - start
+  return {"episodes": episodes, "seconds": elapsed,
+          "episodes_per_s": episodes / elapsed,
+          "images_per_s": images / elapsed}
+
+
+def _ours(sources, image_size, seconds):
+  import meta_dataset_pipeline as mdp  # pylint: disable=g-import-not-at-top
+  start = time.perf_counter()
+  specs = [mdp.load_dataset_spec(RECORDS / s) for s in sources]
+  cfg = mdp.EpisodeDescriptionConfig()
+  if len(specs) == 1:
+    ds = mdp.make_one_source_episode_dataset(specs[0], "TRAIN", cfg,
+                                             image_size, seed=0)
+  else:
+    ds = mdp.make_multisource_episode_dataset(specs, "TRAIN", cfg,
+                                              image_size, seed=0)
+  it = ds.as_numpy_iterator()
+  build = time.perf_counter() - start
+  result = _measure(
+      it, lambda e: int(e["support_mask"].sum() + e["query_mask"].sum()),
+      seconds)
+  return {**result, "build_seconds": build}
+
+
+def _official(sources, image_size, seconds, official_src, gin_path):
+  stubs = tempfile.mkdtemp()
+  os.makedirs(os.path.join(stubs, "simclr"))
+  for name in ("__init__.py", "data_util.py"):
+    open(os.path.join(stubs, "simclr", name), "w").close()
+  sys.path[:0] = [official_src, gin_path, stubs]
+  import gin  # pylint: disable=g-import-not-at-top
+  sys.modules["gin.tf"] = gin  # gin.tf needs tf.estimator, gone from TF.
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from meta_dataset.data import config  # pylint: disable=g-import-not-at-top
+  from meta_dataset.data import dataset_spec  # pylint: disable=g-import-not-at-top
+  from meta_dataset.data import learning_spec  # pylint: disable=g-import-not-at-top
+  from meta_dataset.data import pipeline  # pylint: disable=g-import-not-at-top
+  # Upstream's data_config.gin decoders (augmentations of zero strength).
+  bindings = []
+  for scope, on in (("support", True), ("query", False)):
+    bindings += [
+        f"process_episode.{scope}_decoder = @{scope}/ImageDecoder()",
+        f"{scope}/ImageDecoder.data_augmentation = "
+        f"@{scope}/DataAugmentation()",
+        f"{scope}/DataAugmentation.enable_jitter = {on}",
+        f"{scope}/DataAugmentation.jitter_amount = 0",
+        f"{scope}/DataAugmentation.enable_gaussian_noise = {on}",
+        f"{scope}/DataAugmentation.gaussian_noise_std = 0.0"]
+  gin.parse_config(bindings)
+  cfg = config.EpisodeDescriptionConfig(
+      num_ways=None, num_support=None, num_query=None, min_ways=5,
+      max_ways_upper_bound=50, max_num_query=10, max_support_set_size=500,
+      max_support_size_contrib_per_class=100, min_log_weight=np.log(0.5),
+      max_log_weight=np.log(2), ignore_dag_ontology=False,
+      ignore_bilevel_ontology=False, ignore_hierarchy_probability=0.0,
+      simclr_episode_fraction=0.0)
+  start = time.perf_counter()
+  specs = [dataset_spec.load_dataset_spec(str(RECORDS / s)) for s in sources]
+  kwargs = dict(split=learning_spec.Split.TRAIN, episode_descr_config=cfg,
+                shuffle_buffer_size=1000, read_buffer_size_bytes=1048576,
+                num_prefetch=64, image_size=image_size)
+  bilevel = [s.name == "omniglot" for s in specs]
+  if len(specs) == 1:
+    ds = pipeline.make_one_source_episode_pipeline(
+        specs[0], use_dag_ontology=False, use_bilevel_ontology=bilevel[0],
+        **kwargs)
+  else:
+    ds = pipeline.make_multisource_episode_pipeline(
+        specs, use_dag_ontology_list=[False] * len(specs),
+        use_bilevel_ontology_list=bilevel, **kwargs)
+  it = iter(ds)
+  build = time.perf_counter() - start
+  result = _measure(it, lambda e: int(e[0][0].shape[0] + e[0][3].shape[0]),
+                    seconds)
+  return {**result, "build_seconds": build}
+
+
+def _worker(args):
+  sources = args.sources.split(",")
+  if args.worker == "ours":
+    result = _ours(sources, args.image_size, args.seconds)
+  else:
+    result = _official(sources, args.image_size, args.seconds,
+                       args.official_src, args.gin_path)
+  print("RESULT " + json.dumps(result))
+
+
+def _spawn(impl, sources, size, args):
+  cmd = [sys.executable, __file__, "--worker", impl, "--sources",
+         ",".join(sources), "--image_size", str(size), "--seconds",
+         str(args.seconds)]
+  if impl == "official":
+    cmd += ["--official_src", args.official_src, "--gin_path", args.gin_path]
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+  out = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                       check=False)
+  lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+  if not lines:
+    raise RuntimeError(f"{impl} {sources} {size} failed:\n{out.stderr[-3000:]}")
+  return json.loads(lines[-1][len("RESULT "):])
+
+
+def _machine():
+  cpu = "unknown CPU"
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      names = [l.split(":", 1)[1].strip() for l in f if "model name" in l]
+      cpu = names[0] if names else cpu
+  except OSError:
+    pass
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return {"cpu": cpu, "cores": os.cpu_count(), "python":
+          platform.python_version(), "tensorflow": tf.__version__}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--sizes", default="84,126,224")
+  parser.add_argument("--seconds", type=float, default=10.0)
+  parser.add_argument("--rounds", type=int, default=2)
+  parser.add_argument("--official_src")
+  parser.add_argument("--gin_path")
+  parser.add_argument("--output", default="pipeline_bench.json")
+  # Internal: one measurement in this process.
+  parser.add_argument("--worker", choices=["ours", "official"])
+  parser.add_argument("--sources")
+  parser.add_argument("--image_size", type=int)
+  args = parser.parse_args()
+  if args.worker:
+    _worker(args)
+    return
+  impls = ["ours"] + (["official"] if args.official_src else [])
+  rows = []
+  for size in [int(s) for s in args.sizes.split(",")]:
+    for sources in CASES:
+      best = {}
+      for _ in range(args.rounds):
+        for impl in impls:
+          r = _spawn(impl, sources, size, args)
+          if impl not in best or r["images_per_s"] > best[impl][
+              "images_per_s"]:
+            best[impl] = r
+      for impl in impls:
+        rows.append({"impl": impl, "sources": "+".join(sources),
+                     "image_size": size, **best[impl]})
+      line = (f"{'+'.join(sources):13s} {size:4d}  ours "
+              f"{best['ours']['episodes_per_s']:6.2f} ep/s "
+              f"{best['ours']['images_per_s']:7.0f} img/s")
+      if "official" in best:
+        ratio = best["ours"]["images_per_s"] / best["official"][
+            "images_per_s"]
+        line += (f" | official {best['official']['episodes_per_s']:6.2f} "
+                 f"ep/s {best['official']['images_per_s']:7.0f} img/s | "
+                 f"x{ratio:.2f}")
+      print(line, flush=True)
+  result = {"machine": _machine(), "seconds_per_measurement": args.seconds,
+            "rounds": args.rounds, "rows": rows}
+  with open(args.output, "w", encoding="utf-8") as f:
+    json.dump(result, f, indent=1)
+  print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+  main()

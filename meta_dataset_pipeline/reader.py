@@ -1,0 +1,384 @@
+"""Reading class records, and planning which records each episode takes.
+
+Official semantics mirrored (`meta_dataset/data/reader.py`):
+
+- Each class of a source is one TFRecord file, read as its own stream: the
+  records are shuffled with a buffer of `min(#images, shuffle_buffer_size)`
+  (upstream default 1000; issue google-research/meta-dataset#54 shows why
+  leaving them unshuffled biases results), pass after pass, reshuffling each
+  pass. With a buffer holding the whole class this is a uniform permutation;
+  with a smaller one it is the same partial shuffle as `tf.data`'s buffer.
+- Episodes take their examples from the class streams in order. When an
+  episode needs more examples of a class than remain in the current pass, the
+  rest of the pass is dropped ("flushed") and a fresh pass starts, so an
+  example never appears twice in one episode and every example of a pass is
+  used before any is reused.
+
+How it is done differs, for speed and memory: upstream builds one
+`TFRecordDataset` + `shuffle` per class (about 20 ms each to build, so tens
+of seconds for ImageNet, and up to 1000 buffered records per class), reads
+flushed records to throw them away, and pads every episode with placeholder
+pulls. Here each class file is indexed once (record offsets, by reading only
+the 12-byte record headers), the shuffle is done on record *indices* in
+numpy, and only the records an episode keeps are read, by offset, with TF's
+random-access record reader (which checks the record CRCs).
+
+Bad data fails loudly, naming the file: a missing class file (when the
+pipeline is built), a record count that differs from the spec's, a truncated
+file, a corrupt record.
+"""
+
+import dataclasses
+import os
+import struct
+from typing import Sequence
+
+import numpy as np
+
+from meta_dataset_pipeline import dataset_spec as spec_lib
+from meta_dataset_pipeline import decoder
+from meta_dataset_pipeline import sampling
+
+try:  # TF's random-access reader verifies CRCs; private but stable in 2.x.
+  from tensorflow.python.lib.io import _pywrap_record_io  # pylint: disable=g-import-not-at-top
+  _RandomRecordReader = _pywrap_record_io.RandomRecordReader
+except (ImportError, AttributeError):  # pragma: no cover
+  _RandomRecordReader = None
+
+DEFAULT_SHUFFLE_BUFFER_SIZE = 1000
+# TFRecord framing: uint64 length, uint32 masked CRC of the length, data,
+# uint32 masked CRC of the data.
+_HEADER_BYTES = 12
+_FOOTER_BYTES = 4
+
+
+class RecordError(ValueError):
+  """A class record file that does not match its spec or is damaged."""
+
+
+def check_class_files(spec, split) -> list[str]:
+  """Paths of the class files of `split`; raises if any is missing.
+
+  Args:
+    spec: a dataset spec.
+    split: the split to check.
+
+  Returns:
+    The file path of every class of the split, in class order.
+
+  Raises:
+    FileNotFoundError: the records folder or a class file is missing.
+    NotImplementedError: sharded files (`{}_{}.tfrecords`), as upstream.
+  """
+  if spec.file_pattern not in spec_lib.SUPPORTED_FILE_PATTERNS:
+    raise NotImplementedError(
+        f"{spec.name}: file_pattern {spec.file_pattern!r} (sharded class "
+        "files) is not supported; one file per class is expected")
+  if not os.path.isdir(spec.path):
+    raise FileNotFoundError(
+        f"records folder of '{spec.name}' not found: {spec.path}")
+  paths = [spec.class_file(c) for c in spec.get_classes(split)]
+  missing = [p for p in paths if not os.path.isfile(p)]
+  if missing:
+    split_name = spec_lib._as_split(split).name  # pylint: disable=protected-access
+    raise FileNotFoundError(
+        f"{len(missing)} class record files of '{spec.name}' ({split_name}) "
+        f"are missing, e.g. {', '.join(missing[:3])}")
+  return paths
+
+
+def index_records(path: str) -> np.ndarray:
+  """Byte offsets of the records of a TFRecord file (headers only).
+
+  Args:
+    path: an uncompressed TFRecord file.
+
+  Returns:
+    int64 array of record start offsets.
+
+  Raises:
+    RecordError: the file is truncated.
+  """
+  offsets = []
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    offset = 0
+    while offset < size:
+      header = f.read(_HEADER_BYTES)
+      if len(header) < _HEADER_BYTES:
+        raise RecordError(f"{path}: truncated record header at byte {offset} "
+                          f"after {len(offsets)} records")
+      (length,) = struct.unpack("<Q", header[:8])
+      end = offset + _HEADER_BYTES + length + _FOOTER_BYTES
+      if end > size:
+        raise RecordError(
+            f"{path}: record {len(offsets)} at byte {offset} claims {length} "
+            f"bytes but the file ends at byte {size} (truncated or corrupt)")
+      offsets.append(offset)
+      offset = end
+      f.seek(offset)
+  return np.array(offsets, dtype=np.int64)
+
+
+def _read_plain(f, offset):
+  """Fallback reader without CRC checks (if TF's reader is unavailable)."""
+  f.seek(offset)
+  (length,) = struct.unpack("<Q", f.read(8))
+  f.seek(offset + _HEADER_BYTES)
+  return f.read(length)
+
+
+def buffer_shuffle_order(num: int, buffer_size: int,
+                         rng: np.random.Generator) -> np.ndarray:
+  """Order in which a shuffle buffer of `buffer_size` emits `num` items.
+
+  Same distribution as `tf.data.Dataset.shuffle`: fill the buffer, then
+  repeatedly emit a uniformly chosen buffered item and refill its slot from
+  the input. A buffer holding everything gives a uniform permutation.
+
+  Args:
+    num: number of items, read in order 0..num-1.
+    buffer_size: buffer size (<= 1: no shuffling).
+    rng: random generator.
+
+  Returns:
+    int64 permutation of range(num).
+  """
+  if buffer_size <= 1 or num <= 1:
+    return np.arange(num, dtype=np.int64)
+  if buffer_size >= num:
+    return rng.permutation(num)
+  buffer = list(range(buffer_size))
+  picks = rng.random(num)
+  order = np.empty(num, dtype=np.int64)
+  next_in = buffer_size
+  for i in range(num):
+    j = int(picks[i] * len(buffer))
+    order[i] = buffer[j]
+    if next_in < num:
+      buffer[j] = next_in
+      next_in += 1
+    else:
+      buffer[j] = buffer[-1]
+      buffer.pop()
+  return order
+
+
+class ClassStream:
+  """One class's records, pass after pass, each pass reshuffled.
+
+  The file is indexed on first use; its record count must equal the spec's.
+  """
+
+  def __init__(self, path: str, num_records: int, class_id: int,
+               rng: np.random.Generator, shuffle_buffer_size: int):
+    self.path = path
+    self.num_records = num_records
+    self.class_id = class_id
+    self._rng = rng
+    self._buffer = min(num_records, shuffle_buffer_size or 0)
+    self._offsets = None
+    self._order = np.zeros(0, dtype=np.int64)
+    self._cursor = 0
+    self._reader = None
+
+  def _open(self):
+    offsets = index_records(self.path)
+    if len(offsets) != self.num_records:
+      raise RecordError(
+          f"{self.path}: the spec lists {self.num_records} images for class "
+          f"{self.class_id} but the file holds {len(offsets)} records")
+    self._offsets = offsets
+    if _RandomRecordReader is not None:
+      self._reader = _RandomRecordReader(self.path)
+    else:
+      self._reader = open(self.path, "rb")  # pylint: disable=consider-using-with
+
+  def take(self, count: int) -> tuple[np.ndarray, int]:
+    """Indices of the next `count` records, and how many were flushed."""
+    if count > self.num_records:
+      raise ValueError(f"{self.path}: {count} examples requested from a "
+                       f"class of {self.num_records}")
+    if self._offsets is None:
+      self._open()
+    left = len(self._order) - self._cursor
+    flushed = 0
+    if count > left:
+      flushed = left
+      self._order = buffer_shuffle_order(self.num_records, self._buffer,
+                                         self._rng)
+      self._cursor = 0
+    picked = self._order[self._cursor:self._cursor + count]
+    self._cursor += count
+    return picked, flushed
+
+  def read(self, index: int) -> bytes:
+    """The serialized record number `index` of the file."""
+    offset = int(self._offsets[index])
+    if _RandomRecordReader is None:
+      return _read_plain(self._reader, offset)
+    try:
+      record, _ = self._reader.read(offset)
+    except Exception as e:  # TF raises DataLossError and friends.
+      raise RecordError(f"{self.path}: record {index} (byte {offset}) of "
+                        f"class {self.class_id} is unreadable: {e}") from e
+    return record
+
+  def read_image(self, index: int) -> bytes:
+    """The encoded image of record `index`, checked (see `decoder`)."""
+    where = f"{self.path}: record {index} of class {self.class_id}"
+    try:
+      image, label = decoder.parse_record(self.read(index))
+    except ValueError as e:
+      raise RecordError(f"{where}: {e}") from None
+    if label != self.class_id:
+      raise RecordError(f"{where} has label {label}; records of a class "
+                        "file must carry its class id")
+    problem = decoder.image_bytes_problem(image)
+    if problem:
+      raise RecordError(f"{where}: {problem}")
+    return image
+
+
+def derive_seeds(seed, *keys, count: int) -> np.ndarray:
+  """`count` int64 seeds derived from `seed` and integer `keys`."""
+  entropy = [int(s) for s in np.atleast_1d(seed)]
+  seq = np.random.SeedSequence(entropy + [int(k) for k in keys])
+  return seq.generate_state(count, np.uint64).astype(np.int64) & (2**62 - 1)
+
+
+@dataclasses.dataclass
+class Source:
+  """One split of one source: its spec, sampler and class streams."""
+  spec: object
+  split: spec_lib.Split
+  sampler: sampling.EpisodeDescriptionSampler
+
+  @property
+  def class_set(self) -> range:
+    return self.spec.get_classes(self.split)
+
+
+@dataclasses.dataclass
+class Episode:
+  """The images of one episode, support rows first, then query rows."""
+  images: list[bytes]
+  labels: np.ndarray          # int32: way index 0..ways-1.
+  class_ids: np.ndarray       # int32: absolute class id.
+  record_index: np.ndarray    # int32: record number in its class file.
+  num_support: int
+  num_query: int
+  num_ways: int
+  source_id: int
+  num_flushed: int
+  description: sampling.EpisodeDescription
+
+
+class EpisodeReader:
+  """Samples descriptions and reads their records from the class streams."""
+
+  def __init__(self, sources: Sequence[Source], seed,
+               shuffle_buffer_size: int = DEFAULT_SHUFFLE_BUFFER_SIZE):
+    self.sources = list(sources)
+    self._rng = np.random.default_rng(derive_seeds(seed, 1, count=2))
+    self._streams = []
+    for i, s in enumerate(self.sources):
+      paths = check_class_files(s.spec, s.split)
+      seeds = derive_seeds(seed, 4, i, count=len(paths))
+      self._streams.append([
+          ClassStream(p, s.spec.get_total_images_per_class(c), c,
+                      np.random.default_rng(int(k)), shuffle_buffer_size)
+          for p, c, k in zip(paths, s.class_set, seeds)])
+    self._descriptions = [
+        sampling.description_stream(s.sampler, self._rng)
+        for s in self.sources]
+
+  def next_episode(self) -> Episode:
+    """Reads the next episode (multi-source: source chosen uniformly)."""
+    source_id = (int(self._rng.integers(len(self.sources)))
+                 if len(self.sources) > 1 else 0)
+    source = self.sources[source_id]
+    streams = self._streams[source_id]
+    d = next(self._descriptions[source_id])
+    support, query, flushed = [], [], 0
+    for rel, k_s, k_q in zip(d.class_ids, d.num_support, d.num_query):
+      stream = streams[rel]
+      picked, num_flushed = stream.take(int(k_s + k_q))
+      flushed += num_flushed
+      support.append((stream, picked[:k_s]))
+      query.append((stream, picked[k_s:]))
+    images, index, class_ids, labels = [], [], [], []
+    for part in (support, query):
+      for way, (stream, picked) in enumerate(part):
+        images.extend(stream.read_image(int(i)) for i in picked)
+        index.extend(picked)
+        class_ids.extend([stream.class_id] * len(picked))
+        labels.extend([way] * len(picked))
+    return Episode(
+        images=images, labels=np.array(labels, np.int32),
+        class_ids=np.array(class_ids, np.int32),
+        record_index=np.array(index, np.int32),
+        num_support=int(d.num_support.sum()),
+        num_query=int(d.num_query.sum()), num_ways=len(d.class_ids),
+        source_id=source_id, num_flushed=flushed, description=d)
+
+
+class BatchReader:
+  """Record order of upstream's batch pipeline, emulated on indices.
+
+  Upstream reads each class file in order (no per-class shuffle), mixes the
+  classes with `sample_from_datasets` weighted by class size (a class leaves
+  the mix when exhausted; the epoch ends when all are), shuffles the mixed
+  stream with one buffer, and repeats.
+  """
+
+  def __init__(self, spec, split, seed,
+               shuffle_buffer_size: int = DEFAULT_SHUFFLE_BUFFER_SIZE):
+    paths = check_class_files(spec, split)
+    classes = spec.get_classes(split)
+    self._rng = np.random.default_rng(derive_seeds(seed, 5, count=2))
+    self._streams = [ClassStream(p, spec.get_total_images_per_class(c), c,
+                                 self._rng, 0)
+                     for p, c in zip(paths, classes)]
+    self._counts = np.array([s.num_records for s in self._streams])
+    if not self._counts.sum():
+      raise ValueError(f"split {spec_lib._as_split(split).name} of "  # pylint: disable=protected-access
+                       f"'{spec.name}' has no images")
+    self._buffer = shuffle_buffer_size
+    for s in self._streams:
+      if s.num_records:
+        s._open()  # pylint: disable=protected-access
+
+  def epoch(self):
+    """(class index, record index) pairs of one epoch, in order."""
+    remaining = self._counts.copy()
+    weights = self._counts / self._counts.sum()
+    chosen = []
+    # Draw class choices in blocks with the current weights; a block stops
+    # right after the draw that exhausts a class, whose weight then drops.
+    while remaining.sum():
+      p = np.where(remaining > 0, weights, 0.0)
+      block = self._rng.choice(len(p), size=min(1024, remaining.sum()),
+                               p=p / p.sum())
+      onehot = np.zeros((len(block), len(p)), dtype=np.int64)
+      onehot[np.arange(len(block)), block] = 1
+      used = np.cumsum(onehot, axis=0)
+      over = np.flatnonzero((used >= remaining).any(axis=1))
+      if len(over):
+        block = block[:over[0] + 1]
+      remaining -= np.bincount(block, minlength=len(p))
+      chosen.append(block)
+    classes = np.concatenate(chosen)
+    # Records of a class come in file order.
+    record = np.zeros(len(classes), dtype=np.int64)
+    for c in np.unique(classes):
+      where = classes == c
+      record[where] = np.arange(where.sum())
+    mixed = np.stack([classes, record], axis=1)
+    return mixed[buffer_shuffle_order(len(mixed), self._buffer, self._rng)]
+
+  def __iter__(self):
+    while True:
+      for c, i in self.epoch():
+        stream = self._streams[c]
+        yield stream.read_image(int(i)), stream.class_id
