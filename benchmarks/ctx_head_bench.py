@@ -87,6 +87,18 @@ def measure(head_fn, size, dtype, repeats, max_run_bytes):
   return result
 
 
+def cpu_name():
+  """The CPU model from /proc/cpuinfo, else platform.processor()."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor()
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--sizes', nargs='+', default=list(DEFAULT_SIZES),
@@ -127,7 +139,7 @@ def main():
             f'{row["compile_s"]:>9.1f}', flush=True)
   report = {
       'machine': {'platform': platform.platform(),
-                  'processor': platform.processor(),
+                  'processor': cpu_name(),
                   'cpu_count': os.cpu_count(),
                   'jax_backend': jax.default_backend(),
                   'device': str(jax.devices()[0].device_kind),

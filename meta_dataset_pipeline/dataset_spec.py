@@ -66,7 +66,7 @@ def _split_offsets(counts: Mapping[Split, int]) -> dict[Split, int]:
           Split.TEST: counts[Split.TRAIN] + counts[Split.VALID]}
 
 
-def _as_split(split) -> Split:
+def as_split(split) -> Split:
   """Accepts a `Split` or its name ("train", "TRAIN")."""
   if isinstance(split, Split):
     return split
@@ -82,7 +82,7 @@ class _FlatMixin:
 
   def get_classes(self, split) -> range:
     """Absolute class ids of `split`, contiguous and in order."""
-    split = _as_split(split)
+    split = as_split(split)
     offset = _split_offsets(self.classes_per_split)[split]
     return range(offset, offset + self.classes_per_split[split])
 
@@ -130,7 +130,7 @@ class BiLevelDatasetSpecification(_FlatMixin):
 
   def get_superclasses(self, split) -> range:
     """Superclass ids of `split` (contiguous, train first)."""
-    split = _as_split(split)
+    split = as_split(split)
     offset = _split_offsets(self.superclasses_per_split)[split]
     return range(offset, offset + self.superclasses_per_split[split])
 
@@ -241,7 +241,7 @@ class HierarchicalDatasetSpecification(_FlatMixin):
     return out
 
   def get_split_subgraph(self, split) -> SynsetGraph:
-    return self.split_subgraphs[_as_split(split)]
+    return self.split_subgraphs[as_split(split)]
 
 
 AnySpec = (DatasetSpecification | BiLevelDatasetSpecification

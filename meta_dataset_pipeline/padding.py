@@ -37,9 +37,13 @@ Reproduce with `python -m meta_dataset_pipeline.padding`.
 
 import dataclasses
 import math
+import os
 from typing import Sequence
 
 import numpy as np
+
+from meta_dataset_pipeline import dataset_spec
+from meta_dataset_pipeline import sampling
 
 DEFAULT_GROWTH = 1.5
 DEFAULT_MIN_SIZE = 8
@@ -179,9 +183,6 @@ def padding_waste(samplers: Sequence, buckets: EpisodeBuckets,
 
 def _report():
   """Prints the waste table of the module docstring."""
-  import os  # pylint: disable=g-import-not-at-top
-  from meta_dataset_pipeline import dataset_spec  # pylint: disable=g-import-not-at-top
-  from meta_dataset_pipeline import sampling  # pylint: disable=g-import-not-at-top
   specs_dir = os.path.join(os.path.dirname(__file__), "..", "..", "shared",
                            "fixtures", "official_specs", "dataset_specs")
   cfg = sampling.EpisodeDescriptionConfig()

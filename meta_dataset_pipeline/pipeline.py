@@ -22,27 +22,32 @@ How an episode is assembled (semantics of the official `EpisodeReader` and
 
 1. A Python generator samples the description (`sampling.py`), picks the
    source uniformly for multi-source pipelines (as upstream's
-   `sample_from_datasets`), and plans the records to pull from each class
-   stream, flushed ones included (`reader.EpisodePlanner`).
-2. `choose_from_datasets` pulls exactly those records from the per-class
-   shuffled, repeated streams (`reader.class_stream`); flushed records are
-   dropped before decoding. Upstream pads every episode to a fixed chunk of
-   up to 1000 placeholder pulls; here only real records are pulled.
-3. Each kept record is parsed, checked, decoded, resized and augmented once,
-   with `num_parallel_calls=AUTOTUNE` across records and episodes (upstream
-   decodes with a sequential `map_fn` inside each episode).
-4. `group_by_window` regroups the records of one episode, and a last map
-   pads the support and query sets to their buckets and builds the masks.
-
-The generator is replayed by the two consumers of step 2 (record selection
-and per-record metadata); it is a pure function of the seed, so both see the
-same plans. Pipelines are deterministic for a given seed.
+   `sample_from_datasets`), and reads exactly the records the episode keeps
+   from the per-class shuffled streams, with upstream's pass-and-flush
+   semantics (`reader.py`). Each record is parsed and checked there, so
+   errors name the file, record and class. Upstream instead pulls every
+   episode through a fixed chunk of up to 1000 placeholder and flushed
+   records per episode from ~20 ms-to-build per-class `TFRecordDataset`s.
+2. The encoded images travel to TF as one buffer per episode.
+3. A map over episodes (`num_parallel_calls=AUTOTUNE`, so episodes decode
+   concurrently, and images within one in parallel via `map_fn`) decodes
+   each image once, resizes, augments, pads the support and query sets to
+   their buckets and builds the masks. Upstream decodes with a sequential
+   `map_fn` inside a sequential map.
 
 Parallelism across processes: `process_index` is folded into the seed, so
 each process draws its own episodes; to split one episode's rows across
 processes instead, give every process the same `process_index` and slice.
+
+Known TF issue: a `from_generator` pipeline whose iterator is still alive
+when Python exits can hang or abort at exit (TF 2.21). An at-exit guard
+here makes that rarer; dropping iterators before exit (`del it`, or
+iterating inside a function) avoids it.
 """
 
+import atexit
+import threading
+import time
 from typing import Sequence
 
 import numpy as np
@@ -55,6 +60,72 @@ from meta_dataset_pipeline import reader
 from meta_dataset_pipeline import sampling
 
 AUTOTUNE = tf.data.AUTOTUNE
+
+
+class _ExitGuard:
+  """Keeps tf.data threads out of our Python generators at interpreter exit.
+
+  A `from_generator` pipeline whose iterator is still alive when Python
+  exits can hang or abort the process (seen with TF 2.21 in 1 run of 3):
+  a tf.data thread calls into the generator while the interpreter shuts
+  down. At exit this guard makes the generators end their streams and waits
+  (at most `timeout` seconds) until none is running, so the last call that
+  tf.data makes into Python happens before shutdown.
+  """
+
+  def __init__(self, timeout: float = 5.0, quiet: float = 0.2):
+    self.stop = threading.Event()
+    self._lock = threading.Lock()
+    self._busy = 0
+    self._live = 0
+    self._last_busy = 0.0
+    self._timeout, self._quiet = timeout, quiet
+
+  def enter(self):
+    with self._lock:
+      self._busy += 1
+
+  def leave(self):
+    with self._lock:
+      self._busy -= 1
+      self._last_busy = time.monotonic()
+
+  def wrap(self, generate):
+    """Wraps a generator function: stops at exit, tracks running calls."""
+    def guarded():
+      with self._lock:
+        self._live += 1
+      items = generate()
+      try:
+        while not self.stop.is_set():
+          self.enter()
+          try:
+            item = next(items)
+          except StopIteration:
+            return
+          finally:
+            self.leave()
+          yield item
+      finally:
+        with self._lock:
+          self._live -= 1
+    return guarded
+
+  def at_exit(self):
+    self.stop.set()
+    deadline = time.monotonic() + self._timeout
+    while time.monotonic() < deadline:
+      with self._lock:
+        idle = (self._busy == 0 and (
+            self._live == 0
+            or time.monotonic() - self._last_busy > self._quiet))
+      if idle:
+        return
+      time.sleep(0.01)
+
+
+_EXIT_GUARD = _ExitGuard()
+atexit.register(_EXIT_GUARD.at_exit)
 EPISODE_KEYS = ("support_images", "support_labels", "support_mask",
                 "support_class_ids", "query_images", "query_labels",
                 "query_mask", "query_class_ids", "num_ways", "source_id")
@@ -115,8 +186,21 @@ def episode_buckets(dataset_specs, split, episode_config, pad_multiple=1,
                                       min_bucket_size)
 
 
+def _pack(images: Sequence[bytes]) -> tuple[bytes, np.ndarray]:
+  """One buffer and the lengths: much cheaper to hand to TF than a list."""
+  return b"".join(images), np.array([len(x) for x in images], np.int64)
+
+
+def _unpack(blob, lengths):
+  """Inverse of `_pack`, in TF: a [N] string tensor."""
+  starts = tf.cumsum(lengths, exclusive=True)
+  # `substr` broadcasts the scalar buffer; tiling it first would copy the
+  # whole buffer once per image.
+  return tf.strings.substr(blob, starts, lengths)
+
+
 def _episode_generator(sources, seed, buckets, shuffle_buffer_size):
-  """Returns a generator function yielding one flat episode at a time."""
+  """Returns a generator function yielding one packed episode at a time."""
 
   def generate():
     # Built here, not outside: every iteration of the dataset restarts from
@@ -126,47 +210,26 @@ def _episode_generator(sources, seed, buckets, shuffle_buffer_size):
     while True:
       ep = episodes.next_episode()
       s_pad, q_pad = buckets.pick(ep.num_support, ep.num_query)
-      num = ep.num_support + ep.num_query
-      info = np.array([num, ep.num_support, s_pad, q_pad, ep.num_ways,
-                       ep.source_id], dtype=np.int64)
+      blob, lengths = _pack(ep.images)
       yield {
-          "images": np.array(ep.images, dtype=object),
-          "labels": ep.labels,
+          "blob": blob, "lengths": lengths, "labels": ep.labels,
           "class_ids": ep.class_ids,
-          "is_support": np.arange(num) < ep.num_support,
-          "aug_seeds": aug_rng.integers(0, 2**31 - 1, size=(num, 2)),
-          "episode": np.broadcast_to(info, (num, len(info))),
+          "info": np.array([ep.num_support, s_pad, q_pad, ep.num_ways,
+                            ep.source_id], dtype=np.int32),
+          "aug_seeds": aug_rng.integers(0, 2**31 - 1, size=(len(lengths), 2)),
       }
 
-  return generate
+  return _EXIT_GUARD.wrap(generate)
 
 
 _EPISODE_SIGNATURE = {
-    "images": tf.TensorSpec([None], tf.string),
+    "blob": tf.TensorSpec([], tf.string),
+    "lengths": tf.TensorSpec([None], tf.int64),
     "labels": tf.TensorSpec([None], tf.int32),
     "class_ids": tf.TensorSpec([None], tf.int32),
-    "is_support": tf.TensorSpec([None], tf.bool),
+    "info": tf.TensorSpec([5], tf.int32),
     "aug_seeds": tf.TensorSpec([None, 2], tf.int64),
-    "episode": tf.TensorSpec([None, 6], tf.int64),
 }
-
-
-def _episode_decode_fn(image_size, support_augmentation, query_augmentation):
-  """Per-image map: decode, resize, augment (records were checked)."""
-
-  def decode(ex):
-    image = decoder.decode_and_resize(ex["images"], image_size)
-    if support_augmentation is not None or query_augmentation is not None:
-      image = tf.cond(
-          ex["is_support"],
-          lambda: decoder.augment(image, support_augmentation,
-                                  ex["aug_seeds"]),
-          lambda: decoder.augment(image, query_augmentation,
-                                  ex["aug_seeds"]))
-    return {"image": image, "label": ex["labels"],
-            "class_id": ex["class_ids"], "episode": ex["episode"]}
-
-  return decode
 
 
 def _pad_rows(x, size, value):
@@ -174,22 +237,35 @@ def _pad_rows(x, size, value):
   return tf.pad(x, pad, constant_values=value)
 
 
-def _finalize(batch):
-  """Splits an episode's rows into padded support and query sets."""
-  episode = tf.cast(batch["episode"][0], tf.int32)
-  num_support, s_pad, q_pad = episode[1], episode[2], episode[3]
-  out = {}
-  for prefix, rows, size in (("support_", slice(None, num_support), s_pad),
-                             ("query_", slice(num_support, None), q_pad)):
-    images = batch["image"][rows]
-    count = tf.shape(images)[0]
-    out[prefix + "images"] = _pad_rows(images, size, 0.0)
-    out[prefix + "labels"] = _pad_rows(batch["label"][rows], size, 0)
-    out[prefix + "mask"] = tf.range(size) < count
-    out[prefix + "class_ids"] = _pad_rows(batch["class_id"][rows], size, -1)
-  out["num_ways"] = episode[4]
-  out["source_id"] = episode[5]
-  return out
+def _episode_fn(image_size, support_augmentation, query_augmentation):
+  """Per-episode map: decode every image once, augment, pad, add masks."""
+  image_spec = tf.TensorSpec([image_size, image_size, 3], tf.float32)
+
+  def decode_all(images, seeds, augmentation):
+    def one(args):
+      data, seed = args
+      image = decoder.decode_and_resize(data, image_size)
+      return decoder.augment(image, augmentation, seed)
+    return tf.map_fn(one, (images, seeds), fn_output_signature=image_spec)
+
+  def process(ep):
+    num_support, s_pad, q_pad = ep["info"][0], ep["info"][1], ep["info"][2]
+    images = _unpack(ep["blob"], ep["lengths"])
+    out = {}
+    for prefix, rows, size, aug in (
+        ("support_", slice(None, num_support), s_pad, support_augmentation),
+        ("query_", slice(num_support, None), q_pad, query_augmentation)):
+      decoded = decode_all(images[rows], ep["aug_seeds"][rows], aug)
+      count = tf.shape(decoded)[0]
+      out[prefix + "images"] = _pad_rows(decoded, size, 0.0)
+      out[prefix + "labels"] = _pad_rows(ep["labels"][rows], size, 0)
+      out[prefix + "mask"] = tf.range(size) < count
+      out[prefix + "class_ids"] = _pad_rows(ep["class_ids"][rows], size, -1)
+    out["num_ways"] = ep["info"][3]
+    out["source_id"] = ep["info"][4]
+    return out
+
+  return process
 
 
 def _episode_dataset(specs, split, episode_config, image_size, seed, *,
@@ -212,18 +288,11 @@ def _episode_dataset(specs, split, episode_config, image_size, seed, *,
   episodes = tf.data.Dataset.from_generator(
       _episode_generator(sources, seed, buckets, shuffle_buffer_size),
       output_signature=_EPISODE_SIGNATURE)
-  records = episodes.flat_map(tf.data.Dataset.from_tensor_slices)
-  records = records.map(
-      _episode_decode_fn(image_size, support_augmentation,
-                         query_augmentation),
+  # Episodes decode in parallel with each other (and their images in
+  # parallel within one episode, through map_fn's parallel iterations).
+  episodes = episodes.map(
+      _episode_fn(image_size, support_augmentation, query_augmentation),
       num_parallel_calls=num_parallel_calls)
-  # Records of one episode are contiguous, so a window keyed by the
-  # episode's size closes exactly at the episode's end.
-  episodes = records.group_by_window(
-      key_func=lambda ex: ex["episode"][0],
-      reduce_func=lambda key, window: window.batch(key),
-      window_size_func=lambda key: key)
-  episodes = episodes.map(_finalize, num_parallel_calls=num_parallel_calls)
   return episodes.prefetch(prefetch)
 
 
@@ -343,7 +412,7 @@ def make_batch_dataset(
     `class_ids` int32 [B] (absolute).
   """
   seed = _process_seed(seed, process_index, process_count)
-  split = spec_lib._as_split(split)  # pylint: disable=protected-access
+  split = spec_lib.as_split(split)
   batch_reader = reader.BatchReader(dataset_spec, split, seed,
                                     shuffle_buffer_size)
   offset = dataset_spec.get_classes(split).start
@@ -355,17 +424,22 @@ def make_batch_dataset(
     aug_rng = np.random.default_rng(reader.derive_seeds(seed, 6, count=2))
     while True:
       rows = [next(images) for _ in range(chunk)]
+      blob, lengths = _pack([r[0] for r in rows])
       yield {
-          "images": np.array([r[0] for r in rows], dtype=object),
+          "blob": blob, "lengths": lengths,
           "class_ids": np.array([r[1] for r in rows], dtype=np.int32),
           "aug_seeds": aug_rng.integers(0, 2**31 - 1, size=(chunk, 2)),
       }
 
   del batch_reader  # Built above only to fail early on bad files.
   signature = {k: _EPISODE_SIGNATURE[k]
-               for k in ("images", "class_ids", "aug_seeds")}
-  chunks = tf.data.Dataset.from_generator(generate,
+               for k in ("blob", "lengths", "class_ids", "aug_seeds")}
+  chunks = tf.data.Dataset.from_generator(_EXIT_GUARD.wrap(generate),
                                           output_signature=signature)
+
+  def unpack(ex):
+    return {"images": _unpack(ex["blob"], ex["lengths"]),
+            "class_ids": ex["class_ids"], "aug_seeds": ex["aug_seeds"]}
 
   def decode(ex):
     image = decoder.decode_and_resize(ex["images"], image_size)
@@ -373,6 +447,6 @@ def make_batch_dataset(
     return {"images": image, "labels": ex["class_ids"] - offset,
             "class_ids": ex["class_ids"]}
 
-  batches = chunks.flat_map(tf.data.Dataset.from_tensor_slices).map(
+  batches = chunks.map(unpack).unbatch().map(
       decode, num_parallel_calls=num_parallel_calls)
   return batches.batch(batch_size, drop_remainder=True).prefetch(prefetch)

@@ -28,6 +28,7 @@ pipeline is built), a record count that differs from the spec's, a truncated
 file, a corrupt record.
 """
 
+import collections
 import dataclasses
 import os
 import struct
@@ -80,7 +81,7 @@ def check_class_files(spec, split) -> list[str]:
   paths = [spec.class_file(c) for c in spec.get_classes(split)]
   missing = [p for p in paths if not os.path.isfile(p)]
   if missing:
-    split_name = spec_lib._as_split(split).name  # pylint: disable=protected-access
+    split_name = spec_lib.as_split(split).name
     raise FileNotFoundError(
         f"{len(missing)} class record files of '{spec.name}' ({split_name}) "
         f"are missing, e.g. {', '.join(missing[:3])}")
@@ -164,6 +165,21 @@ def buffer_shuffle_order(num: int, buffer_size: int,
   return order
 
 
+class OpenFiles:
+  """Keeps at most `limit` class files open (ImageNet alone has 1000)."""
+
+  def __init__(self, limit: int = 256):
+    self._limit = limit
+    self._open = collections.OrderedDict()
+
+  def touch(self, stream: "ClassStream"):
+    self._open[id(stream)] = stream
+    self._open.move_to_end(id(stream))
+    while len(self._open) > self._limit:
+      _, oldest = self._open.popitem(last=False)
+      oldest.close()
+
+
 class ClassStream:
   """One class's records, pass after pass, each pass reshuffled.
 
@@ -171,7 +187,9 @@ class ClassStream:
   """
 
   def __init__(self, path: str, num_records: int, class_id: int,
-               rng: np.random.Generator, shuffle_buffer_size: int):
+               rng: np.random.Generator, shuffle_buffer_size: int,
+               open_files: "OpenFiles | None" = None):
+    self._open_files = open_files
     self.path = path
     self.num_records = num_records
     self.class_id = class_id
@@ -182,17 +200,22 @@ class ClassStream:
     self._cursor = 0
     self._reader = None
 
-  def _open(self):
+  def ensure_open(self):
+    """Indexes the file (once) and checks its record count."""
+    if self._offsets is not None:
+      return
     offsets = index_records(self.path)
     if len(offsets) != self.num_records:
       raise RecordError(
           f"{self.path}: the spec lists {self.num_records} images for class "
           f"{self.class_id} but the file holds {len(offsets)} records")
     self._offsets = offsets
-    if _RandomRecordReader is not None:
-      self._reader = _RandomRecordReader(self.path)
-    else:
-      self._reader = open(self.path, "rb")  # pylint: disable=consider-using-with
+
+  def close(self):
+    """Closes the file; the next read reopens it."""
+    if self._reader is not None:
+      self._reader.close()
+      self._reader = None
 
   def take(self, count: int) -> tuple[np.ndarray, int]:
     """Indices of the next `count` records, and how many were flushed."""
@@ -200,7 +223,7 @@ class ClassStream:
       raise ValueError(f"{self.path}: {count} examples requested from a "
                        f"class of {self.num_records}")
     if self._offsets is None:
-      self._open()
+      self.ensure_open()
     left = len(self._order) - self._cursor
     flushed = 0
     if count > left:
@@ -214,6 +237,12 @@ class ClassStream:
 
   def read(self, index: int) -> bytes:
     """The serialized record number `index` of the file."""
+    self.ensure_open()
+    if self._open_files is not None:
+      self._open_files.touch(self)
+    if self._reader is None:
+      self._reader = (_RandomRecordReader(self.path) if _RandomRecordReader
+                      else open(self.path, "rb"))  # pylint: disable=consider-using-with
     offset = int(self._offsets[index])
     if _RandomRecordReader is None:
       return _read_plain(self._reader, offset)
@@ -282,12 +311,14 @@ class EpisodeReader:
     self.sources = list(sources)
     self._rng = np.random.default_rng(derive_seeds(seed, 1, count=2))
     self._streams = []
+    open_files = OpenFiles()
     for i, s in enumerate(self.sources):
       paths = check_class_files(s.spec, s.split)
       seeds = derive_seeds(seed, 4, i, count=len(paths))
       self._streams.append([
           ClassStream(p, s.spec.get_total_images_per_class(c), c,
-                      np.random.default_rng(int(k)), shuffle_buffer_size)
+                      np.random.default_rng(int(k)), shuffle_buffer_size,
+                      open_files)
           for p, c, k in zip(paths, s.class_set, seeds)])
     self._descriptions = [
         sampling.description_stream(s.sampler, self._rng)
@@ -337,17 +368,18 @@ class BatchReader:
     paths = check_class_files(spec, split)
     classes = spec.get_classes(split)
     self._rng = np.random.default_rng(derive_seeds(seed, 5, count=2))
+    open_files = OpenFiles()
     self._streams = [ClassStream(p, spec.get_total_images_per_class(c), c,
-                                 self._rng, 0)
+                                 self._rng, 0, open_files)
                      for p, c in zip(paths, classes)]
     self._counts = np.array([s.num_records for s in self._streams])
     if not self._counts.sum():
-      raise ValueError(f"split {spec_lib._as_split(split).name} of "  # pylint: disable=protected-access
+      raise ValueError(f"split {spec_lib.as_split(split).name} of "
                        f"'{spec.name}' has no images")
     self._buffer = shuffle_buffer_size
     for s in self._streams:
       if s.num_records:
-        s._open()  # pylint: disable=protected-access
+        s.ensure_open()
 
   def epoch(self):
     """(class index, record index) pairs of one epoch, in order."""

@@ -226,7 +226,7 @@ class EpisodeDescriptionSampler:
     """
     cfg = episode_config
     self.dataset_spec = dataset_spec
-    self.split = spec_lib._as_split(split)  # pylint: disable=protected-access
+    self.split = spec_lib.as_split(split)
     self.config = cfg
     self._rng = (seed if isinstance(seed, np.random.Generator)
                  else np.random.default_rng(seed))

@@ -123,15 +123,25 @@ def test_decoder_ops_eager_and_in_map():
   seed = tf.constant([3, 4], tf.int64)
 
   def fn(data):
-    check = decoder.check_image_bytes(data, ["test"])
-    with tf.control_dependencies([check]):
-      return decoder.augment(decoder.decode_and_resize(data, 16), aug, seed)
+    return decoder.augment(decoder.decode_and_resize(data, 16), aug, seed)
 
   eager = fn(jpeg).numpy()
   mapped = next(iter(tf.data.Dataset.from_tensors(jpeg).map(fn))).numpy()
   np.testing.assert_allclose(eager, mapped, atol=1e-6)
   plain = decoder.decode_and_resize(jpeg, 16).numpy()
   assert eager.shape == plain.shape and not np.allclose(eager, plain)
+
+
+def test_record_parsing_and_image_checks(dtd):
+  record = _read_class(dtd, 2)[0]
+  image, label = decoder.parse_record(record)
+  assert label == 2 and decoder.image_bytes_problem(image) is None
+  assert "truncated JPEG" in decoder.image_bytes_problem(image[:-50])
+  assert "not a JPEG" in decoder.image_bytes_problem(b"GIF")
+  png = tf.io.encode_png(tf.zeros([2, 2, 3], tf.uint8)).numpy()
+  assert decoder.image_bytes_problem(png) is None
+  with pytest.raises(ValueError, match="tf.train.Example"):
+    decoder.parse_record(b"\x01\x02garbage")
 
 
 def test_multisource_picks_sources_uniformly(omniglot, dtd):
@@ -224,6 +234,20 @@ def test_class_stream_flush_and_shuffle(dtd):
   # Passes are reshuffled.
   assert not np.array_equal(first[:10], second)
   assert stream.read(int(second[0])) in _read_class(dtd, 3)
+
+
+def test_open_files_are_bounded(dtd):
+  open_files = reader.OpenFiles(limit=2)
+  streams = [reader.ClassStream(dtd.class_file(c),
+                                dtd.get_total_images_per_class(c), c,
+                                np.random.default_rng(c), 1000, open_files)
+             for c in range(4)]
+  for _ in range(2):
+    for stream in streams:
+      picked, _ = stream.take(3)
+      assert all(decoder.parse_record(stream.read(int(i)))[1] ==
+                 stream.class_id for i in picked)
+  assert sum(s._reader is not None for s in streams) == 2  # pylint: disable=protected-access
 
 
 def test_buffer_shuffle_order():
@@ -334,8 +358,9 @@ def test_image_that_fails_to_decode(records, tmp_path):
       (img[:len(img) // 2], 43) for img, _ in examples[1:]]
   _write_records(path, examples)
   spec = mdp.load_dataset_spec(target)
-  with pytest.raises(tf.errors.InvalidArgumentError,
-                     match=r"(?s)not a complete JPEG.*43.*43\.tfrecords"):
+  with pytest.raises(tf.errors.OpError,
+                     match=r"43\.tfrecords: record \d+ of class 43: "
+                     r"(not a JPEG|truncated JPEG)"):
     _first_episode(spec)
 
 
@@ -345,8 +370,9 @@ def test_record_with_wrong_label(records, tmp_path):
   examples = [(tf.train.Example.FromString(r).features.feature["image"]
                .bytes_list.value[0], 7) for r in _read_class(spec, 45)]
   _write_records(target / "45.tfrecords", examples)
-  with pytest.raises(tf.errors.InvalidArgumentError,
-                     match=r"(?s)record label.*7.*45\.tfrecords"):
+  with pytest.raises(tf.errors.OpError,
+                     match=r"45\.tfrecords: record \d+ of class 45 has "
+                     r"label 7"):
     _first_episode(mdp.load_dataset_spec(target))
 
 
