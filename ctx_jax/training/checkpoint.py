@@ -94,14 +94,17 @@ def load_exported_model(directory: str | os.PathLike[str],
 
   Args:
     directory: a folder written by `export_model`.
-    rngs: RNGs for building the (then overwritten) initial parameters.
+    rngs: RNGs of the (never materialised) initial parameters.
 
   Returns:
     `(model, model_config)`.
   """
   from ctx_jax import models  # pylint: disable=g-import-not-at-top
   model_config = load_model_config(directory)
-  model = models.build_model(model_config, rngs=rngs or nnx.Rngs(0))
+  # Shapes only: a random init of the real model would be thrown away (and
+  # costs tens of seconds on a CPU for ResNet-34).
+  model = nnx.eval_shape(
+      lambda: models.build_model(model_config, rngs=rngs or nnx.Rngs(0)))
   restore_model_state(directory, model)
   return model, model_config
 
