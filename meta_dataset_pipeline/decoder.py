@@ -96,6 +96,29 @@ def image_bytes_problem(image: bytes) -> str | None:
   return None
 
 
+def decode_resize(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
+  """Decodes (3 channels) and resizes bilinearly with align_corners.
+
+  Args:
+    image_bytes: scalar string tensor, an encoded image.
+    image_size: output height and width.
+
+  Returns:
+    float32 [image_size, image_size, 3] in [0, 255].
+  """
+  image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+  image.set_shape([None, None, 3])
+  image = tf.compat.v1.image.resize_images(
+      image, [image_size, image_size],
+      method=tf.compat.v1.image.ResizeMethod.BILINEAR, align_corners=True)
+  return tf.cast(image, tf.float32)
+
+
+def scale(image: tf.Tensor) -> tf.Tensor:
+  """[0, 255] to [-1, 1], upstream's exact formula; any shape."""
+  return 2.0 * (image / 255.0 - 0.5)
+
+
 def decode_and_resize(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
   """Official decode: 3 channels, bilinear align_corners, scaled to [-1, 1].
 
@@ -106,13 +129,7 @@ def decode_and_resize(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
   Returns:
     float32 [image_size, image_size, 3] in [-1, 1].
   """
-  image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
-  image.set_shape([None, None, 3])
-  image = tf.compat.v1.image.resize_images(
-      image, [image_size, image_size],
-      method=tf.compat.v1.image.ResizeMethod.BILINEAR, align_corners=True)
-  image = tf.cast(image, tf.float32)
-  return 2.0 * (image / 255.0 - 0.5)
+  return scale(decode_resize(image_bytes, image_size))
 
 
 def augment(image: tf.Tensor, augmentation: DataAugmentation | None,
