@@ -241,17 +241,24 @@ def _episode_fn(image_size, support_augmentation, query_augmentation):
   """Per-episode map: decode every image once, augment, pad, add masks."""
   image_spec = tf.TensorSpec([image_size, image_size, 3], tf.float32)
 
-  def decode_all(images, seeds, augmentation):
-    # Scaling is elementwise, so doing it once on the whole set gives the
-    # same values as per image, with fewer ops.
-    decoded = decoder.scale(tf.map_fn(
-        lambda data: decoder.decode_resize(data, image_size), images,
-        fn_output_signature=image_spec))
-    if augmentation is None or not augmentation.active:
-      return decoded
-    return tf.map_fn(
-        lambda args: decoder.augment(args[0], augmentation, args[1]),
-        (decoded, seeds), fn_output_signature=image_spec)
+  def decode_padded(images, seeds, size, augmentation):
+    """[size, H, W, 3]: decoded images, then zero rows up to `size`.
+
+    Mapping over the padded range writes each row once, instead of padding
+    (and scaling) the whole set afterwards: at float32 these sets are tens
+    of MB, and every extra pass over them costs more than the decode of a
+    small image.
+    """
+    count = tf.shape(images)[0]
+
+    def row(i):
+      def real():
+        image = decoder.decode_and_resize(images[i], image_size)
+        return decoder.augment(image, augmentation, seeds[i])
+      return tf.cond(i < count, real,
+                     lambda: tf.zeros([image_size, image_size, 3]))
+
+    return tf.map_fn(row, tf.range(size), fn_output_signature=image_spec)
 
   def process(ep):
     num_support, s_pad, q_pad = ep["info"][0], ep["info"][1], ep["info"][2]
@@ -260,11 +267,11 @@ def _episode_fn(image_size, support_augmentation, query_augmentation):
     for prefix, rows, size, aug in (
         ("support_", slice(None, num_support), s_pad, support_augmentation),
         ("query_", slice(num_support, None), q_pad, query_augmentation)):
-      decoded = decode_all(images[rows], ep["aug_seeds"][rows], aug)
-      count = tf.shape(decoded)[0]
-      out[prefix + "images"] = _pad_rows(decoded, size, 0.0)
-      out[prefix + "labels"] = _pad_rows(ep["labels"][rows], size, 0)
-      out[prefix + "mask"] = tf.range(size) < count
+      labels = ep["labels"][rows]
+      out[prefix + "images"] = decode_padded(images[rows],
+                                             ep["aug_seeds"][rows], size, aug)
+      out[prefix + "labels"] = _pad_rows(labels, size, 0)
+      out[prefix + "mask"] = tf.range(size) < tf.shape(labels)[0]
       out[prefix + "class_ids"] = _pad_rows(ep["class_ids"][rows], size, -1)
     out["num_ways"] = ep["info"][3]
     out["source_id"] = ep["info"][4]

@@ -343,7 +343,7 @@ def test_truncated_and_corrupt_records(records, tmp_path):
     corrupt[offset + 20] ^= 0xFF
   path.write_bytes(bytes(corrupt))
   with pytest.raises(tf.errors.OpError,
-                     match=r"41\.tfrecords: record \d+ .*unreadable"):
+                     match=r"41\.tfrecords: record \d+ .*is corrupt"):
     _first_episode(spec)
 
 
