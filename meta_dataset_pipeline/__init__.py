@@ -26,6 +26,7 @@ from meta_dataset_pipeline.pipeline import EPISODE_KEYS
 from meta_dataset_pipeline.pipeline import make_batch_dataset
 from meta_dataset_pipeline.pipeline import make_multisource_episode_dataset
 from meta_dataset_pipeline.pipeline import make_one_source_episode_dataset
+from meta_dataset_pipeline.reader import RecordError
 from meta_dataset_pipeline.sampling import EpisodeDescription
 from meta_dataset_pipeline.sampling import EpisodeDescriptionConfig
 from meta_dataset_pipeline.sampling import EpisodeDescriptionSampler

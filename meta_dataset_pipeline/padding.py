@@ -2,8 +2,9 @@
 
 Variable-way, variable-shot episodes have support sizes S in [5, 500] and
 query sizes Q in [5, 500]. Padding every episode to the maximum would make
-the backbone process ~2-3x more rows than needed; padding to the exact size
-would compile a new program for almost every episode. The policy here:
+the backbone process 1.8x (ILSVRC) to 3.4x (Omniglot) the real rows;
+padding to the exact size would compile a new program for almost every
+episode. The policy here:
 
 - Support and query sizes are padded independently, each to the smallest
   bucket that fits. Buckets are geometric: starting at `min_size`, each is

@@ -1,7 +1,9 @@
 """Episode and batch pipelines over official-format records."""
 
+import ast
 import itertools
 import json
+import pathlib
 import shutil
 
 import numpy as np
@@ -384,3 +386,20 @@ def test_impossible_config_is_reported_at_build(dtd):
   with pytest.raises(ValueError, match="min_ways=8 .* 7"):
     mdp.make_one_source_episode_dataset(
         dtd, "TEST", mdp.EpisodeDescriptionConfig(min_ways=8), SIZE)
+
+
+
+def test_never_imports_jax():
+  """No pipeline module imports JAX (STYLE.md section 5).
+
+  Checked on the sources: `import tensorflow` itself pulls in `jax` when it
+  is installed (through `tensorflow.lite`), so `sys.modules` cannot tell.
+  """
+  package = pathlib.Path(mdp.__file__).parent
+  for path in package.glob("*.py"):
+    for node in ast.walk(ast.parse(path.read_text())):
+      names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+               else [node.module or ""] if isinstance(node, ast.ImportFrom)
+               else [])
+      assert not any(n.split(".")[0] in ("jax", "flax", "optax")
+                     for n in names), path

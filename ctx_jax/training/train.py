@@ -212,6 +212,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         if is_chief:
           print(f"step {step} validation: " + ", ".join(
               f"{s} {v}" for s, v in valid.items()), flush=True)
+  # Drop the tf.data iterators now: TF 2.21 can hang at interpreter exit
+  # while a generator-backed iterator is still alive.
+  batches.close()
+  train_stream.close()
   ckpt.wait_until_finished()
   ckpt.close()
 
