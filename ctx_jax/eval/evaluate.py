@@ -35,19 +35,22 @@ def evaluate_split(model: nnx.Module | None,
   stream = input_pipeline.episodes(
       config, split, [source], seed=seed, pad_multiple=mesh.size,
       process_index=jax.process_index(), process_count=jax.process_count())
-  if model is None:
-    return episodic.evaluate_episodes(baselines.pixel_nearest_neighbour,
-                                      stream, num_episodes)
-  num_ways = input_pipeline.max_ways(config, split)
-  was_training = getattr(model, "training", True)
-  model.eval()
   try:
-    with jax.set_mesh(mesh):
-      return episodic.evaluate_episodes(
-          lambda ep: step_lib.eval_step(model, ep, num_ways),
-          (dev for dev, _ in mesh_lib.prefetch_to_mesh(
-              stream, mesh, step_lib.MODEL_INPUT_KEYS)),
-          num_episodes)
-  finally:
-    if was_training:
+    if model is None:
+      return episodic.evaluate_episodes(baselines.pixel_nearest_neighbour,
+                                        stream, num_episodes)
+    num_ways = input_pipeline.max_ways(config, split)
+    model.eval()
+    try:
+      with jax.set_mesh(mesh):
+        return episodic.evaluate_episodes(
+            lambda ep: step_lib.eval_step(model, ep, num_ways),
+            (dev for dev, _ in mesh_lib.prefetch_to_mesh(
+                stream, mesh, step_lib.MODEL_INPUT_KEYS)),
+            num_episodes)
+    finally:
+      # Back to train mode: validation runs in the middle of training.
       model.train()
+  finally:
+    # Release the tf.data iterator now (TF 2.21 can hang at exit otherwise).
+    stream.close()
