@@ -64,6 +64,9 @@ def main(argv):
   logging.info("config:\n%s", _CONFIG.value)
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except train.Preempted as e:
+    print(f"ctx-train: {e}", file=sys.stderr)
+    sys.exit(train.PREEMPTED_EXIT_CODE)
   except USER_ERRORS as e:
     logging.exception("%s", type(e).__name__)
     print(f"ctx-train: error: {e}", file=sys.stderr)

@@ -199,7 +199,12 @@ def _unpack(blob, lengths):
   return tf.strings.substr(blob, starts, lengths)
 
 
-def _episode_generator(sources, seed, buckets, shuffle_buffer_size):
+def _aug_seeds(rng: np.random.Generator, num_images: int) -> np.ndarray:
+  return rng.integers(0, 2**31 - 1, size=(num_images, 2))
+
+
+def _episode_generator(sources, seed, buckets, shuffle_buffer_size,
+                       start_episode=0):
   """Returns a generator function yielding one packed episode at a time."""
 
   def generate():
@@ -207,6 +212,8 @@ def _episode_generator(sources, seed, buckets, shuffle_buffer_size):
     # the seed, as tf.data expects of a deterministic source.
     episodes = reader.EpisodeReader(sources, seed, shuffle_buffer_size)
     aug_rng = np.random.default_rng(reader.derive_seeds(seed, 3, count=2))
+    for _ in range(start_episode):  # Resume: same state, no image reads.
+      _aug_seeds(aug_rng, episodes.skip())
     while True:
       ep = episodes.next_episode()
       s_pad, q_pad = buckets.pick(ep.num_support, ep.num_query)
@@ -216,7 +223,7 @@ def _episode_generator(sources, seed, buckets, shuffle_buffer_size):
           "class_ids": ep.class_ids,
           "info": np.array([ep.num_support, s_pad, q_pad, ep.num_ways,
                             ep.source_id], dtype=np.int32),
-          "aug_seeds": aug_rng.integers(0, 2**31 - 1, size=(len(lengths), 2)),
+          "aug_seeds": _aug_seeds(aug_rng, len(lengths)),
       }
 
   return _EXIT_GUARD.wrap(generate)
@@ -285,7 +292,7 @@ def _episode_dataset(specs, split, episode_config, image_size, seed, *,
                      shuffle_buffer_size, support_augmentation,
                      query_augmentation, use_dag_ontology,
                      use_bilevel_ontology, process_index, process_count,
-                     num_parallel_calls, prefetch):
+                     num_parallel_calls, prefetch, start_episode):
   """Shared body of the one-source and multi-source builders."""
   if not specs:
     raise ValueError("at least one dataset spec is needed")
@@ -297,8 +304,11 @@ def _episode_dataset(specs, split, episode_config, image_size, seed, *,
   buckets = padding.buckets_for_samplers(
       [s.sampler for s in sources], pad_multiple, bucket_growth,
       min_bucket_size)
+  if start_episode < 0:
+    raise ValueError(f"start_episode={start_episode} must be >= 0")
   episodes = tf.data.Dataset.from_generator(
-      _episode_generator(sources, seed, buckets, shuffle_buffer_size),
+      _episode_generator(sources, seed, buckets, shuffle_buffer_size,
+                         start_episode),
       output_signature=_EPISODE_SIGNATURE)
   # Episodes decode in parallel with each other (and their images in
   # parallel within one episode, through map_fn's parallel iterations).
@@ -319,7 +329,7 @@ def make_one_source_episode_dataset(
     use_dag_ontology: bool | None = None,
     use_bilevel_ontology: bool | None = None, process_index: int = 0,
     process_count: int = 1, num_parallel_calls: int = AUTOTUNE,
-    prefetch: int = 2) -> tf.data.Dataset:
+    prefetch: int = 2, start_episode: int = 0) -> tf.data.Dataset:
   """Infinite dataset of padded episodes from one source.
 
   Args:
@@ -340,6 +350,9 @@ def make_one_source_episode_dataset(
     process_count: number of processes.
     num_parallel_calls: decode parallelism.
     prefetch: episodes prefetched.
+    start_episode: begin at this episode of the seeded stream, exactly as
+      if the earlier ones had been read (resuming training at a data
+      position); the skipped episodes are sampled but not read.
 
   Returns:
     A `tf.data.Dataset` of episode dicts (see module docstring).
@@ -354,7 +367,8 @@ def make_one_source_episode_dataset(
       use_dag_ontology=use_dag_ontology,
       use_bilevel_ontology=use_bilevel_ontology,
       process_index=process_index, process_count=process_count,
-      num_parallel_calls=num_parallel_calls, prefetch=prefetch)
+      num_parallel_calls=num_parallel_calls, prefetch=prefetch,
+      start_episode=start_episode)
 
 
 def make_multisource_episode_dataset(
@@ -380,7 +394,7 @@ def make_multisource_episode_dataset(
       support_augmentation=None,
       query_augmentation=None, use_dag_ontology=None,
       use_bilevel_ontology=None, process_index=0, process_count=1,
-      num_parallel_calls=AUTOTUNE, prefetch=2)
+      num_parallel_calls=AUTOTUNE, prefetch=2, start_episode=0)
   unknown = set(kwargs) - set(options)
   if unknown:
     raise TypeError(f"unexpected arguments {sorted(unknown)}")

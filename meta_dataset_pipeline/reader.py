@@ -335,11 +335,15 @@ class EpisodeReader:
         sampling.description_stream(s.sampler, self._rng)
         for s in self.sources]
 
-  def next_episode(self) -> Episode:
-    """Reads the next episode (multi-source: source chosen uniformly)."""
+  def _plan(self):
+    """Samples the next description and takes its records from the streams.
+
+    Everything random about an episode happens here; reading the records
+    afterwards is deterministic. So `skip` (plan without reading) leaves the
+    reader in exactly the state `next_episode` would have.
+    """
     source_id = (int(self._rng.integers(len(self.sources)))
                  if len(self.sources) > 1 else 0)
-    source = self.sources[source_id]
     streams = self._streams[source_id]
     d = next(self._descriptions[source_id])
     support, query, flushed = [], [], 0
@@ -349,6 +353,21 @@ class EpisodeReader:
       flushed += num_flushed
       support.append((stream, picked[:k_s]))
       query.append((stream, picked[k_s:]))
+    return source_id, d, support, query, flushed
+
+  def skip(self) -> int:
+    """Advances past one episode without reading it; returns its size.
+
+    Used to resume a stream at a given episode: no image is read, so
+    skipping is cheap (sampling only), and the episodes that follow are the
+    ones an uninterrupted stream would give.
+    """
+    _, d, _, _, _ = self._plan()
+    return int(d.num_support.sum() + d.num_query.sum())
+
+  def next_episode(self) -> Episode:
+    """Reads the next episode (multi-source: source chosen uniformly)."""
+    source_id, d, support, query, flushed = self._plan()
     images, index, class_ids, labels = [], [], [], []
     for part in (support, query):
       for way, (stream, picked) in enumerate(part):

@@ -3,10 +3,10 @@
 Two formats live here:
 
 * Training checkpoints, `<workdir>/ckpt/<step>/`, written by an orbax
-  `CheckpointManager`: model state, optimizer state and the step. Resume picks
-  the latest *finalized* step; orbax writes into a temporary directory and
-  renames it when complete, so a checkpoint interrupted half-way is never
-  picked up.
+  `CheckpointManager`: model state, optimizer state, the step, and the data
+  position (`state/` and `data/`). Resume picks the latest *finalized* step;
+  orbax writes into a temporary directory and renames it when complete, so a
+  checkpoint interrupted half-way (a killed job) is never picked up.
 * Exported models, `<dir>/model_config.json` + `<dir>/state/`: just the model
   state (parameters and batch-norm EMA statistics) and the model config needed
   to rebuild it. `ctx-import-official` writes this format, `ctx-eval` and
@@ -54,16 +54,28 @@ def export_model(directory: str | os.PathLike[str], model: nnx.Module,
     raise FileExistsError(
         f"export directory {directory} exists and is not empty; choose a new "
         "one so that nothing already written is overwritten")
-  directory.mkdir(parents=True, exist_ok=True)
+  # Every process takes part in the save (orbax is collective); they must
+  # all have checked the folder before any of them writes into it.
+  _sync("ctx_jax_export_check")
+  if jax.process_index() == 0:
+    directory.mkdir(parents=True, exist_ok=True)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(directory / STATE_DIR,
                     nnx.to_pure_dict(nnx.state(model)))
   checkpointer.wait_until_finished()
-  # The config goes last: its presence marks a complete export.
-  tmp = directory / (MODEL_CONFIG_FILE + ".tmp")
-  tmp.write_text(model_config.to_json_best_effort(indent=2) + "\n")
-  tmp.rename(directory / MODEL_CONFIG_FILE)
+  if jax.process_index() == 0:
+    # The config goes last: its presence marks a complete export.
+    tmp = directory / (MODEL_CONFIG_FILE + ".tmp")
+    tmp.write_text(model_config.to_json_best_effort(indent=2) + "\n")
+    tmp.rename(directory / MODEL_CONFIG_FILE)
+  _sync("ctx_jax_export_done")
   return directory
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
 
 
 def load_model_config(directory: str | os.PathLike[str]
@@ -114,7 +126,10 @@ class TrainCheckpointer:
 
   Wraps `ocp.CheckpointManager`: `save` may be called every step and only
   writes every `save_every` steps (or when forced, e.g. at the end or on
-  preemption); the last `max_to_keep` are kept.
+  preemption); the last `max_to_keep` are kept. Each checkpoint holds the
+  model and optimizer states (`state`) and a small JSON record (`data`) of
+  what is needed to continue the run exactly: the seed and how many
+  training episodes were consumed.
   """
 
   def __init__(self, workdir: str | os.PathLike[str], save_every: int,
@@ -129,30 +144,53 @@ class TrainCheckpointer:
     return self._manager.latest_step()
 
   def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer,
-           force: bool = False) -> bool:
-    """Saves if the policy (or `force`) says so; returns whether it did."""
+           data: dict[str, Any] | None = None, force: bool = False) -> bool:
+    """Saves if the policy (or `force`) says so; returns whether it did.
+
+    Args:
+      step: the number of optimisation steps done.
+      model: saved with its batch-norm statistics.
+      optimizer: its full state (moments, count).
+      data: JSON-able record of the input position (e.g. `{"seed": 0,
+        "episodes": step}`).
+      force: save regardless of the interval.
+    """
     items = {
         "model": nnx.to_pure_dict(nnx.state(model)),
         "optimizer": nnx.to_pure_dict(nnx.state(optimizer)),
     }
-    return self._manager.save(step, args=ocp.args.StandardSave(items),
-                              force=force)
+    args = ocp.args.Composite(state=ocp.args.StandardSave(items),
+                              data=ocp.args.JsonSave(dict(data or {})))
+    return self._manager.save(step, args=args, force=force)
+
+  def reached_preemption(self, step: int) -> bool:
+    """Whether all processes agreed to stop at `step` (multi-host SIGTERM)."""
+    return self._manager.reached_preemption(step)
 
   def restore(self, model: nnx.Module, optimizer: nnx.Optimizer,
-              step: int | None = None) -> int:
-    """Restores `step` (default: latest) into `model`/`optimizer` in place."""
+              step: int | None = None) -> tuple[int, dict[str, Any]]:
+    """Restores `step` (default: latest) into `model`/`optimizer` in place.
+
+    Returns:
+      `(step, data)`: the restored step and the `data` record saved with it.
+    """
     step = self._manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     target = {"model": _abstract_pure_state(model),
               "optimizer": _abstract_pure_state(optimizer)}
-    restored = self._manager.restore(step,
-                                     args=ocp.args.StandardRestore(target))
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+      raise ValueError(
+          f"checkpoint {self.directory / str(step)} does not match this "
+          f"model and optimizer (a different config?): {e}") from e
     for module, key in ((model, "model"), (optimizer, "optimizer")):
       state = nnx.state(module)
-      nnx.replace_by_pure_dict(state, restored[key])
+      nnx.replace_by_pure_dict(state, restored.state[key])
       nnx.update(module, state)
-    return step
+    return step, dict(restored.data or {})
 
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()

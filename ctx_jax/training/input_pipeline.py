@@ -45,8 +45,8 @@ def max_ways(config: ml_collections.ConfigDict, split: str) -> int:
 
 def episodes(config: ml_collections.ConfigDict, split: str,
              sources: Sequence[str], seed: int, pad_multiple: int = 1,
-             process_index: int = 0, process_count: int = 1
-             ) -> Iterator[dict[str, np.ndarray]]:
+             process_index: int = 0, process_count: int = 1,
+             start_episode: int = 0) -> Iterator[dict[str, np.ndarray]]:
   """Infinite iterator of padded numpy episodes of `split` from `sources`.
 
   Every process draws the same episodes (same seed) and keeps its own
@@ -62,6 +62,7 @@ def episodes(config: ml_collections.ConfigDict, split: str,
       (the global device count), so the episode splits evenly.
     process_index: this process's index.
     process_count: number of processes.
+    start_episode: index of the first episode of the seeded stream (resume).
 
   Yields:
     Episode dicts (see `meta_dataset_pipeline`), rows of this process only.
@@ -73,7 +74,8 @@ def episodes(config: ml_collections.ConfigDict, split: str,
   kwargs = dict(split=mdp.Split[split], episode_config=episode_cfg,
                 image_size=data.image_size, seed=seed,
                 pad_multiple=pad_multiple,
-                shuffle_buffer_size=data.shuffle_buffer_size)
+                shuffle_buffer_size=data.shuffle_buffer_size,
+                start_episode=start_episode)
   if len(specs) == 1:
     dataset = mdp.make_one_source_episode_dataset(specs[0], **kwargs)
   else:
