@@ -61,7 +61,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.valid_sources = ("ilsvrc_2012",)
   config.data.test_sources = ("ilsvrc_2012",)
   config.data.image_size = 224
-  config.data.train_episode = episode_config()
+  # The CTX gin sets train/EpisodeDescriptionConfig.ignore_hierarchy_
+  # probability = 0.5: half of the ImageNet training episodes ignore the DAG.
+  config.data.train_episode = episode_config(ignore_hierarchy_probability=0.5)
   config.data.eval_episode = episode_config()
   config.data.shuffle_buffer_size = 1000
 
@@ -92,6 +94,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.eval.num_episodes = 600
   config.eval.seed = 0
   return config
+
+
+MD_TRAIN_SOURCES = ("ilsvrc_2012", "omniglot", "aircraft", "cu_birds", "dtd",
+                    "quickdraw", "fungi", "vgg_flower")
+MD_TEST_SOURCES = MD_TRAIN_SOURCES + ("traffic_sign", "mscoco")
 
 
 def parse_arg(arg: str | None, **defaults):

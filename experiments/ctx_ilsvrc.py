@@ -19,9 +19,7 @@ from experiments import common
 def get_config(arg: str | None = None):
   arg = common.parse_arg(arg, smoke=False)
   config = common.get_base_config()
-  config.data.test_sources = (
-      "ilsvrc_2012", "omniglot", "aircraft", "cu_birds", "dtd", "quickdraw",
-      "fungi", "vgg_flower", "traffic_sign", "mscoco")
+  config.data.test_sources = common.MD_TEST_SOURCES
   if arg.smoke:
     common.apply_smoke(config)
   return config
