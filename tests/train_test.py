@@ -156,3 +156,26 @@ def test_export_round_trip(tmp_path):
 def test_nan_guard_message():
   with pytest.raises(FloatingPointError, match="last good checkpoint"):
     train._check_finite(7, {"loss": float("nan"), "accuracy": 0.5}, "/x")
+
+
+def test_init_from_copies_the_backbone_only(tmp_path):
+  config = _tiny_config()
+  source = models.build_model(config.model, rngs=nnx.Rngs(5))
+  checkpoint.export_model(tmp_path / "pretrained", source, config.model)
+  _, model, _ = _state(config, 1)
+  fresh = nnx.to_flat_state(nnx.state(model))
+  copied = train.init_backbone_from(model, str(tmp_path / "pretrained"))
+  src = dict(nnx.to_flat_state(nnx.state(source)))
+  now = dict(nnx.to_flat_state(nnx.state(model)))
+  heads = 0
+  for path, var in fresh:
+    is_head = any(str(p).startswith("tformer") for p in path)
+    want = var.get_value() if is_head else src[path].get_value()
+    np.testing.assert_array_equal(now[path].get_value(), want)
+    heads += is_head
+  assert heads == 2 and copied == len(fresh) - heads
+  # A different backbone is refused with the offending variable named.
+  config.model.backbone = "resnet18"
+  _, other, _ = _state(config, 1)
+  with pytest.raises(ValueError, match="init_from"):
+    train.init_backbone_from(other, str(tmp_path / "pretrained"))

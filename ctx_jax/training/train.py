@@ -100,11 +100,12 @@ def init_backbone_from(model: nnx.Module, export_dir: str) -> int:
   for path, var in nnx.to_flat_state(state):
     is_head = any(str(p).startswith("tformer") for p in path)
     if not is_head and path in src:
-      if src[path].value.shape != var.value.shape:
+      value = src[path].get_value()
+      if value.shape != var.get_value().shape:
         raise ValueError(f"init_from {export_dir}: {'/'.join(map(str, path))}"
-                         f" has shape {src[path].value.shape}, expected "
-                         f"{var.value.shape}")
-      var = var.replace(src[path].value)
+                         f" has shape {value.shape}, expected "
+                         f"{var.get_value().shape}")
+      var = var.replace(value)
       copied += 1
     new_flat.append((path, var))
   if not copied:
