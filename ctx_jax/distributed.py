@@ -26,6 +26,11 @@ NUM_PROCESSES = flags.DEFINE_integer(
 PROCESS_ID = flags.DEFINE_integer(
     "process_id", None, "This process's index (optional; default: env "
     "CTX_JAX_PROCESS_ID, else auto-detected).")
+LOCAL_DEVICE_IDS = flags.DEFINE_list(
+    "local_device_ids", None, "Local accelerator ids this process uses "
+    "(optional; default: env CTX_JAX_LOCAL_DEVICE_IDS). Under SLURM, JAX "
+    "otherwise gives each task only GPU $SLURM_LOCALID, which is right for "
+    "one task per GPU; one task per node must list all its GPUs.")
 
 
 def _from_env(value, name):
@@ -41,6 +46,11 @@ def initialize_kwargs() -> dict[str, object]:
             ("num_processes", _from_env(NUM_PROCESSES.value,
                                         "CTX_JAX_NUM_PROCESSES")),
             ("process_id", _from_env(PROCESS_ID.value, "CTX_JAX_PROCESS_ID")))
+  ids = LOCAL_DEVICE_IDS.value
+  if ids is None and os.environ.get("CTX_JAX_LOCAL_DEVICE_IDS"):
+    ids = os.environ["CTX_JAX_LOCAL_DEVICE_IDS"].split(",")
+  if ids:
+    values += (("local_device_ids", [int(i) for i in ids]),)
   return {k: v for k, v in values if v is not None}
 
 
