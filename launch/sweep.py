@@ -36,6 +36,7 @@ import shlex
 import subprocess
 import sys
 from typing import Sequence
+import warnings
 
 from absl import flags as absl_flags
 from ml_collections import config_flags
@@ -113,7 +114,11 @@ def validate(config_arg: str, overrides: Sequence[tuple[str, str]]) -> None:
   config_flags.DEFINE_config_file("config", None, "", flag_values=values,
                                   lock_config=True, sys_argv=argv)
   try:
-    values(argv)
+    with warnings.catch_warnings():
+      # ml_collections loads the config file with the deprecated
+      # `load_module`; ctx-train does the same.
+      warnings.simplefilter("ignore", DeprecationWarning)
+      values(argv)
     values["config"].value  # pylint: disable=pointless-statement
   except (absl_flags.Error, KeyError, AttributeError, TypeError,
           ValueError, OSError) as e:

@@ -283,6 +283,38 @@ def write_chart(path: pathlib.Path, rows: dict[str, dict], label: str) -> None:
   os.replace(tmp, path)
 
 
+def load_model(model_dir: str, mesh):
+  """The exported model, every array replicated over `mesh`.
+
+  One process: restored as exported, then replicated. Several processes: the
+  model is first built replicated over the global mesh, so that the restore
+  target carries that sharding (the export's own sharding names devices of
+  the process that wrote it, which the other processes cannot use).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from ctx_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
+  if jax.process_count() == 1:
+    model, _ = checkpoint.load_exported_model(model_dir)
+    replicate_on_mesh(model, mesh)
+    return model
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from ctx_jax import models  # pylint: disable=g-import-not-at-top
+  from ctx_jax.training import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  model_config = checkpoint.load_model_config(model_dir)
+
+  @nnx.jit
+  def create():
+    model = models.build_model(model_config, rngs=nnx.Rngs(0))
+    nnx.update(model, jax.lax.with_sharding_constraint(
+        nnx.state(model), mesh_lib.replicated(mesh)))
+    return model
+
+  with jax.set_mesh(mesh):
+    model = create()
+  checkpoint.restore_model_state(model_dir, model)
+  return model
+
+
 def replicate_on_mesh(model, mesh) -> None:
   """Places every array of `model` replicated over all devices of `mesh`.
 
@@ -385,16 +417,14 @@ def main(argv):
   config = _CONFIG.value
   is_chief = jax.process_index() == 0
   model_dir = _MODEL_DIR.value if _MODEL.value == "exported" else None
+  mesh = mesh_lib.make_mesh(config.num_devices or None)
   model = None
   if model_dir is not None:
     try:
-      model, _ = checkpoint.load_exported_model(model_dir)
+      model = load_model(model_dir, mesh)
     except FileNotFoundError as e:
       print(f"ctx-eval: error: {e}", file=sys.stderr)
       sys.exit(1)
-  mesh = mesh_lib.make_mesh(config.num_devices or None)
-  if model is not None:
-    replicate_on_mesh(model, mesh)
   sources = expand_sources(_SOURCES.value or list(config.data.test_sources))
   num_episodes = _NUM_EPISODES.value or config.eval.num_episodes
   seed = config.eval.seed if _SEED.value is None else _SEED.value
