@@ -412,7 +412,6 @@ def main(argv):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   # tf.data runs on the host only; keep TF off the accelerators.
   tf.config.set_visible_devices([], "GPU")
-  from ctx_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
   from ctx_jax.training import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   is_chief = jax.process_index() == 0
