@@ -4,13 +4,13 @@ r"""`ctx-train`: trains (and then evaluates) a few-shot model from a config.
       [--config.optimizer.learning_rate=1e-3 ...]
 
 Multi-host runs add `--distributed` (or set CTX_JAX_DISTRIBUTED=1, as the
-launchers do): `jax.distributed.initialize` then runs before any device is
-touched, with cluster auto-detection (Cloud TPU, SLURM) or the explicit
-`--coordinator_address/--num_processes/--process_id`. A failure to initialise
-is an error, never a silent fallback to a single process.
+launchers in `launch/` do): `jax.distributed.initialize` then runs before any
+device is touched, with cluster auto-detection (Cloud TPU, SLURM) or the
+explicit `--coordinator_address/--num_processes/--process_id` (see
+`ctx_jax/distributed.py`). A failure to initialise is an error, never a silent
+fallback to a single process.
 """
 
-import os
 import sys
 
 from absl import app
@@ -18,34 +18,18 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from ctx_jax import distributed
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (experiments/<name>.py[:arg]).",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, "
                                "summaries and results are written.")
-_DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", os.environ.get("CTX_JAX_DISTRIBUTED") == "1",
-    "Call jax.distributed.initialize() first (multi-process runs).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "host:port of process 0 (optional).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
-                                      "Number of processes (optional).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None,
-                                   "This process's index (optional).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Errors of the user's making: print the message, no traceback, exit 1.
 USER_ERRORS = (FileNotFoundError, FileExistsError, PermissionError,
                ValueError, KeyError, FloatingPointError)
-
-
-def initialize_distributed() -> None:
-  import jax  # pylint: disable=g-import-not-at-top
-  kwargs = {k: v for k, v in (("coordinator_address", _COORDINATOR.value),
-                              ("num_processes", _NUM_PROCESSES.value),
-                              ("process_id", _PROCESS_ID.value))
-            if v is not None}
-  jax.distributed.initialize(**kwargs)
 
 
 def main(argv):
@@ -54,8 +38,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     # Orbax and JAX log a lot at INFO; `--verbosity=0` brings it back.
     logging.set_verbosity(logging.WARNING)
-  if _DISTRIBUTED.value:
-    initialize_distributed()
+  distributed.maybe_initialize()
   import jax  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   # tf.data runs on the host only; keep TF off the accelerators.

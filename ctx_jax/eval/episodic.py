@@ -2,12 +2,14 @@
 
 The interval follows the official Meta-Dataset evaluation: `1.96 * std / sqrt(
 n)` over per-episode accuracies, with the population standard deviation
-(numpy's default, ddof=0), as `learn/trainer.py` reports it.
+(`np.std`, ddof=0), as `meta_dataset/trainer.py` (`Trainer.evaluate`) and
+`meta_dataset/analyze.py` compute it. The CTX paper's tables use that code.
 """
 
 import dataclasses
 import math
-from typing import Callable, Iterable, Mapping
+import time
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -36,33 +38,80 @@ def summarize(accuracies: Iterable[float]) -> AccuracySummary:
                          num_episodes=int(acc.size))
 
 
-def evaluate_episodes(step_fn: Callable[[Mapping], Mapping],
-                      episodes: Iterable[Mapping],
-                      num_episodes: int,
-                      progress: Callable[[int, int], None] | None = None
-                      ) -> AccuracySummary:
-  """Runs `step_fn` on `num_episodes` episodes and summarises accuracy.
+def episode_accuracies(step_fn: Callable[[Mapping], Mapping],
+                       episodes: Iterable[Mapping], num_episodes: int,
+                       chunk_size: int = 0,
+                       on_chunk: Callable[[Sequence[float]], None] | None = None
+                       ) -> list[float]:
+  """Per-episode accuracies of `step_fn` on `num_episodes` episodes.
 
   Args:
     step_fn: maps an episode to metrics holding a scalar `accuracy` (a device
-      array is fine; results are fetched in one go at the end so dispatch is
-      not blocked per episode).
+      array is fine: results are fetched once per chunk, so dispatch is not
+      blocked per episode).
     episodes: iterator of episodes (at least `num_episodes`).
     num_episodes: how many to evaluate.
-    progress: optional callback `(done, total)`.
+    chunk_size: results are fetched and handed to `on_chunk` every
+      `chunk_size` episodes (0: once, at the end).
+    on_chunk: called with the accuracies of each finished chunk, in order.
 
   Returns:
-    The accuracy summary.
+    The `num_episodes` accuracies, in episode order.
   """
-  pending = []
+  chunk_size = chunk_size if chunk_size > 0 else max(num_episodes, 1)
+  done, pending = [], []
   iterator = iter(episodes)
+
+  def flush():
+    values = [float(a) for a in pending]
+    pending.clear()
+    done.extend(values)
+    if on_chunk is not None and values:
+      on_chunk(values)
+
   for i in range(num_episodes):
     try:
       episode = next(iterator)
     except StopIteration:
+      flush()
       raise ValueError(f"episode stream ended after {i} of {num_episodes} "
                        "episodes") from None
     pending.append(step_fn(episode)["accuracy"])
-    if progress is not None:
-      progress(i + 1, num_episodes)
-  return summarize(float(a) for a in pending)
+    if len(pending) == chunk_size:
+      flush()
+  flush()
+  return done
+
+
+class RateLogger:
+  """`name: done/total episodes | rate | ETA` lines for a long evaluation.
+
+  The rate is measured from the first report on (the first chunk includes
+  compilation), over the episodes run in this process (not resumed ones).
+  """
+
+  def __init__(self, name: str, total: int, start: int = 0,
+               log: Callable[[str], None] = print):
+    self.name, self.total, self.log = name, total, log
+    self.t0, self.first = None, start
+
+  def __call__(self, done: int) -> None:
+    now = time.time()
+    if self.t0 is None:
+      self.t0, self.first = now, done
+      rate = "compiling"
+      eta = "?"
+    else:
+      per_s = (done - self.first) / max(now - self.t0, 1e-9)
+      rate = f"{per_s:.2f} episodes/s"
+      eta = time.strftime("%H:%M:%S", time.gmtime(
+          (self.total - done) / max(per_s, 1e-9)))
+    self.log(f"{self.name}: {done}/{self.total} episodes | {rate} | "
+             f"ETA {eta}")
+
+
+def evaluate_episodes(step_fn: Callable[[Mapping], Mapping],
+                      episodes: Iterable[Mapping],
+                      num_episodes: int) -> AccuracySummary:
+  """Runs `step_fn` on `num_episodes` episodes and summarises accuracy."""
+  return summarize(episode_accuracies(step_fn, episodes, num_episodes))

@@ -1,5 +1,8 @@
 """Evaluation of a model (or a pixel baseline) on one source and split."""
 
+import itertools
+from typing import Callable, Sequence
+
 from flax import nnx
 import jax
 import ml_collections
@@ -11,6 +14,64 @@ from ctx_jax.training import mesh as mesh_lib
 from ctx_jax.training import train_step as step_lib
 
 
+def source_accuracies(model: nnx.Module | None,
+                      config: ml_collections.ConfigDict,
+                      mesh: jax.sharding.Mesh, split: str, source: str,
+                      num_episodes: int, seed: int, start: int = 0,
+                      chunk_size: int = 0,
+                      on_chunk: Callable[[Sequence[float]], None] | None = None
+                      ) -> list[float]:
+  """Per-episode accuracies on episodes `start..num_episodes-1` of a source.
+
+  The episode stream is always the one of `seed`, from its first episode: the
+  first `start` episodes are drawn (on the host) but not run through the
+  model, so a resumed evaluation sees exactly the episodes an uninterrupted
+  one would.
+
+  Args:
+    model: a few-shot model, run in eval mode (EMA batch-norm statistics, as
+      the official evaluation); None evaluates the raw-pixel 1-NN baseline on
+      the same episodes instead.
+    config: experiment config (data settings, episode config).
+    mesh: device mesh; each episode's images are split over its devices.
+    split: "TRAIN", "VALID" or "TEST".
+    source: source name under `config.data.records_root`.
+    num_episodes: total episodes of the evaluation.
+    seed: episode seed; the same seed gives the same episodes.
+    start: episodes already done (skipped here).
+    chunk_size: see `episodic.episode_accuracies`.
+    on_chunk: see `episodic.episode_accuracies`.
+
+  Returns:
+    The accuracies of episodes `start` to `num_episodes - 1`.
+  """
+  stream = input_pipeline.episodes(
+      config, split, [source], seed=seed, pad_multiple=mesh.size,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  remaining = num_episodes - start
+  try:
+    episodes = itertools.islice(stream, start, None)
+    if model is None:
+      return episodic.episode_accuracies(
+          baselines.pixel_nearest_neighbour, episodes, remaining, chunk_size,
+          on_chunk)
+    num_ways = input_pipeline.max_ways(config, split)
+    model.eval()
+    try:
+      with jax.set_mesh(mesh):
+        return episodic.episode_accuracies(
+            lambda ep: step_lib.eval_step(model, ep, num_ways),
+            (dev for dev, _ in mesh_lib.prefetch_to_mesh(
+                episodes, mesh, step_lib.MODEL_INPUT_KEYS)),
+            remaining, chunk_size, on_chunk)
+    finally:
+      # Back to train mode: validation runs in the middle of training.
+      model.train()
+  finally:
+    # Release the tf.data iterator now (TF 2.21 can hang at exit otherwise).
+    stream.close()
+
+
 def evaluate_split(model: nnx.Module | None,
                    config: ml_collections.ConfigDict,
                    mesh: jax.sharding.Mesh, split: str, source: str,
@@ -19,9 +80,7 @@ def evaluate_split(model: nnx.Module | None,
   """Accuracy on `num_episodes` episodes of `split` of `source`.
 
   Args:
-    model: a few-shot model, run in eval mode (EMA batch-norm statistics, as
-      the official evaluation); None evaluates the raw-pixel 1-NN baseline on
-      the same episodes instead.
+    model: see `source_accuracies` (None: raw-pixel 1-NN baseline).
     config: experiment config (data settings, episode config).
     mesh: device mesh; episodes are split over its devices.
     split: "TRAIN", "VALID" or "TEST".
@@ -32,25 +91,5 @@ def evaluate_split(model: nnx.Module | None,
   Returns:
     The accuracy summary (mean and 95% CI).
   """
-  stream = input_pipeline.episodes(
-      config, split, [source], seed=seed, pad_multiple=mesh.size,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  try:
-    if model is None:
-      return episodic.evaluate_episodes(baselines.pixel_nearest_neighbour,
-                                        stream, num_episodes)
-    num_ways = input_pipeline.max_ways(config, split)
-    model.eval()
-    try:
-      with jax.set_mesh(mesh):
-        return episodic.evaluate_episodes(
-            lambda ep: step_lib.eval_step(model, ep, num_ways),
-            (dev for dev, _ in mesh_lib.prefetch_to_mesh(
-                stream, mesh, step_lib.MODEL_INPUT_KEYS)),
-            num_episodes)
-    finally:
-      # Back to train mode: validation runs in the middle of training.
-      model.train()
-  finally:
-    # Release the tf.data iterator now (TF 2.21 can hang at exit otherwise).
-    stream.close()
+  return episodic.summarize(source_accuracies(
+      model, config, mesh, split, source, num_episodes, seed))

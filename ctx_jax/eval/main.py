@@ -1,24 +1,54 @@
-r"""`ctx-eval`: episodic evaluation of an exported model on test sources.
+r"""`ctx-eval`: episodic evaluation of a model on Meta-Dataset domains.
 
+  ctx-eval --config experiments/ctx_ilsvrc.py --model_dir runs/ctx/export \
+      --sources=all --config.data.records_root=/data/records
   ctx-eval --config experiments/demo.py --model_dir runs/demo_ctx/export
   ctx-eval --config experiments/demo.py --model pixels   # raw-pixel 1-NN
 
-The config supplies the data settings (records root, image size, episode
-config, test sources, number of episodes); `--sources` and `--num_episodes`
-override them. Prints a table of mean accuracy and 95% CI per source and
-writes it as JSON. A source whose records are missing is reported as failed
-(naming the path) while the others are still evaluated; the exit code is then
-non-zero.
+The official protocol: the test classes of each domain, the config's episode
+description (variable way and shot by default), 600 episodes per domain
+(`config.eval.num_episodes`, or `--num_episodes`), a fixed episode seed
+(`config.eval.seed`) so that two runs give the same numbers. `--sources=all`
+means the ten Meta-Dataset domains.
+
+Every episode is split over all devices (of all processes, with
+`--distributed`). Prints a table of mean accuracy and 95% CI per domain, their
+average and the published CTX numbers, and writes `<output>.json`, `.csv` and
+a `.png` bar chart against the paper. Per-episode accuracies are saved to
+`<output>.episodes.json` every `--chunk_size` episodes; a rerun with the same
+model, data and episode settings resumes from there (a changed setting starts
+that domain afresh). A domain whose records are missing (or cannot give the
+requested episodes) is reported as failed, naming the path, while the others
+are still evaluated; the exit code is then 1.
 """
 
+import csv
+import hashlib
 import json
+import os
 import pathlib
 import sys
+from typing import Any
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from ctx_jax import distributed
+
+# The ten Meta-Dataset domains, official source names, in the paper's order.
+ALL_SOURCES = ("ilsvrc_2012", "omniglot", "aircraft", "cu_birds", "dtd",
+               "quickdraw", "fungi", "vgg_flower", "traffic_sign", "mscoco")
+# CrossTransformers (Doersch et al., 2020), CTX + SimCLR Eps + Aug, trained on
+# ImageNet only: test accuracy (%) per domain, 600 episodes each.
+PAPER_CTX = {
+    "ilsvrc_2012": 62.76, "omniglot": 82.21, "aircraft": 79.49,
+    "cu_birds": 80.63, "dtd": 75.57, "quickdraw": 72.68, "fungi": 51.58,
+    "vgg_flower": 95.34, "traffic_sign": 82.65, "mscoco": 59.90,
+}
+PAPER_LABEL = "CTX+SimCLR Eps+Aug (paper)"
+EPISODES_SUFFIX = ".episodes.json"
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config (data and episode settings).",
@@ -28,33 +58,343 @@ _MODEL_DIR = flags.DEFINE_string(
     "<workdir>/export of a training run).")
 _MODEL = flags.DEFINE_enum("model", "exported", ["exported", "pixels"],
                            "'pixels' evaluates the raw-pixel 1-NN baseline.")
-_SOURCES = flags.DEFINE_list("sources", None, "Sources to evaluate (default: "
-                             "config.data.test_sources).")
+_SOURCES = flags.DEFINE_list(
+    "sources", None, "Domains to evaluate; 'all' = the ten Meta-Dataset "
+    "domains (default: config.data.test_sources).")
 _SPLIT = flags.DEFINE_enum("split", "TEST", ["TRAIN", "VALID", "TEST"],
                            "Split whose classes are evaluated.")
 _NUM_EPISODES = flags.DEFINE_integer("num_episodes", None,
-                                     "Episodes per source (default: config).")
-_OUTPUT = flags.DEFINE_string("output", None, "JSON results path (default: "
-                              "<model_dir>/../eval_<split>.json).")
+                                     "Episodes per domain (default: "
+                                     "config.eval.num_episodes).")
+_SEED = flags.DEFINE_integer("seed", None, "Episode seed (default: "
+                             "config.eval.seed).")
+_OUTPUT = flags.DEFINE_string(
+    "output", None, "JSON results path; the CSV, PNG and per-episode files "
+    "sit beside it (default: <model_dir>/../eval_<split>.json).")
+_CHUNK_SIZE = flags.DEFINE_integer(
+    "chunk_size", 50, "Per-episode results are saved (and progress printed) "
+    "every this many episodes.")
+_RESUME = flags.DEFINE_bool("resume", True, "Reuse finished episodes from "
+                            "<output>.episodes.json when their key matches.")
+_CHART = flags.DEFINE_bool("chart", True, "Write the PNG bar chart.")
 flags.mark_flag_as_required("config")
 
 
+def expand_sources(sources: list[str]) -> list[str]:
+  """`all` -> the ten domains; duplicates dropped, order kept."""
+  out = []
+  for s in sources:
+    for name in (ALL_SOURCES if s == "all" else (s,)):
+      if name not in out:
+        out.append(name)
+  return out
+
+
 def format_table(rows: dict[str, dict], first_column: str = "source",
-                 average: bool = True) -> str:
-  """A fixed-width table of per-row accuracy (or error), with an average."""
+                 average: bool = True,
+                 reference: dict[str, float] | None = None) -> str:
+  """A fixed-width table of per-row accuracy (or error), with an average.
+
+  Args:
+    rows: name -> {mean, ci95, num_episodes} (fractions) or {error}.
+    first_column: header of the name column.
+    average: add the mean over the rows that did not fail.
+    reference: optional name -> published accuracy (%), shown as a column.
+
+  Returns:
+    The table as text.
+  """
+  ref_header = f" {'paper':>7}" if reference else ""
   lines = [f"{first_column:<16} {'accuracy':>9} {'95% CI':>8} "
-           f"{'episodes':>9}"]
+           f"{'episodes':>9}{ref_header}"]
+
+  def ref(name):
+    if not reference:
+      return ""
+    value = reference.get(name)
+    return f" {value:>6.2f}%" if value is not None else f" {'-':>7}"
+
   for source, row in rows.items():
     if "error" in row:
       lines.append(f"{source:<16} FAILED: {row['error']}")
     else:
       lines.append(f"{source:<16} {100 * row['mean']:>8.2f}% "
-                   f"{100 * row['ci95']:>7.2f}% {row['num_episodes']:>9d}")
-  good = [r for r in rows.values() if "error" not in r]
+                   f"{100 * row['ci95']:>7.2f}% {row['num_episodes']:>9d}"
+                   f"{ref(source)}")
+  good = {k: r for k, r in rows.items() if "error" not in r}
   if average and len(good) > 1:
-    mean = sum(r["mean"] for r in good) / len(good)
-    lines.append(f"{'average':<16} {100 * mean:>8.2f}%")
+    mean = sum(r["mean"] for r in good.values()) / len(good)
+    paper = ""
+    if reference and all(k in reference for k in good):
+      paper_mean = sum(reference[k] for k in good) / len(good)
+      paper = f" {'':>8} {'':>9} {paper_mean:>6.2f}%"
+    lines.append(f"{'average':<16} {100 * mean:>8.2f}%{paper}")
   return "\n".join(lines)
+
+
+def average_row(rows: dict[str, dict]) -> dict[str, Any] | None:
+  """Mean accuracy over the domains that did not fail (None if none did)."""
+  good = [r for r in rows.values() if "error" not in r]
+  if not good:
+    return None
+  return {"mean": sum(r["mean"] for r in good) / len(good),
+          "num_sources": len(good)}
+
+
+def _fingerprint_dir(path: pathlib.Path) -> str:
+  """Hash of the names, sizes and modification times of files under `path`."""
+  digest = hashlib.sha256()
+  for f in sorted(p for p in path.rglob("*") if p.is_file()):
+    stat = f.stat()
+    digest.update(f"{f.relative_to(path)}\0{stat.st_size}\0"
+                  f"{stat.st_mtime_ns}\n".encode())
+  return digest.hexdigest()
+
+
+def model_key(model_dir: str | None) -> dict[str, Any]:
+  """What identifies the evaluated model: its export's config and state."""
+  if model_dir is None:
+    return {"model": "pixels"}
+  path = pathlib.Path(model_dir).absolute()
+  from ctx_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
+  return {"model": str(path),
+          "model_config": checkpoint.load_model_config(path).to_dict(),
+          "model_state": _fingerprint_dir(path / checkpoint.STATE_DIR)}
+
+
+def source_key(config, split: str, source: str, num_episodes: int,
+               seed: int) -> dict[str, Any]:
+  """What determines one domain's episodes (beyond the model)."""
+  data = config.data
+  episode = data.train_episode if split == "TRAIN" else data.eval_episode
+  root = pathlib.Path(data.records_root or ".").absolute()
+  spec = root / source / "dataset_spec.json"
+  spec_hash = (hashlib.sha256(spec.read_bytes()).hexdigest()
+               if spec.is_file() else None)
+  return {"split": split, "source": source, "records_root": str(root),
+          "dataset_spec_sha256": spec_hash, "episode": episode.to_dict(),
+          "image_size": int(data.image_size),
+          "shuffle_buffer_size": int(data.shuffle_buffer_size),
+          "seed": int(seed), "num_episodes": int(num_episodes)}
+
+
+def write_atomic(path: pathlib.Path, text: str) -> None:
+  """Writes `text` to `path` through a temporary file and a rename."""
+  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+class EpisodeCache:
+  """Per-episode accuracies of finished work, saved after every chunk.
+
+  File layout: `{"sources": {name: {"key": {...}, "accuracies": [...]}}}`.
+  Only the chief process writes; every write is atomic, so an interrupted
+  evaluation never loses (or corrupts) what was already saved.
+  """
+
+  def __init__(self, path: pathlib.Path, resume: bool, write: bool):
+    self.path, self.write = path, write
+    self.data = {"sources": {}}
+    if resume and path.is_file():
+      try:
+        self.data = json.loads(path.read_text())
+        self.data.setdefault("sources", {})
+      except (json.JSONDecodeError, OSError) as e:
+        raise ValueError(f"{path} is not a readable ctx-eval episode file "
+                         f"({e}); move it away or pass --noresume") from e
+
+  def done(self, source: str, key: dict[str, Any]) -> list[float]:
+    """Saved accuracies for `source` if saved under the same `key`."""
+    entry = self.data["sources"].get(source)
+    if entry is None:
+      return []
+    if entry.get("key") != key:
+      changed = sorted(k for k in set(key) | set(entry.get("key", {}))
+                       if key.get(k) != entry.get("key", {}).get(k))
+      logging.warning("%s: saved episodes of %s were made with different %s;"
+                      " starting afresh", self.path, source, changed)
+      print(f"{source}: settings changed ({', '.join(changed)}); saved "
+            "episodes discarded", flush=True)
+      return []
+    return list(entry["accuracies"])[:key["num_episodes"]]
+
+  def save(self, source: str, key: dict[str, Any],
+           accuracies: list[float]) -> None:
+    self.data["sources"][source] = {"key": key,
+                                    "accuracies": list(accuracies)}
+    if self.write:
+      self.path.parent.mkdir(parents=True, exist_ok=True)
+      write_atomic(self.path, json.dumps(self.data) + "\n")
+
+
+def write_csv(path: pathlib.Path, rows: dict[str, dict]) -> None:
+  lines = [["source", "accuracy_pct", "ci95_pct", "num_episodes",
+            "paper_ctx_pct", "error"]]
+  for source, row in rows.items():
+    paper = PAPER_CTX.get(source, "")
+    if "error" in row:
+      lines.append([source, "", "", "", paper, row["error"]])
+    else:
+      lines.append([source, f"{100 * row['mean']:.4f}",
+                    f"{100 * row['ci95']:.4f}", row["num_episodes"], paper,
+                    ""])
+  avg = average_row(rows)
+  if avg and avg["num_sources"] > 1:
+    lines.append(["average", f"{100 * avg['mean']:.4f}", "", "", "", ""])
+  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+  with tmp.open("w", newline="") as f:
+    csv.writer(f).writerows(lines)
+  os.replace(tmp, path)
+
+
+def write_chart(path: pathlib.Path, rows: dict[str, dict], label: str) -> None:
+  """Bar chart: our accuracy (95% CI whiskers) next to the paper's CTX."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  names = list(rows)
+  x = np.arange(len(names))
+  ours = [100 * rows[n]["mean"] if "error" not in rows[n] else 0.0
+          for n in names]
+  err = [100 * rows[n]["ci95"] if "error" not in rows[n] else 0.0
+         for n in names]
+  paper = [PAPER_CTX.get(n, np.nan) for n in names]
+  fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names) + 2), 4.5))
+  width = 0.4
+  ax.bar(x - width / 2, ours, width, yerr=err, capsize=3, label=label,
+         color="tab:blue")
+  if not all(np.isnan(paper)):
+    ax.bar(x + width / 2, paper, width, label=PAPER_LABEL, color="tab:gray")
+  for i, n in enumerate(names):
+    if "error" in rows[n]:
+      ax.text(x[i] - width / 2, 1, "failed", rotation=90, ha="center",
+              va="bottom", color="tab:red", fontsize=8)
+  ax.set_xticks(x, names, rotation=30, ha="right")
+  ax.set_ylabel("test accuracy (%)")
+  ax.set_ylim(0, 100)
+  ax.legend(loc="upper right", fontsize=8)
+  ax.set_title("Meta-Dataset episodic accuracy (95% CI)")
+  fig.tight_layout()
+  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+  fig.savefig(tmp, dpi=100)
+  plt.close(fig)
+  os.replace(tmp, path)
+
+
+def load_model(model_dir: str, mesh):
+  """The exported model, every array replicated over `mesh`.
+
+  One process: restored as exported, then replicated. Several processes: the
+  model is first built replicated over the global mesh, so that the restore
+  target carries that sharding (the export's own sharding names devices of
+  the process that wrote it, which the other processes cannot use).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from ctx_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
+  if jax.process_count() == 1:
+    model, _ = checkpoint.load_exported_model(model_dir)
+    replicate_on_mesh(model, mesh)
+    return model
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from ctx_jax import models  # pylint: disable=g-import-not-at-top
+  from ctx_jax.training import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  model_config = checkpoint.load_model_config(model_dir)
+
+  @nnx.jit
+  def create():
+    model = models.build_model(model_config, rngs=nnx.Rngs(0))
+    nnx.update(model, jax.lax.with_sharding_constraint(
+        nnx.state(model), mesh_lib.replicated(mesh)))
+    return model
+
+  with jax.set_mesh(mesh):
+    model = create()
+  checkpoint.restore_model_state(model_dir, model)
+  return model
+
+
+def replicate_on_mesh(model, mesh) -> None:
+  """Places every array of `model` replicated over all devices of `mesh`.
+
+  Built from host values with `make_array_from_callback`, which also works
+  when the mesh spans several processes (each holds the same export).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from ctx_jax.training import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  sharding = mesh_lib.replicated(mesh)
+
+  def place(x):
+    value = np.asarray(jax.device_get(x))
+    return jax.make_array_from_callback(value.shape, sharding,
+                                        lambda index: value[index])
+
+  state = nnx.state(model)
+  nnx.update(model, jax.tree.map(place, state))
+
+
+def default_output(model_dir: str | None, split: str) -> pathlib.Path:
+  base = pathlib.Path(model_dir).absolute().parent if model_dir else (
+      pathlib.Path.cwd())
+  suffix = "" if model_dir else "_pixels"
+  return base / f"eval_{split.lower()}{suffix}.json"
+
+
+def evaluate_sources(model, model_dir, config, mesh, split, sources,
+                     num_episodes, seed, cache: EpisodeCache,
+                     chunk_size: int, is_chief: bool) -> dict[str, dict]:
+  """Evaluates each source (resuming from `cache`); failures become rows."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from ctx_jax.eval import episodic  # pylint: disable=g-import-not-at-top
+  from ctx_jax.eval import evaluate  # pylint: disable=g-import-not-at-top
+  from ctx_jax.training import input_pipeline  # pylint: disable=g-import-not-at-top
+  log = print if is_chief else (lambda _: None)
+  base_key = model_key(model_dir)
+  rows = {}
+  for source in sources:
+    try:
+      input_pipeline.source_dir(config.data.records_root, source)
+      key = dict(base_key, **source_key(config, split, source, num_episodes,
+                                        seed))
+      accuracies = cache.done(source, key)
+      start = len(accuracies)
+      if jax.process_count() > 1:
+        # Every process must skip the same episodes: the chief's file rules.
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        start = int(multihost_utils.broadcast_one_to_all(np.int32(start)))
+        if not is_chief:
+          accuracies = [float("nan")] * start
+      if start:
+        log(f"{source}: resuming, {start}/{num_episodes} episodes already "
+            f"done ({cache.path})")
+      progress = episodic.RateLogger(source, num_episodes, start, log=log)
+
+      def on_chunk(values, source=source, key=key, accuracies=accuracies,
+                   progress=progress):
+        accuracies.extend(values)
+        cache.save(source, key, accuracies)
+        progress(len(accuracies))
+
+      if start < num_episodes:
+        evaluate.source_accuracies(
+            model, config, mesh, split, source, num_episodes, seed,
+            start=start, chunk_size=chunk_size, on_chunk=on_chunk)
+      rows[source] = episodic.summarize(accuracies).as_dict()
+    except FileNotFoundError as e:
+      rows[source] = {"error": str(e)}
+    except ValueError as e:
+      logging.exception("evaluation of %s failed", source)
+      rows[source] = {"error": str(e)}
+    if "error" in rows[source]:
+      log(f"{source}: FAILED: {rows[source]['error']}")
+    else:
+      log(f"{source}: {100 * rows[source]['mean']:.2f} ± "
+          f"{100 * rows[source]['ci95']:.2f}% over {num_episodes} episodes")
+  return rows
 
 
 def main(argv):
@@ -63,44 +403,62 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     # Orbax and JAX log a lot at INFO; `--verbosity=0` brings it back.
     logging.set_verbosity(logging.WARNING)
-  from ctx_jax.eval import evaluate  # pylint: disable=g-import-not-at-top
-  from ctx_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
+  if _MODEL.value == "exported" and not _MODEL_DIR.value:
+    raise app.UsageError("--model_dir is required (or --model=pixels)")
+  if _CHUNK_SIZE.value < 1:
+    raise app.UsageError("--chunk_size must be at least 1")
+  distributed.maybe_initialize()
+  import jax  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  # tf.data runs on the host only; keep TF off the accelerators.
+  tf.config.set_visible_devices([], "GPU")
   from ctx_jax.training import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
+  is_chief = jax.process_index() == 0
+  model_dir = _MODEL_DIR.value if _MODEL.value == "exported" else None
+  mesh = mesh_lib.make_mesh(config.num_devices or None)
   model = None
-  if _MODEL.value == "exported":
-    if not _MODEL_DIR.value:
-      raise app.UsageError("--model_dir is required (or --model=pixels)")
+  if model_dir is not None:
     try:
-      model, _ = checkpoint.load_exported_model(_MODEL_DIR.value)
+      model = load_model(model_dir, mesh)
     except FileNotFoundError as e:
       print(f"ctx-eval: error: {e}", file=sys.stderr)
       sys.exit(1)
-  mesh = mesh_lib.make_mesh(config.num_devices or None)
-  sources = _SOURCES.value or list(config.data.test_sources)
+  sources = expand_sources(_SOURCES.value or list(config.data.test_sources))
   num_episodes = _NUM_EPISODES.value or config.eval.num_episodes
-  rows = {}
-  for source in sources:
-    try:
-      summary = evaluate.evaluate_split(model, config, mesh, _SPLIT.value,
-                                        source, num_episodes,
-                                        seed=config.eval.seed)
-      rows[source] = summary.as_dict()
-    except (FileNotFoundError, ValueError) as e:
-      logging.exception("evaluation of %s failed", source)
-      rows[source] = {"error": str(e)}
-    print(f"{source}: {rows[source]}", flush=True)
-  print(format_table(rows))
-  output = _OUTPUT.value
-  if output is None:
-    base = pathlib.Path(_MODEL_DIR.value or ".")
-    output = (base.parent if _MODEL_DIR.value else base) / (
-        f"eval_{_SPLIT.value.lower()}"
-        f"{'_pixels' if model is None else ''}.json")
-  pathlib.Path(output).write_text(json.dumps(
-      {"split": _SPLIT.value, "model": _MODEL_DIR.value or _MODEL.value,
-       "results": rows}, indent=2) + "\n")
-  print(f"wrote {output}")
+  seed = config.eval.seed if _SEED.value is None else _SEED.value
+  split = _SPLIT.value
+  output = pathlib.Path(_OUTPUT.value or default_output(model_dir, split))
+  if output.suffix != ".json":
+    raise app.UsageError(f"--output must end in .json: {output}")
+  if is_chief:
+    output.parent.mkdir(parents=True, exist_ok=True)
+  cache = EpisodeCache(output.with_suffix(EPISODES_SUFFIX), _RESUME.value,
+                       write=is_chief)
+  if is_chief:
+    print(f"ctx-eval: {len(sources)} domain(s), {num_episodes} {split} "
+          f"episodes each, seed {seed}, {mesh.size} device(s) over "
+          f"{jax.process_count()} process(es)", flush=True)
+  rows = evaluate_sources(model, model_dir, config, mesh, split, sources,
+                          num_episodes, seed, cache, _CHUNK_SIZE.value,
+                          is_chief)
+  if not is_chief:
+    sys.exit(1 if any("error" in r for r in rows.values()) else 0)
+  print(format_table(rows, reference=PAPER_CTX
+                     if any(s in PAPER_CTX for s in rows) else None))
+  label = "pixel 1-NN" if model is None else "ours"
+  results = {"split": split, "model": model_dir or _MODEL.value,
+             "num_episodes": num_episodes, "seed": seed,
+             "records_root": config.data.records_root,
+             "results": rows, "average": average_row(rows),
+             "paper_ctx": {s: PAPER_CTX[s] for s in rows if s in PAPER_CTX}}
+  write_atomic(output, json.dumps(results, indent=2) + "\n")
+  write_csv(output.with_suffix(".csv"), rows)
+  written = [output, output.with_suffix(".csv")]
+  if _CHART.value:
+    write_chart(output.with_suffix(".png"), rows, label)
+    written.append(output.with_suffix(".png"))
+  print("wrote " + ", ".join(map(str, written)))
   if any("error" in r for r in rows.values()):
     sys.exit(1)
 

@@ -1,0 +1,195 @@
+r"""Runs a program on this host: one process, or N cooperating processes.
+
+(a) One host, several GPUs: one process sees all local GPUs; nothing else is
+needed (the episode is split over every visible device).
+
+  python -m launch.local -- ctx-train --config experiments/ctx_ilsvrc.py \
+      --workdir runs/ctx
+
+  sets (unless already set) XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 (let JAX take
+  most GPU memory; TF runs tf.data on the host and is kept off the GPUs by the
+  program itself) and TF_CPP_MIN_LOG_LEVEL=2.
+
+(b) N processes on this host (tests, or one process per GPU): each gets
+CTX_JAX_DISTRIBUTED=1, the coordinator 127.0.0.1:<free port>, its process id
+and the process count, so the program calls `jax.distributed.initialize`. On
+CPU (`--platform cpu`) each process gets `--cpu_devices` fake devices; on GPU
+`--gpus_per_process` assigns disjoint CUDA_VISIBLE_DEVICES.
+
+  python -m launch.local --num_processes 2 --platform cpu --cpu_devices 2 \
+      -- ctx-train --config experiments/demo.py:smoke --workdir runs/two
+
+Output lines are prefixed `[p<i>]`. If one process fails, the others are
+stopped and the launcher exits with that process's status. `--dry_run`
+prints exactly the environment and command of every process, and runs
+nothing.
+"""
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from launch import common
+
+SINGLE_PROCESS_ENV = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.9",
+                      "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def free_port() -> int:
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def make_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="python -m launch.local", description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--num_processes", type=int, default=1)
+  parser.add_argument("--platform", choices=["auto", "cpu", "gpu"],
+                      default="auto", help="cpu sets JAX_PLATFORMS=cpu and "
+                      "the fake device count per process")
+  parser.add_argument("--cpu_devices", type=int, default=1,
+                      help="devices per process with --platform cpu")
+  parser.add_argument("--gpus_per_process", type=int, default=0,
+                      help="GPUs per process (disjoint CUDA_VISIBLE_DEVICES)"
+                      "; 0 leaves the GPUs to JAX's defaults")
+  parser.add_argument("--port", type=int, default=0,
+                      help="coordinator port (default: a free one)")
+  parser.add_argument("--env", action="append", metavar="NAME=VALUE",
+                      help="extra environment for every process")
+  parser.add_argument("--dry_run", action="store_true",
+                      help="print what would run, run nothing")
+  return parser
+
+
+def process_envs(args) -> list[dict[str, str]]:
+  """The environment additions of each process."""
+  if args.num_processes < 1:
+    raise ValueError("--num_processes must be at least 1")
+  extra = common.parse_env(args.env)
+  envs = []
+  port = args.port or free_port()
+  for i in range(args.num_processes):
+    env = {}
+    if args.num_processes == 1:
+      env.update({k: v for k, v in SINGLE_PROCESS_ENV.items()
+                  if k not in os.environ})
+    else:
+      env.update({common.DISTRIBUTED_ENV: "1",
+                  "CTX_JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                  "CTX_JAX_NUM_PROCESSES": str(args.num_processes),
+                  "CTX_JAX_PROCESS_ID": str(i)})
+    if args.platform == "cpu":
+      flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+               if not f.startswith("--xla_force_host_platform_device_count")]
+      flags.append(
+          f"--xla_force_host_platform_device_count={args.cpu_devices}")
+      env.update({"JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(flags),
+                  "JAX_NUM_CPU_DEVICES": str(args.cpu_devices)})
+    if args.gpus_per_process:
+      first = i * args.gpus_per_process
+      env["CUDA_VISIBLE_DEVICES"] = ",".join(
+          str(g) for g in range(first, first + args.gpus_per_process))
+    env.update(extra)
+    envs.append(env)
+  return envs
+
+
+def describe(envs, command) -> str:
+  lines = []
+  for i, env in enumerate(envs):
+    lines.append(f"[p{i}] {common.env_assignments(env)} "
+                 f"{common.quote(command)}".replace("]  ", "] "))
+  return "\n".join(lines)
+
+
+def _pump(stream, prefix: str, out) -> None:
+  for line in iter(stream.readline, ""):
+    out.write(f"{prefix}{line}")
+    out.flush()
+  stream.close()
+
+
+def run_processes(envs, command, out=None, grace_s: float = 10.0) -> int:
+  """Starts one process per env, streams prefixed output, returns status.
+
+  The first non-zero exit stops the others (SIGTERM, then SIGKILL after
+  `grace_s`) and becomes the return value.
+  """
+  out = out or sys.stdout
+  procs, pumps = [], []
+  try:
+    for i, env in enumerate(envs):
+      proc = subprocess.Popen(
+          command, env=dict(os.environ, **env), stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT, text=True, bufsize=1,
+          start_new_session=True)
+      procs.append(proc)
+      prefix = f"[p{i}] " if len(envs) > 1 else ""
+      pump = threading.Thread(target=_pump, args=(proc.stdout, prefix, out),
+                              daemon=True)
+      pump.start()
+      pumps.append(pump)
+    status = 0
+    running = set(range(len(procs)))
+    while running:
+      for i in sorted(running):
+        code = procs[i].poll()
+        if code is None:
+          continue
+        running.discard(i)
+        if code != 0 and status == 0:
+          status = code
+          out.write(f"launch.local: process {i} exited with status {code}; "
+                    "stopping the others\n")
+          _stop([procs[j] for j in running], grace_s)
+      time.sleep(0.05)
+    return status
+  except KeyboardInterrupt:
+    _stop([p for p in procs if p.poll() is None], grace_s)
+    return 130
+  finally:
+    for pump in pumps:
+      pump.join(timeout=5)
+
+
+def _stop(procs, grace_s: float) -> None:
+  for p in procs:
+    if p.poll() is None:
+      os.killpg(p.pid, signal.SIGTERM)
+  deadline = time.time() + grace_s
+  for p in procs:
+    try:
+      p.wait(timeout=max(0.0, deadline - time.time()))
+    except subprocess.TimeoutExpired:
+      os.killpg(p.pid, signal.SIGKILL)
+      p.wait()
+
+
+def main(argv=None) -> int:
+  parser = make_parser()
+  args = common.parse(parser, sys.argv[1:] if argv is None else argv)
+  try:
+    envs = process_envs(args)
+  except ValueError as e:
+    parser.error(str(e))
+  if args.dry_run:
+    print(describe(envs, args.command))
+    return 0
+
+  def interrupt(signum, frame):
+    del signum, frame
+    raise KeyboardInterrupt
+  # A scheduler's SIGTERM stops the children too, as Ctrl-C does.
+  signal.signal(signal.SIGTERM, interrupt)
+  return run_processes(envs, args.command)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

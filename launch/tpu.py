@@ -1,0 +1,83 @@
+r"""Starts the same program on every worker of a Cloud TPU VM pod slice.
+
+  python -m launch.tpu --tpu my-v4-32 --zone us-central2-b \
+      --remote_dir '~/ctx-jax' -- \
+      ctx-train --config experiments/ctx_ilsvrc.py \
+          --config.data.records_root=gs://bucket/records \
+          --workdir gs://bucket/runs/ctx
+
+runs one `gcloud compute tpus tpu-vm ssh <tpu> --worker=all --command ...`:
+every worker changes to `--remote_dir`, gets CTX_JAX_DISTRIBUTED=1 (plus any
+`--env`), and runs the program, which calls `jax.distributed.initialize()`;
+on Cloud TPU that auto-detects the coordinator, the process count and the
+process ids. The code and data must already be on the workers (or in GCS):
+`--setup` runs a command first on every worker, e.g. a `git pull` and
+`pip install -e .`. `--dry_run` prints the exact gcloud command.
+"""
+
+import argparse
+import shlex
+import subprocess
+import sys
+
+from launch import common
+
+
+def make_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="python -m launch.tpu", description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--tpu", required=True, help="TPU VM name")
+  parser.add_argument("--zone", required=True)
+  parser.add_argument("--project", default=None)
+  parser.add_argument("--worker", default="all",
+                      help="workers to run on (default: all)")
+  parser.add_argument("--remote_dir", default="~/ctx-jax",
+                      help="checkout on the workers")
+  parser.add_argument("--setup", default=None,
+                      help="shell command run first on every worker")
+  parser.add_argument("--env", action="append", metavar="NAME=VALUE",
+                      help="extra environment on every worker")
+  parser.add_argument("--dry_run", action="store_true",
+                      help="print the gcloud command, run nothing")
+  return parser
+
+
+def remote_command(args) -> str:
+  env = {common.DISTRIBUTED_ENV: "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+  env.update(common.parse_env(args.env))
+  # `~` must stay unquoted to expand on the worker.
+  remote_dir = args.remote_dir
+  cd = (f"cd {remote_dir}" if remote_dir.startswith("~") and
+        " " not in remote_dir else f"cd {shlex.quote(remote_dir)}")
+  parts = [cd]
+  if args.setup:
+    parts.append(args.setup)
+  parts.append(f"{common.env_assignments(env)} {common.quote(args.command)}")
+  return " && ".join(parts)
+
+
+def gcloud_command(args) -> list[str]:
+  cmd = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", args.tpu,
+         f"--zone={args.zone}"]
+  if args.project:
+    cmd.append(f"--project={args.project}")
+  cmd += [f"--worker={args.worker}", f"--command={remote_command(args)}"]
+  return cmd
+
+
+def main(argv=None) -> int:
+  parser = make_parser()
+  args = common.parse(parser, sys.argv[1:] if argv is None else argv)
+  try:
+    cmd = gcloud_command(args)
+  except ValueError as e:
+    parser.error(str(e))
+  if args.dry_run:
+    print(common.quote(cmd))
+    return 0
+  return subprocess.run(cmd, check=False).returncode
+
+
+if __name__ == "__main__":
+  sys.exit(main())
