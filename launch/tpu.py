@@ -3,8 +3,8 @@ r"""Starts the same program on every worker of a Cloud TPU VM pod slice.
   python -m launch.tpu --tpu my-v4-32 --zone us-central2-b \
       --remote_dir '~/ctx-jax' -- \
       ctx-train --config experiments/ctx_ilsvrc.py \
-          --config.data.records_root=gs://bucket/records \
-          --workdir gs://bucket/runs/ctx
+          --config.data.records_root=/mnt/records \
+          --workdir /mnt/runs/ctx
 
 runs one `gcloud compute tpus tpu-vm ssh <tpu> --worker=all --command ...`:
 every worker changes to `--remote_dir`, gets CTX_JAX_DISTRIBUTED=1 (plus any

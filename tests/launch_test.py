@@ -238,19 +238,6 @@ def test_two_process_eval_matches_one_process(tiny, tmp_path):
                              outputs[1]["accuracies"], atol=1e-6)
 
 
-def _export_is_collective() -> bool:
-  """Whether train.py exports from every process (orbax saves collectively).
-
-  A chief-only export deadlocks a multi-process run in orbax's barrier; see
-  the evallaunch report for the two-line fix in ctx_jax/training.
-  """
-  source = (REPO / "ctx_jax" / "training" / "train.py").read_text()
-  return "if is_chief and not (export_dir" not in source
-
-
-@pytest.mark.skipif(not _export_is_collective(),
-                    reason="train.py exports from the chief only, which "
-                    "deadlocks multi-process runs (fix pending in training)")
 def test_two_process_training_matches_one_process(tmp_path):
   """ctx-train through launch.local: 2 processes x 2 CPU devices train,
   checkpoint, export and evaluate exactly as 1 process x 4 devices."""

@@ -286,54 +286,13 @@ def write_chart(path: pathlib.Path, rows: dict[str, dict], label: str) -> None:
 def load_model(model_dir: str, mesh):
   """The exported model, every array replicated over `mesh`.
 
-  One process: restored as exported, then replicated. Several processes: the
-  model is first built replicated over the global mesh, so that the restore
-  target carries that sharding (the export's own sharding names devices of
-  the process that wrote it, which the other processes cannot use).
+  Restored straight onto the mesh, which also works when it spans several
+  processes (the export's own sharding names devices of the process that
+  wrote it).
   """
-  import jax  # pylint: disable=g-import-not-at-top
   from ctx_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
-  if jax.process_count() == 1:
-    model, _ = checkpoint.load_exported_model(model_dir)
-    replicate_on_mesh(model, mesh)
-    return model
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from ctx_jax import models  # pylint: disable=g-import-not-at-top
-  from ctx_jax.training import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  model_config = checkpoint.load_model_config(model_dir)
-
-  @nnx.jit
-  def create():
-    model = models.build_model(model_config, rngs=nnx.Rngs(0))
-    nnx.update(model, jax.lax.with_sharding_constraint(
-        nnx.state(model), mesh_lib.replicated(mesh)))
-    return model
-
-  with jax.set_mesh(mesh):
-    model = create()
-  checkpoint.restore_model_state(model_dir, model)
+  model, _ = checkpoint.load_exported_model(model_dir, mesh=mesh)
   return model
-
-
-def replicate_on_mesh(model, mesh) -> None:
-  """Places every array of `model` replicated over all devices of `mesh`.
-
-  Built from host values with `make_array_from_callback`, which also works
-  when the mesh spans several processes (each holds the same export).
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from ctx_jax.training import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  sharding = mesh_lib.replicated(mesh)
-
-  def place(x):
-    value = np.asarray(jax.device_get(x))
-    return jax.make_array_from_callback(value.shape, sharding,
-                                        lambda index: value[index])
-
-  state = nnx.state(model)
-  nnx.update(model, jax.tree.map(place, state))
 
 
 def default_output(model_dir: str | None, split: str) -> pathlib.Path:

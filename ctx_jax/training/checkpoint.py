@@ -90,10 +90,25 @@ def load_model_config(directory: str | os.PathLike[str]
 
 
 def restore_model_state(directory: str | os.PathLike[str],
-                        model: nnx.Module) -> None:
-  """Loads an export's state into an already built `model`, in place."""
+                        model: nnx.Module,
+                        sharding: jax.sharding.Sharding | None = None
+                        ) -> None:
+  """Loads an export's state into an already built `model`, in place.
+
+  Args:
+    directory: an export.
+    model: a model of the export's config (real or abstract).
+    sharding: where every restored array goes (e.g. replicated over a mesh,
+      which is what a multi-process run needs: the export's own sharding
+      names devices of the process that wrote it). Default: the model's
+      current shardings, or the export's for an abstract model.
+  """
   directory = pathlib.Path(directory).absolute()
   target = _abstract_pure_state(model)
+  if sharding is not None:
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+        target)
   restored = ocp.StandardCheckpointer().restore(directory / STATE_DIR, target)
   state = nnx.state(model)
   nnx.replace_by_pure_dict(state, restored)
@@ -101,12 +116,15 @@ def restore_model_state(directory: str | os.PathLike[str],
 
 
 def load_exported_model(directory: str | os.PathLike[str],
-                        rngs: nnx.Rngs | None = None):
+                        rngs: nnx.Rngs | None = None,
+                        mesh: jax.sharding.Mesh | None = None):
   """Rebuilds a model from an export.
 
   Args:
     directory: a folder written by `export_model`.
     rngs: RNGs of the (never materialised) initial parameters.
+    mesh: if given, every array is restored replicated over this mesh (works
+      across processes); otherwise as the export was saved.
 
   Returns:
     `(model, model_config)`.
@@ -117,7 +135,10 @@ def load_exported_model(directory: str | os.PathLike[str],
   # costs tens of seconds on a CPU for ResNet-34).
   model = nnx.eval_shape(
       lambda: models.build_model(model_config, rngs=rngs or nnx.Rngs(0)))
-  restore_model_state(directory, model)
+  sharding = None
+  if mesh is not None:
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  restore_model_state(directory, model, sharding)
   return model, model_config
 
 

@@ -82,7 +82,8 @@ def create_train_state(config: ml_collections.ConfigDict,
     return create()
 
 
-def init_backbone_from(model: nnx.Module, export_dir: str) -> int:
+def init_backbone_from(model: nnx.Module, export_dir: str,
+                       mesh: jax.sharding.Mesh | None = None) -> int:
   """Copies the backbone (not the transformer head) of an export into `model`.
 
   Mirrors the official warm start, which restores backbone variables and
@@ -91,7 +92,7 @@ def init_backbone_from(model: nnx.Module, export_dir: str) -> int:
   Returns:
     The number of arrays copied.
   """
-  source, _ = checkpoint_lib.load_exported_model(export_dir)
+  source, _ = checkpoint_lib.load_exported_model(export_dir, mesh=mesh)
   src = nnx.to_flat_state(nnx.state(source))
   src = {path: var for path, var in src}
   state = nnx.state(model)
@@ -305,7 +306,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           "episode stream. Use the original seed or a new work dir.")
     logging.info("resumed from %s at step %d", ckpt.directory, start_step)
   elif config.init_from:
-    n = init_backbone_from(model, config.init_from)
+    n = init_backbone_from(model, config.init_from, mesh)
     logging.info("initialised %d backbone arrays from %s", n, config.init_from)
 
   writer = metric_writers.create_default_writer(workdir,
