@@ -32,6 +32,7 @@ from meta_dataset_pipeline.sampling import EpisodeDescription
 from meta_dataset_pipeline.sampling import EpisodeDescriptionConfig
 from meta_dataset_pipeline.sampling import EpisodeDescriptionSampler
 from meta_dataset_pipeline.sampling import max_ways
+from meta_dataset_pipeline.simclr import augmentation_by_name
 from meta_dataset_pipeline.simclr import BOHB_AUGMENTATION
 from meta_dataset_pipeline.simclr import SIMCLR_AUGMENTATION
 from meta_dataset_pipeline.simclr import SimCLRAugmentation

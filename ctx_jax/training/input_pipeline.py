@@ -37,10 +37,42 @@ def episode_description_config(cfg: ml_collections.ConfigDict
 
 
 def max_ways(config: ml_collections.ConfigDict, split: str) -> int:
-  """Static logit width for episodes of `split`."""
+  """Static logit width for episodes of `split`.
+
+  With SimCLR episodes (`simclr_episode_fraction` > 0) every support image
+  is a class, so the width also covers the largest support set: ways x
+  shots for a fixed shot count, else `max_support_set_size`.
+  """
   data = config.data
   cfg = data.train_episode if split == "TRAIN" else data.eval_episode
-  return int(cfg.num_ways or cfg.max_ways_upper_bound)
+  ways = int(cfg.num_ways or cfg.max_ways_upper_bound)
+  if not cfg.get("simclr_episode_fraction"):
+    return ways
+  shots = cfg.num_support
+  if shots is None:
+    return max(ways, int(cfg.max_support_set_size))
+  if isinstance(shots, (tuple, list)):
+    shots = shots[1]
+  return ways * int(shots)
+
+
+def episode_augmentations(config: ml_collections.ConfigDict, split: str
+                          ) -> dict[str, "mdp.SimCLRAugmentation | None"]:
+  """The `simclr_augmentation` / `md_augmentation` pipeline arguments.
+
+  `config.data.simclr` holds the SimCLR episode augmentation settings
+  (`mdp.SimCLRAugmentation` fields); `config.data.md_augmentation` ("none"
+  or "bohb") augments ordinary training episodes. Evaluation episodes are
+  never augmented.
+  """
+  data = config.data
+  simclr = mdp.SimCLRAugmentation(**{
+      k: tuple(v) if isinstance(v, (list, tuple)) else v
+      for k, v in data.simclr.to_dict().items()})
+  md = None
+  if split == "TRAIN":
+    md = mdp.augmentation_by_name(data.md_augmentation)
+  return {"simclr_augmentation": simclr, "md_augmentation": md}
 
 
 def episodes(config: ml_collections.ConfigDict, split: str,
@@ -73,7 +105,8 @@ def episodes(config: ml_collections.ConfigDict, split: str,
   kwargs = dict(split=mdp.Split[split], episode_config=episode_cfg,
                 image_size=data.image_size, seed=seed,
                 pad_multiple=pad_multiple,
-                shuffle_buffer_size=data.shuffle_buffer_size)
+                shuffle_buffer_size=data.shuffle_buffer_size,
+                **episode_augmentations(config, split))
   if len(specs) == 1:
     dataset = mdp.make_one_source_episode_dataset(specs[0], **kwargs)
   else:

@@ -1,0 +1,229 @@
+"""SimCLR episodes: conversion, episode fraction, augmentations, training."""
+
+import dataclasses
+import itertools
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import meta_dataset_pipeline as mdp
+from meta_dataset_pipeline import padding
+from meta_dataset_pipeline import pipeline
+from meta_dataset_pipeline import simclr
+
+SIZE = 28
+# No randomness at all: SimCLR query rows must equal their support rows.
+IDENTITY = mdp.SimCLRAugmentation(
+    crop=False, flip=False, color_jitter_probability=0.0,
+    grayscale_probability=0.0, query_blur=False)
+
+
+@pytest.fixture(scope="module")
+def omniglot(shared_dir):
+  return mdp.load_dataset_spec(shared_dir / "fixtures" / "md_records" /
+                               "omniglot")
+
+
+def _reference_rows(support_ids, query_ids):
+  """Upstream's rule, literally: first k support rows of a class with k
+  queries, in support order."""
+  keep = []
+  seen = {}
+  want = {c: list(query_ids).count(c) for c in set(query_ids)}
+  for i, c in enumerate(support_ids):
+    seen[c] = seen.get(c, 0) + 1
+    if seen[c] <= want.get(c, 0):
+      keep.append(i)
+  return keep
+
+
+def test_query_rows_for_uneven_shots():
+  # Class 5: 3 shots, 2 queries; class 7: 1 shot, 3 queries (only one
+  # copy is possible); class 9: 2 shots, 1 query.
+  support = np.array([5, 5, 5, 7, 9, 9])
+  query = np.array([5, 5, 7, 7, 7, 9])
+  np.testing.assert_array_equal(simclr.simclr_query_rows(support, query),
+                                [0, 1, 3, 4])
+  # Interleaved classes: the pairing is by class id, not position.
+  np.testing.assert_array_equal(
+      simclr.simclr_query_rows(np.array([7, 5, 7, 5]), np.array([5, 7, 7])),
+      [0, 1, 2])
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    support = rng.integers(0, 6, rng.integers(1, 30))
+    query = rng.integers(0, 8, rng.integers(1, 30))
+    np.testing.assert_array_equal(simclr.simclr_query_rows(support, query),
+                                  _reference_rows(support, query))
+
+
+def test_convert_episode_labels_and_class_ids():
+  images = [b"s0", b"s1", b"s2", b"s3", b"q0", b"q1", b"q2", b"q3", b"q4"]
+  class_ids = [10, 10, 10, 11, 10, 10, 11, 11, 11]
+  new_images, labels, ids, ways = simclr.convert_episode(images, class_ids, 4)
+  assert ways == 4
+  assert new_images == [b"s0", b"s1", b"s2", b"s3", b"s0", b"s1", b"s3"]
+  np.testing.assert_array_equal(labels, [0, 1, 2, 3, 0, 1, 3])
+  np.testing.assert_array_equal(ids, [10, 10, 10, 11, 10, 10, 11])
+  assert labels.dtype == np.int32 and ids.dtype == np.int32
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.2, 0.5, 1.0])
+def test_converted_fraction_matches_config(fraction):
+  n = 4000
+  hits = sum(simclr.is_simclr_episode([3, 0], i, fraction) for i in range(n))
+  # Binomial: within 4.5 standard deviations (exact at 0 and 1).
+  assert abs(hits - n * fraction) <= 4.5 * np.sqrt(n * fraction *
+                                                   (1 - fraction))
+  again = [simclr.is_simclr_episode([3, 0], i, fraction) for i in range(50)]
+  other = [simclr.is_simclr_episode([4, 0], i, fraction) for i in range(50)]
+  assert again == [simclr.is_simclr_episode([3, 0], i, fraction)
+                   for i in range(50)]
+  if 0 < fraction < 1:
+    assert again != other  # The seed decides which episodes convert.
+
+
+def _generated(spec, fraction, n, seed=5):
+  """The first `n` packed episodes of the pipeline's generator."""
+  cfg = mdp.EpisodeDescriptionConfig(simclr_episode_fraction=fraction)
+  seed = [seed, 0]
+  sources = pipeline._make_sources([spec], mdp.Split.TRAIN, cfg, seed, None,
+                                   None)
+  buckets = padding.buckets_for_samplers([s.sampler for s in sources])
+  episodes = pipeline._episode_generator(sources, seed, buckets, 1000,
+                                         fraction)()
+  out = list(itertools.islice(episodes, n))
+  episodes.close()  # Closes the class files now, not in a later GC pass.
+  return out
+
+
+def test_generator_converts_the_configured_fraction(omniglot):
+  n = 120
+  mixed = _generated(omniglot, 0.5, n)
+  plain = _generated(omniglot, 0.0, n)
+  flags = np.array([ep["simclr"] for ep in mixed])
+  assert abs(flags.sum() - n / 2) <= 4.5 * np.sqrt(n / 4)
+  for ep, orig in zip(mixed, plain):
+    num_support, _, _, ways, _ = ep["info"]
+    assert num_support == orig["info"][0]
+    if not ep["simclr"]:  # Unconverted episodes are untouched...
+      for key in ("blob", "labels", "class_ids", "info", "aug_seeds"):
+        np.testing.assert_array_equal(ep[key], orig[key])
+      continue
+    # ... converted ones: a class per support image, queries copy supports.
+    assert ways == num_support
+    labels = ep["labels"]
+    np.testing.assert_array_equal(labels[:num_support],
+                                  np.arange(num_support))
+    rows = labels[num_support:]
+    np.testing.assert_array_equal(
+        rows, simclr.simclr_query_rows(orig["class_ids"][:num_support],
+                                       orig["class_ids"][num_support:]))
+    np.testing.assert_array_equal(ep["class_ids"][num_support:],
+                                  orig["class_ids"][rows])
+    lengths = orig["lengths"][:num_support]
+    np.testing.assert_array_equal(ep["lengths"][num_support:], lengths[rows])
+    np.testing.assert_array_equal(ep["aug_seeds"],
+                                  orig["aug_seeds"][:len(labels)])
+
+
+def _image(seed=0, size=SIZE):
+  rng = np.random.default_rng(seed)
+  smooth = rng.uniform(-1, 1, (size // 4, size // 4, 3))
+  return tf.constant(np.kron(smooth, np.ones((4, 4, 1))), tf.float32)
+
+
+@pytest.mark.parametrize("aug", [mdp.SIMCLR_AUGMENTATION,
+                                 mdp.BOHB_AUGMENTATION,
+                                 dataclasses.replace(mdp.SIMCLR_AUGMENTATION,
+                                                     color_jitter_strength=0.5)
+                                 ])
+def test_augmentation_shapes_ranges_determinism(aug):
+  image = _image()
+  for blur in (False, True):
+    views = [simclr.augment_image(image, tf.constant([s, 1], tf.int64), aug,
+                                  blur=blur) for s in range(6)]
+    for v in views:
+      assert v.shape == image.shape and v.dtype == tf.float32
+      assert float(tf.reduce_min(v)) >= -1 and float(tf.reduce_max(v)) <= 1
+    same = simclr.augment_image(image, tf.constant([0, 1], tf.int64), aug,
+                                blur=blur)
+    np.testing.assert_array_equal(views[0].numpy(), same.numpy())
+    # Two views of the same image differ, and differ from the image.
+    diffs = [float(tf.reduce_mean(tf.abs(a - b)))
+             for a, b in itertools.combinations(views, 2)]
+    assert min(diffs) > 1e-3
+    assert min(float(tf.reduce_mean(tf.abs(v - image))) for v in views) > 1e-3
+
+
+def test_blur_smooths_and_keeps_the_mean():
+  rng = np.random.default_rng(1)
+  noise = tf.constant(rng.uniform(0.2, 0.8, (40, 40, 3)), tf.float32)
+  blurred = simclr.gaussian_blur(noise, 2.0, 40 // 10)
+  inner = (slice(4, -4), slice(4, -4))  # Away from the zero padding.
+  assert float(tf.math.reduce_std(blurred[inner])) < 0.5 * float(
+      tf.math.reduce_std(noise[inner]))
+  np.testing.assert_allclose(float(tf.reduce_mean(blurred[inner])),
+                             float(tf.reduce_mean(noise[inner])), atol=0.02)
+  # Upstream's kernel for small images: height // 10 < 2 means no blur.
+  np.testing.assert_array_equal(simclr.gaussian_blur(noise, 2.0, 1), noise)
+
+
+def test_bad_augmentation_settings():
+  with pytest.raises(ValueError, match="crop_area_range"):
+    mdp.SimCLRAugmentation(crop_area_range=(0.5, 0.1))
+  with pytest.raises(ValueError, match="unknown episode augmentation 'bohd'"):
+    mdp.augmentation_by_name("bohd")
+
+
+def _episodes(spec, n, aug, fraction=1.0, md=None, seed=2):
+  cfg = mdp.EpisodeDescriptionConfig(simclr_episode_fraction=fraction)
+  ds = mdp.make_one_source_episode_dataset(
+      spec, "TRAIN", cfg, SIZE, seed=seed, simclr_augmentation=aug,
+      md_augmentation=md)
+  it = ds.as_numpy_iterator()
+  out = list(itertools.islice(it, n))
+  del it
+  return out
+
+
+def test_pipeline_simclr_episodes(omniglot):
+  # Without augmentation, each query is exactly its support image.
+  for ep in _episodes(omniglot, 2, IDENTITY):
+    ns, nq = ep["support_mask"].sum(), ep["query_mask"].sum()
+    assert ep["num_ways"] == ns
+    np.testing.assert_array_equal(ep["support_labels"][:ns], np.arange(ns))
+    rows = ep["query_labels"][:nq]
+    assert len(set(rows)) == nq  # One copy per support image at most.
+    np.testing.assert_array_equal(ep["query_images"][:nq],
+                                  ep["support_images"][rows])
+    np.testing.assert_array_equal(ep["query_class_ids"][:nq],
+                                  ep["support_class_ids"][rows])
+    assert (ep["query_images"][nq:] == 0).all()
+  # With the SimCLR augmentation: same shapes, [-1, 1], views differ, and
+  # the same seed gives the same episodes.
+  eps = _episodes(omniglot, 2, mdp.SIMCLR_AUGMENTATION)
+  for ep, plain in zip(eps, _episodes(omniglot, 2, IDENTITY)):
+    assert ep["support_images"].shape == plain["support_images"].shape
+    assert ep["support_images"].dtype == np.float32
+    assert np.abs(ep["support_images"]).max() <= 1
+    nq = ep["query_mask"].sum()
+    rows = ep["query_labels"][:nq]
+    assert not np.allclose(ep["query_images"][:nq],
+                           ep["support_images"][rows])
+  again = _episodes(omniglot, 2, mdp.SIMCLR_AUGMENTATION)
+  for a, b in zip(eps, again):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_md_augmentation_only_on_ordinary_episodes(omniglot):
+  plain = _episodes(omniglot, 1, None, fraction=0.0)[0]
+  bohb = _episodes(omniglot, 1, None, fraction=0.0,
+                   md=mdp.BOHB_AUGMENTATION)[0]
+  for key in plain:
+    if key.endswith("images"):
+      assert plain[key].shape == bohb[key].shape
+      assert not np.allclose(plain[key], bohb[key])
+    else:
+      np.testing.assert_array_equal(plain[key], bohb[key])
