@@ -227,3 +227,56 @@ def test_md_augmentation_only_on_ordinary_episodes(omniglot):
       assert not np.allclose(plain[key], bohb[key])
     else:
       np.testing.assert_array_equal(plain[key], bohb[key])
+
+
+def test_max_ways_covers_simclr_support_sets():
+  from ctx_jax.training import input_pipeline  # pylint: disable=g-import-not-at-top
+  from experiments import common  # pylint: disable=g-import-not-at-top
+  from experiments import ctx_simclr  # pylint: disable=g-import-not-at-top
+  config = common.get_base_config()
+  assert input_pipeline.max_ways(config, "TRAIN") == 50
+  config = ctx_simclr.get_config()
+  assert config.data.train_episode.simclr_episode_fraction == 0.5
+  assert config.data.eval_episode.simclr_episode_fraction == 0.0
+  assert input_pipeline.max_ways(config, "TRAIN") == 500  # Support size.
+  assert input_pipeline.max_ways(config, "TEST") == 50
+  config.data.train_episode.num_ways = 5
+  config.data.train_episode.num_support = 7
+  assert input_pipeline.max_ways(config, "TRAIN") == 35
+  assert ctx_simclr.get_config("bohb").data.md_augmentation == "bohb"
+
+
+def test_demo_simclr_trains_with_converted_episodes(tmp_path, monkeypatch):
+  from ctx_jax.training import input_pipeline  # pylint: disable=g-import-not-at-top
+  from ctx_jax.training import train  # pylint: disable=g-import-not-at-top
+  from experiments import demo  # pylint: disable=g-import-not-at-top
+  from tests import fakes  # pylint: disable=g-import-not-at-top
+  data = fakes.make_tiny_demo(tmp_path / "data")
+  config = demo.get_config("simclr,smoke")
+  config.model.query_dim = config.model.val_dim = 16
+  config.data.records_root = str(data.parent)
+  config.num_devices = 1
+  config.train.num_steps = 4
+  config.train.valid_every = 0
+  config.eval.num_episodes = 2
+  assert input_pipeline.max_ways(config, "TRAIN") == 4  # 2 ways x 2 shots.
+  seen = []
+  original = input_pipeline.episodes
+
+  def recording(config, split, *args, **kwargs):
+    for episode in original(config, split, *args, **kwargs):
+      if split == "TRAIN":
+        seen.append(episode)
+      yield episode
+
+  monkeypatch.setattr(input_pipeline, "episodes", recording)
+  results = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert results["step"] == 4
+  assert 0.0 <= results["test"]["glyphs"]["mean"] <= 1.0
+  # SimCLR episodes (4 ways: one per support image) and ordinary 2-way
+  # episodes both reached the train step.
+  ways = [int(ep["num_ways"]) for ep in seen[:4]]
+  assert 4 in ways and 2 in ways, ways
+  for ep in seen:
+    if ep["num_ways"] == 4:
+      np.testing.assert_array_equal(ep["support_labels"], np.arange(4))
