@@ -280,3 +280,16 @@ def test_demo_simclr_trains_with_converted_episodes(tmp_path, monkeypatch):
   for ep in seen:
     if ep["num_ways"] == 4:
       np.testing.assert_array_equal(ep["support_labels"], np.arange(4))
+
+
+def test_episode_grid_png(shared_dir, tmp_path, capsys):
+  from meta_dataset_pipeline import episode_grid  # pylint: disable=g-import-not-at-top
+  records = shared_dir / "fixtures" / "md_records" / "dtd"
+  png = tmp_path / "grid.png"
+  assert episode_grid.main([str(records), "--output", str(png),
+                            "--image_size", "16", "--num_ways", "3"]) == 0
+  assert png.read_bytes()[:4] == b"\x89PNG"
+  assert f"wrote {png}" in capsys.readouterr().out
+  assert episode_grid.main([str(tmp_path / "nope"), "--output",
+                            str(png)]) == 2
+  assert "md-episode-grid: error" in capsys.readouterr().err
