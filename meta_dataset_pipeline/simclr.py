@@ -329,7 +329,8 @@ def augment_image(image: tf.Tensor, seed: tf.Tensor,
     lo, hi = aug.blur_sigma_range
     sigma = tf.random.stateless_uniform([], seeds[3], lo, hi)
     x = gaussian_blur(x, sigma, h // 10)
-  return x * 2.0 - 1.0
+  # The blur is a convex combination; the clip only removes rounding.
+  return tf.clip_by_value(x * 2.0 - 1.0, -1.0, 1.0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -293,3 +293,43 @@ def test_episode_grid_png(shared_dir, tmp_path, capsys):
   assert episode_grid.main([str(tmp_path / "nope"), "--output",
                             str(png)]) == 2
   assert "md-episode-grid: error" in capsys.readouterr().err
+
+
+def test_jax_augmentation_batch():
+  import jax  # pylint: disable=g-import-not-at-top
+  from ctx_jax.data import augment  # pylint: disable=g-import-not-at-top
+  images = np.stack([_image(s, 32).numpy() for s in range(6)])
+  params = augment.AugmentParams()
+  fn = jax.jit(lambda x, key, blur, enabled: augment.augment_batch(
+      x, jax.random.split(key, x.shape[0]), params, blur, enabled))
+  enabled = np.array([True] * 5 + [False])
+  out = np.asarray(fn(images, jax.random.key(0), True, enabled))
+  assert out.shape == images.shape and out.dtype == np.float32
+  assert out.min() >= -1 and out.max() <= 1
+  np.testing.assert_array_equal(out, fn(images, jax.random.key(0), True,
+                                        enabled))
+  np.testing.assert_array_equal(out[5], images[5])  # Disabled row.
+  other = np.asarray(fn(images, jax.random.key(1), True, enabled))
+  for a, b, x in zip(out[:5], other[:5], images):
+    assert np.abs(a - b).mean() > 1e-3 and np.abs(a - x).mean() > 1e-3
+
+
+def test_jax_ops_match_tf():
+  from ctx_jax.data import augment  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(2)
+  x = rng.uniform(0, 1, (40, 40, 3)).astype(np.float32)
+  np.testing.assert_allclose(augment.rgb_to_hsv(x), tf.image.rgb_to_hsv(x),
+                             atol=1e-5)
+  np.testing.assert_allclose(augment.hsv_to_rgb(augment.rgb_to_hsv(x)), x,
+                             atol=1e-5)
+  np.testing.assert_allclose(augment._blur(x, 1.3, 40 // 10),
+                             simclr.gaussian_blur(tf.constant(x), 1.3, 4),
+                             atol=1e-5)
+  # Greyscale only: exactly TF's weights.
+  only_gray = augment.AugmentParams(crop=False, flip=False,
+                                    color_jitter_probability=0.0,
+                                    grayscale_probability=1.0)
+  import jax  # pylint: disable=g-import-not-at-top
+  got = augment.augment_image(x * 2 - 1, jax.random.key(0), only_gray)
+  want = tf.tile(tf.image.rgb_to_grayscale(x), [1, 1, 3]) * 2 - 1
+  np.testing.assert_allclose(got, want, atol=1e-5)
