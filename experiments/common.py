@@ -79,6 +79,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Augmentation of ordinary training episodes: "none" (official CTX) or
   # "bohb" (the paper's CTX+SimCLR Eps+Aug; see simclr.py).
   config.data.md_augmentation = "none"
+  # Where SimCLR / md augmentation runs: "host" (tf.data) or "device" (JAX
+  # on the accelerator, for hosts whose CPUs cannot keep up).
+  config.data.augment_on = "host"
 
   config.model = models.default_model_config()
   # The official recipe: truncated normal (std 0.1) conv kernels. The demo

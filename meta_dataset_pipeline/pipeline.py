@@ -269,7 +269,7 @@ def _episode_fn(image_size, support_augmentation, query_augmentation,
   """
   image_spec = tf.TensorSpec([image_size, image_size, 3], tf.float32)
   extra = episode_augmenter if (episode_augmenter and
-                                episode_augmenter.active) else None
+                                episode_augmenter.augments_in_map) else None
 
   def decode_padded(images, seeds, size, augmentation, is_query, is_simclr):
     """[size, H, W, 3]: decoded images, then zero rows up to `size`.
@@ -307,6 +307,10 @@ def _episode_fn(image_size, support_augmentation, query_augmentation,
       out[prefix + "labels"] = _pad_rows(labels, size, 0)
       out[prefix + "mask"] = tf.range(size) < tf.shape(labels)[0]
       out[prefix + "class_ids"] = _pad_rows(ep["class_ids"][rows], size, -1)
+      if episode_augmenter is not None:  # Only with on-device augmentation.
+        out.update(episode_augmenter.device_fields(
+            prefix, ep["aug_seeds"][rows], tf.shape(labels)[0], size,
+            ep["simclr"]))
     out["num_ways"] = ep["info"][3]
     out["source_id"] = ep["info"][4]
     return out
@@ -320,13 +324,13 @@ def _episode_dataset(specs, split, episode_config, image_size, seed, *,
                      query_augmentation, use_dag_ontology,
                      use_bilevel_ontology, process_index, process_count,
                      num_parallel_calls, prefetch, simclr_augmentation=None,
-                     md_augmentation=None):
+                     md_augmentation=None, augment_on_device=False):
   """Shared body of the one-source and multi-source builders."""
   if not specs:
     raise ValueError("at least one dataset spec is needed")
   augmenter = simclr_lib.EpisodeAugmenter(
       simclr_augmentation, episode_config.simclr_episode_fraction,
-      md_augmentation)
+      md_augmentation, on_host=not augment_on_device)
   seed = _process_seed(seed, process_index, process_count)
   sources = _make_sources(specs, split, episode_config, seed,
                           use_dag_ontology, use_bilevel_ontology)
@@ -361,8 +365,8 @@ def make_one_source_episode_dataset(
     process_count: int = 1, num_parallel_calls: int = AUTOTUNE,
     prefetch: int = 2,
     simclr_augmentation: simclr_lib.SimCLRAugmentation | None = None,
-    md_augmentation: simclr_lib.SimCLRAugmentation | None = None
-) -> tf.data.Dataset:
+    md_augmentation: simclr_lib.SimCLRAugmentation | None = None,
+    augment_on_device: bool = False) -> tf.data.Dataset:
   """Infinite dataset of padded episodes from one source.
 
   `episode_config.simclr_episode_fraction` of the episodes are SimCLR
@@ -390,6 +394,10 @@ def make_one_source_episode_dataset(
       SimCLR v1 settings, `simclr.SIMCLR_AUGMENTATION`).
     md_augmentation: augmentation of the ordinary episodes' images, e.g.
       `simclr.BOHB_AUGMENTATION`; None: none.
+    augment_on_device: leave SimCLR / md augmentation to the accelerator
+      (`ctx_jax.data.augment`): images come out unaugmented, with extra
+      keys `{support,query}_aug_seeds` and `_aug_mode` (see
+      `simclr.EpisodeAugmenter.device_fields`).
 
   Returns:
     A `tf.data.Dataset` of episode dicts (see module docstring).
@@ -406,7 +414,7 @@ def make_one_source_episode_dataset(
       process_index=process_index, process_count=process_count,
       num_parallel_calls=num_parallel_calls, prefetch=prefetch,
       simclr_augmentation=simclr_augmentation,
-      md_augmentation=md_augmentation)
+      md_augmentation=md_augmentation, augment_on_device=augment_on_device)
 
 
 def make_multisource_episode_dataset(
@@ -433,7 +441,7 @@ def make_multisource_episode_dataset(
       query_augmentation=None, use_dag_ontology=None,
       use_bilevel_ontology=None, process_index=0, process_count=1,
       num_parallel_calls=AUTOTUNE, prefetch=2, simclr_augmentation=None,
-      md_augmentation=None)
+      md_augmentation=None, augment_on_device=False)
   unknown = set(kwargs) - set(options)
   if unknown:
     raise TypeError(f"unexpected arguments {sorted(unknown)}")

@@ -129,6 +129,9 @@ SIMCLR_AUGMENTATION = SimCLRAugmentation()
 # the same ops on ordinary episodes, milder crops, no blur. Unverified.
 BOHB_AUGMENTATION = SimCLRAugmentation(
     color_jitter_strength=0.5, crop_area_range=(0.25, 1.0), query_blur=False)
+# `aug_mode` values of on-device augmentation (`EpisodeAugmenter.on_host`
+# False; `ctx_jax/data/augment.py` reads them).
+DEVICE_NONE, DEVICE_MD, DEVICE_SIMCLR = 0, 1, 2
 # Names accepted by `augmentation_by_name` (config strings).
 MD_AUGMENTATIONS = ("none", "bohb")
 
@@ -342,10 +345,14 @@ class EpisodeAugmenter:
     simclr_episode_fraction: fraction of episodes converted.
     md: augmentation of ordinary episodes (e.g. `BOHB_AUGMENTATION`), or
       None.
+    on_host: augment in the tf.data map (True), or leave the images as
+      decoded and emit, per row, the seed and what to apply
+      (`device_fields`), for `ctx_jax.data.augment` on the accelerator.
   """
   simclr: SimCLRAugmentation | None = None
   simclr_episode_fraction: float = 0.0
   md: SimCLRAugmentation | None = None
+  on_host: bool = True
 
   def __post_init__(self):
     f = self.simclr_episode_fraction
@@ -360,6 +367,30 @@ class EpisodeAugmenter:
   @property
   def active(self) -> bool:
     return self.converts or self.md is not None
+
+  @property
+  def augments_in_map(self) -> bool:
+    return self.active and self.on_host
+
+  def device_fields(self, prefix: str, seeds, num_rows, size: int,
+                    is_simclr) -> dict[str, tf.Tensor]:
+    """Per-row inputs of on-device augmentation, padded to `size` rows.
+
+    `<prefix>aug_seeds` int32 [size, 2] (the rows' stateless seeds) and
+    `<prefix>aug_mode` int32 [size]: DEVICE_NONE on padding (and on
+    ordinary episodes without `md`), DEVICE_MD, or DEVICE_SIMCLR.
+    """
+    if self.on_host or not self.active:
+      return {}
+    ordinary = DEVICE_MD if self.md is not None else DEVICE_NONE
+    mode = tf.where(is_simclr, DEVICE_SIMCLR, ordinary)
+    rows = tf.range(size)
+    pad = [[0, size - tf.shape(seeds)[0]], [0, 0]]
+    return {
+        # The seeds are < 2**31: int32 keeps JAX (without x64) exact.
+        prefix + "aug_seeds": tf.cast(tf.pad(seeds, pad), tf.int32),
+        prefix + "aug_mode": tf.where(rows < num_rows, mode, DEVICE_NONE),
+    }
 
   def __call__(self, image, seed, is_query: bool, is_simclr):
     """Augments one decoded row; `is_simclr` is a scalar bool tensor."""

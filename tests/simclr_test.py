@@ -333,3 +333,50 @@ def test_jax_ops_match_tf():
   got = augment.augment_image(x * 2 - 1, jax.random.key(0), only_gray)
   want = tf.tile(tf.image.rgb_to_grayscale(x), [1, 1, 3]) * 2 - 1
   np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_on_device_augmentation(omniglot):
+  import jax  # pylint: disable=g-import-not-at-top
+  from ctx_jax.data import augment  # pylint: disable=g-import-not-at-top
+  from ctx_jax.training import input_pipeline  # pylint: disable=g-import-not-at-top
+  from experiments import demo  # pylint: disable=g-import-not-at-top
+  cfg = mdp.EpisodeDescriptionConfig(num_ways=3, num_support=2, num_query=2,
+                                     simclr_episode_fraction=0.5)
+  kwargs = dict(simclr_augmentation=IDENTITY, md_augmentation=None)
+  host = _take_cfg(omniglot, cfg, 6, **kwargs)
+  device = _take_cfg(omniglot, cfg, 6, augment_on_device=True, **kwargs)
+  modes = set()
+  for h, d in zip(host, device):
+    for prefix in ("support_", "query_"):
+      np.testing.assert_array_equal(h[prefix + "images"],
+                                    d[prefix + "images"])
+      mode = d[prefix + "aug_mode"]
+      assert d[prefix + "aug_seeds"].dtype == np.int32
+      simclr_ep = h["num_ways"] == h["support_mask"].sum() == 6
+      want = np.where(d[prefix + "mask"], 2 if simclr_ep else 0, 0)
+      np.testing.assert_array_equal(mode, want)
+      modes.add(int(mode.max()))
+  assert modes == {0, 2}
+  # On device (as the train loop does it with `augment_on="device"`): SimCLR
+  # rows change, the others and padding do not.
+  config = demo.get_config("simclr,smoke")
+  assert input_pipeline.device_augmenter(config) == ((), None)
+  config.data.augment_on = "device"
+  keys, device_augment = input_pipeline.device_augmenter(config)
+  assert keys == augment.DEVICE_KEYS
+  ep = next(d for d in device if d["support_aug_mode"].max() == 2)
+  out = device_augment({k: jax.numpy.asarray(v) for k, v in ep.items()})
+  assert set(out) == set(ep) - set(augment.DEVICE_KEYS)
+  for prefix in ("support_", "query_"):
+    changed = np.abs(np.asarray(out[prefix + "images"]) -
+                     ep[prefix + "images"]).mean(axis=(1, 2, 3)) > 1e-4
+    np.testing.assert_array_equal(changed, ep[prefix + "aug_mode"] == 2)
+
+
+def _take_cfg(spec, cfg, n, **kwargs):
+  ds = mdp.make_one_source_episode_dataset(spec, "TRAIN", cfg, SIZE, seed=1,
+                                           **kwargs)
+  it = ds.as_numpy_iterator()
+  out = list(itertools.islice(it, n))
+  del it
+  return out

@@ -195,3 +195,44 @@ def augment_batch(images: jax.Array, keys: jax.Array, params: AugmentParams,
       images, keys, blur)
   return jnp.where(enabled[:, None, None, None], out,
                    images.astype(jnp.float32))
+
+
+# `aug_mode` values written by the pipeline (`meta_dataset_pipeline.simclr`).
+MODE_NONE, MODE_MD, MODE_SIMCLR = 0, 1, 2
+DEVICE_KEYS = ("support_aug_seeds", "support_aug_mode", "query_aug_seeds",
+               "query_aug_mode")
+
+
+def augment_episode(episode: dict[str, jax.Array], simclr: AugmentParams,
+                    md: AugmentParams | None = None) -> dict[str, jax.Array]:
+  """Augments an episode made with `augment_on_device=True`, on device.
+
+  Rows with `aug_mode` MODE_SIMCLR get `simclr` (query rows blurred), rows
+  with MODE_MD get `md`, the rest (padding) pass through. Each row's key
+  comes from its pipeline seed, so the result depends only on the episode.
+
+  Args:
+    episode: device arrays with the `DEVICE_KEYS` and the image keys.
+    simclr: settings of SimCLR episodes (static).
+    md: settings of ordinary episodes, or None (static).
+
+  Returns:
+    A copy of `episode` with augmented `support_images` and `query_images`
+    and without the `DEVICE_KEYS`.
+  """
+  out = dict(episode)
+  for prefix, is_query in (("support_", False), ("query_", True)):
+    images = episode[prefix + "images"]
+    seeds = episode[prefix + "aug_seeds"].astype(jnp.uint32)
+    keys = jax.random.wrap_key_data(seeds, impl="threefry2x32")
+    mode = episode[prefix + "aug_mode"]
+    result = augment_batch(images, keys, simclr, is_query,
+                           mode == MODE_SIMCLR)
+    if md is not None:
+      result = jnp.where(
+          (mode == MODE_MD)[:, None, None, None],
+          augment_batch(images, keys, md, is_query, True), result)
+    out[prefix + "images"] = result.astype(images.dtype)
+  for key in DEVICE_KEYS:  # Consumed: the train step never sees them.
+    del out[key]
+  return out

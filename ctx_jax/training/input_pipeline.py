@@ -8,10 +8,15 @@ import os
 import pathlib
 from typing import Iterator, Sequence
 
+import dataclasses
+import functools
+
+import jax
 import ml_collections
 import numpy as np
 
 import meta_dataset_pipeline as mdp
+from ctx_jax.data import augment
 
 def source_dir(records_root: str, source: str) -> pathlib.Path:
   """`<records_root>/<source>`, with a clear error when it is missing."""
@@ -72,7 +77,38 @@ def episode_augmentations(config: ml_collections.ConfigDict, split: str
   md = None
   if split == "TRAIN":
     md = mdp.augmentation_by_name(data.md_augmentation)
-  return {"simclr_augmentation": simclr, "md_augmentation": md}
+  return {"simclr_augmentation": simclr, "md_augmentation": md,
+          "augment_on_device": augments_on_device(config, split)}
+
+
+def augments_on_device(config: ml_collections.ConfigDict, split: str) -> bool:
+  """Whether training episodes are augmented on the accelerator.
+
+  `config.data.augment_on`: "host" (tf.data, default) or "device" (JAX,
+  `ctx_jax.data.augment`, for hosts whose CPUs cannot keep up). Only
+  training episodes: evaluation episodes are augmented on the host, if at
+  all.
+  """
+  where = config.data.augment_on
+  if where not in ("host", "device"):
+    raise ValueError(f"config.data.augment_on must be 'host' or 'device', "
+                     f"got {where!r}")
+  return split == "TRAIN" and where == "device"
+
+
+def device_augmenter(config: ml_collections.ConfigDict):
+  """(extra episode keys, jitted episode -> episode) for on-device
+  augmentation of training episodes, or ((), None) when it is off."""
+  if not augments_on_device(config, "TRAIN"):
+    return (), None
+  kwargs = episode_augmentations(config, "TRAIN")
+  to_params = lambda a: augment.AugmentParams(**dataclasses.asdict(a))
+  simclr = to_params(kwargs["simclr_augmentation"])
+  md = kwargs["md_augmentation"]
+  md = None if md is None else to_params(md)
+  fn = jax.jit(functools.partial(augment.augment_episode, simclr=simclr,
+                                 md=md))
+  return augment.DEVICE_KEYS, fn
 
 
 def episodes(config: ml_collections.ConfigDict, split: str,
