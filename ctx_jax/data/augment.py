@@ -109,9 +109,11 @@ def _color_jitter(x, key, strength: float):
     mean = jnp.mean(y, axis=(0, 1), keepdims=True)
     return (y - mean) * f_c + mean
 
-  def saturation(y):
-    hsv = rgb_to_hsv(y)
-    return hsv_to_rgb(hsv.at[..., 1].set(jnp.clip(hsv[..., 1] * f_s, 0, 1)))
+  def saturation(y):  # HSV saturation x f_s, clipped, in closed form.
+    v = jnp.max(y, -1, keepdims=True)
+    spread = v - jnp.min(y, -1, keepdims=True)
+    ratio = jnp.where(spread > 0, v / jnp.where(spread > 0, spread, 1), 0)
+    return v - (v - y) * jnp.minimum(f_s, ratio)
 
   def hue_shift(y):
     hsv = rgb_to_hsv(y)
