@@ -40,7 +40,9 @@ SimCLR episodes (`simclr.py`): with probability
 index) the generator turns the episode into an instance-discrimination
 episode (query rows become copies of support rows, labels support indices),
 and the map augments its rows SimCLR-style; the keys and shapes stay the
-same.
+same. With `augment_on_device=True` the map leaves that augmentation to the
+accelerator and adds `{support,query}_aug_seeds` int32 [S|Q, 2] and
+`{support,query}_aug_mode` int32 [S|Q] (see `ctx_jax/data/augment.py`).
 
 Parallelism across processes: `process_index` is folded into the seed, so
 each process draws its own episodes; to split one episode's rows across
