@@ -14,8 +14,8 @@ the first that fits, else the whole image, as `sample_distorted_bounding_box`
 does (whose `min_object_covered=0.1` makes the smallest area 0.1 rather than
 0.08; here the configured area range is used as is); the resize is
 `jax.image.scale_and_translate` with a cubic kernel (half-pixel centres);
-saturation and hue go through HSV as `tf.image.adjust_saturation` /
-`adjust_hue` do.
+hue goes through HSV as `tf.image.adjust_hue` does, saturation uses the
+closed form of `meta_dataset_pipeline.simclr.adjust_saturation`.
 """
 
 import dataclasses
