@@ -310,16 +310,15 @@ def test_jax_augmentation_batch():
   from ctx_jax.data import augment  # pylint: disable=g-import-not-at-top
   images = np.stack([_image(s, 32).numpy() for s in range(6)])
   params = augment.AugmentParams()
-  fn = jax.jit(lambda x, key, blur, enabled: augment.augment_batch(
-      x, jax.random.split(key, x.shape[0]), params, blur, enabled))
+  fn = jax.jit(lambda x, key, enabled: augment.augment_batch(
+      x, jax.random.split(key, x.shape[0]), params, True, enabled))
   enabled = np.array([True] * 5 + [False])
-  out = np.asarray(fn(images, jax.random.key(0), True, enabled))
+  out = np.asarray(fn(images, jax.random.key(0), enabled))
   assert out.shape == images.shape and out.dtype == np.float32
   assert out.min() >= -1 and out.max() <= 1
-  np.testing.assert_array_equal(out, fn(images, jax.random.key(0), True,
-                                        enabled))
+  np.testing.assert_array_equal(out, fn(images, jax.random.key(0), enabled))
   np.testing.assert_array_equal(out[5], images[5])  # Disabled row.
-  other = np.asarray(fn(images, jax.random.key(1), True, enabled))
+  other = np.asarray(fn(images, jax.random.key(1), enabled))
   for a, b, x in zip(out[:5], other[:5], images):
     assert np.abs(a - b).mean() > 1e-3 and np.abs(a - x).mean() > 1e-3
 

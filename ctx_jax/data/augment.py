@@ -141,14 +141,14 @@ def _blur(x, sigma, kernel_size: int):
 
 
 def augment_image(image: jax.Array, key: jax.Array, params: AugmentParams,
-                  blur: jax.Array | bool = False) -> jax.Array:
+                  blur: bool = False) -> jax.Array:
   """SimCLR v1 augmentation of one [H, W, 3] image in [-1, 1].
 
   Args:
     image: float [H, W, 3] in [-1, 1].
     key: a PRNG key.
     params: the settings.
-    blur: (traced) bool: also blur (query images of SimCLR episodes).
+    blur: also blur (query images of SimCLR episodes); static.
 
   Returns:
     float32 [H, W, 3] in [-1, 1].
@@ -167,15 +167,16 @@ def augment_image(image: jax.Array, key: jax.Array, params: AugmentParams,
     gray = jnp.repeat(_gray(x)[..., None], 3, -1)
     x = jnp.where(u[1] < params.grayscale_probability, gray, x)
   x = jnp.clip(x, 0.0, 1.0)
-  lo, hi = params.blur_sigma_range
-  sigma = jax.random.uniform(k_blur, minval=lo, maxval=hi)
-  x = jnp.where(blur, _blur(x, sigma, image.shape[0] // 10), x)
+  if blur:
+    lo, hi = params.blur_sigma_range
+    sigma = jax.random.uniform(k_blur, minval=lo, maxval=hi)
+    x = _blur(x, sigma, image.shape[0] // 10)
   # The blur is a convex combination; the clip only removes rounding.
   return jnp.clip(x * 2.0 - 1.0, -1.0, 1.0)
 
 
 def augment_batch(images: jax.Array, keys: jax.Array, params: AugmentParams,
-                  blur: jax.Array | bool = False,
+                  blur: bool = False,
                   enabled: jax.Array | bool = True) -> jax.Array:
   """`augment_image` over [N, H, W, 3] with keys [N]; rows where `enabled`
   is False (e.g. padding, or ordinary episodes) pass through unchanged.
@@ -184,17 +185,17 @@ def augment_batch(images: jax.Array, keys: jax.Array, params: AugmentParams,
     images: [N, H, W, 3] in [-1, 1].
     keys: [N] PRNG keys (e.g. `jax.random.split(key, N)`).
     params: the settings (static).
-    blur: bool, scalar or [N].
+    blur: blur every row if `params.query_blur` (query rows); static.
     enabled: bool, scalar or [N].
 
   Returns:
     float32 [N, H, W, 3].
   """
   n = images.shape[0]
-  blur = jnp.broadcast_to(jnp.asarray(blur) & params.query_blur, (n,))
+  blur = bool(blur) and params.query_blur
   enabled = jnp.broadcast_to(jnp.asarray(enabled), (n,))
-  out = jax.vmap(lambda x, k, b: augment_image(x, k, params, b))(
-      images, keys, blur)
+  out = jax.vmap(lambda x, k: augment_image(x, k, params, blur))(images,
+                                                                 keys)
   return jnp.where(enabled[:, None, None, None], out,
                    images.astype(jnp.float32))
 
