@@ -254,6 +254,13 @@ def test_max_ways_covers_simclr_support_sets():
   config.data.train_episode.num_support = 7
   assert input_pipeline.max_ways(config, "TRAIN") == 35
   assert ctx_simclr.get_config("bohb").data.md_augmentation == "bohb"
+  config.data.md_augmentation = "bohd"
+  with pytest.raises(ValueError, match="md_augmentation.*'bohd'"):
+    input_pipeline.episode_augmentations(config, "TRAIN")
+  config.data.md_augmentation = "none"
+  config.data.augment_on = "gpu"
+  with pytest.raises(ValueError, match="augment_on must be 'host' or"):
+    input_pipeline.episode_augmentations(config, "TRAIN")
 
 
 def test_demo_simclr_trains_with_converted_episodes(tmp_path, monkeypatch):

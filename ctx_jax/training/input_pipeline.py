@@ -4,12 +4,11 @@ The only place in `ctx_jax` that touches `meta_dataset_pipeline` (and hence
 TensorFlow); the model and the train step never do.
 """
 
+import dataclasses
+import functools
 import os
 import pathlib
 from typing import Iterator, Sequence
-
-import dataclasses
-import functools
 
 import jax
 import ml_collections
@@ -71,12 +70,15 @@ def episode_augmentations(config: ml_collections.ConfigDict, split: str
   never augmented.
   """
   data = config.data
-  simclr = mdp.SimCLRAugmentation(**{
-      k: tuple(v) if isinstance(v, (list, tuple)) else v
-      for k, v in data.simclr.to_dict().items()})
-  md = None
-  if split == "TRAIN":
-    md = mdp.augmentation_by_name(data.md_augmentation)
+  try:
+    simclr = mdp.SimCLRAugmentation(**{
+        k: tuple(v) if isinstance(v, (list, tuple)) else v
+        for k, v in data.simclr.to_dict().items()})
+    md = None
+    if split == "TRAIN":
+      md = mdp.augmentation_by_name(data.md_augmentation)
+  except ValueError as e:
+    raise ValueError(f"config.data.simclr / md_augmentation: {e}") from None
   return {"simclr_augmentation": simclr, "md_augmentation": md,
           "augment_on_device": augments_on_device(config, split)}
 
