@@ -30,8 +30,8 @@ Config arguments: `bohb` (or its alias `aug`) for Eps+Aug, `smoke` for a
 tiny run.
 """
 
-from experiments import ctx_ilsvrc
 from experiments import common
+from experiments import ctx_ilsvrc
 
 
 def get_config(arg: str | None = None):
