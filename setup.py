@@ -40,6 +40,7 @@ setuptools.setup(
             "ctx-eval=ctx_jax.eval.main:run",
             "ctx-make-demo-data=meta_dataset_pipeline.demo_data:run",
             "md-episodes=meta_dataset_pipeline.episodes_cli:run",
+            "md-episode-grid=meta_dataset_pipeline.episode_grid:run",
             "ctx-import-official=ctx_jax.models.official_import:run",
             "ctx-run-episode=ctx_jax.models.official_import:run_episode_main",
         ],

@@ -38,6 +38,9 @@ def episode_config(**overrides) -> ml_collections.ConfigDict:
       "ignore_bilevel_ontology": False,
       "ignore_hierarchy_probability": 0.0,
       "min_examples_in_class": 0,
+      # Fraction of episodes turned into SimCLR episodes (CTX+SimCLR Eps:
+      # 0.5 for training; see meta_dataset_pipeline/simclr.py).
+      "simclr_episode_fraction": 0.0,
   })
   cfg.update(overrides)
   return cfg
@@ -66,6 +69,21 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.train_episode = episode_config(ignore_hierarchy_probability=0.5)
   config.data.eval_episode = episode_config()
   config.data.shuffle_buffer_size = 1000
+  # Augmentation of SimCLR episodes (`mdp.SimCLRAugmentation` fields; the
+  # official `color_jitter_strength` flag defaults to 1.0).
+  config.data.simclr = ml_collections.ConfigDict({
+      "color_jitter_strength": 1.0,
+      "crop_area_range": (0.08, 1.0),
+      "color_jitter_probability": 0.8,
+      "grayscale_probability": 0.2,
+      "query_blur": True,
+  })
+  # Augmentation of ordinary training episodes: "none" (official CTX) or
+  # "bohb" (the paper's CTX+SimCLR Eps+Aug; see simclr.py).
+  config.data.md_augmentation = "none"
+  # Where SimCLR / md augmentation runs: "host" (tf.data) or "device" (JAX
+  # on the accelerator, for hosts whose CPUs cannot keep up).
+  config.data.augment_on = "host"
 
   config.model = models.default_model_config()
   # The official recipe: truncated normal (std 0.1) conv kernels. The demo

@@ -15,7 +15,9 @@ stride 16) and the CrossTransformer head; the official optimiser with a larger
 learning rate for the short schedule.
 
 Config argument: `experiments/demo.py:smoke` (tiny, for tests),
-`experiments/demo.py:head=protonet` (the baseline, same everything else).
+`experiments/demo.py:head=protonet` (the baseline, same everything else),
+`experiments/demo.py:simclr` (CTX+SimCLR Eps: half of the training episodes
+are SimCLR episodes; combine as `simclr,smoke`).
 """
 
 from experiments import common
@@ -23,7 +25,7 @@ from experiments import common
 
 def get_config(arg: str | None = None):
   """Returns the demo config; see the module docstring for arguments."""
-  arg = common.parse_arg(arg, head="ctx", smoke=False)
+  arg = common.parse_arg(arg, head="ctx", smoke=False, simclr=False)
   config = common.get_base_config()
   config.data.records_root = "demo_data"
   config.data.train_sources = ("glyphs",)
@@ -55,4 +57,8 @@ def get_config(arg: str | None = None):
   config.eval.num_episodes = 300
   if arg.smoke:
     common.apply_smoke(config)
+  if arg.simclr:
+    if arg.smoke:  # Two shots, so a SimCLR episode has more ways than 2.
+      config.data.train_episode.num_support = 2
+    config.data.train_episode.simclr_episode_fraction = 0.5
   return config

@@ -2,7 +2,7 @@ r"""Expands a grid (or a list) of config overrides into named runs.
 
   python -m launch.sweep --config experiments/demo.py --root runs/sweep \
       --grid config.optimizer.learning_rate=1e-4,3e-4 \
-      --grid config.data.simclr_episode_fraction=0,0.5 --run
+      --grid config.data.train_episode.simclr_episode_fraction=0,0.5 --run
 
 makes four runs with work dirs such as
 `runs/sweep/learning_rate=1e-4,simclr_episode_fraction=0.5` (the last key

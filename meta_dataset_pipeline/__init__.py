@@ -10,7 +10,8 @@ Public API:
     for episode in ds.as_numpy_iterator(): ...
 
 See `pipeline.py` for the episode dict, `sampling.py` for the sampler,
-`padding.py` for the padding policy and `dataset_spec.py` for specs.
+`padding.py` for the padding policy, `dataset_spec.py` for specs and
+`simclr.py` for SimCLR episodes and augmentations.
 """
 
 from meta_dataset_pipeline.dataset_spec import BiLevelDatasetSpecification
@@ -31,3 +32,7 @@ from meta_dataset_pipeline.sampling import EpisodeDescription
 from meta_dataset_pipeline.sampling import EpisodeDescriptionConfig
 from meta_dataset_pipeline.sampling import EpisodeDescriptionSampler
 from meta_dataset_pipeline.sampling import max_ways
+from meta_dataset_pipeline.simclr import augmentation_by_name
+from meta_dataset_pipeline.simclr import BOHB_AUGMENTATION
+from meta_dataset_pipeline.simclr import SIMCLR_AUGMENTATION
+from meta_dataset_pipeline.simclr import SimCLRAugmentation

@@ -35,6 +35,15 @@ How an episode is assembled (semantics of the official `EpisodeReader` and
    their buckets and builds the masks. Upstream decodes with a sequential
    `map_fn` inside a sequential map.
 
+SimCLR episodes (`simclr.py`): with probability
+`episode_config.simclr_episode_fraction` (a stateless draw per episode
+index) the generator turns the episode into an instance-discrimination
+episode (query rows become copies of support rows, labels support indices),
+and the map augments its rows SimCLR-style; the keys and shapes stay the
+same. With `augment_on_device=True` the map leaves that augmentation to the
+accelerator and adds `{support,query}_aug_seeds` int32 [S|Q, 2] and
+`{support,query}_aug_mode` int32 [S|Q] (see `ctx_jax/data/augment.py`).
+
 Parallelism across processes: `process_index` is folded into the seed, so
 each process draws its own episodes; to split one episode's rows across
 processes instead, give every process the same `process_index` and slice.
@@ -58,6 +67,7 @@ from meta_dataset_pipeline import decoder
 from meta_dataset_pipeline import padding
 from meta_dataset_pipeline import reader
 from meta_dataset_pipeline import sampling
+from meta_dataset_pipeline import simclr as simclr_lib
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -199,12 +209,8 @@ def _unpack(blob, lengths):
   return tf.strings.substr(blob, starts, lengths)
 
 
-def _aug_seeds(rng: np.random.Generator, num_images: int) -> np.ndarray:
-  return rng.integers(0, 2**31 - 1, size=(num_images, 2))
-
-
 def _episode_generator(sources, seed, buckets, shuffle_buffer_size,
-                       start_episode=0):
+                       simclr_episode_fraction=0.0, start_episode=0):
   """Returns a generator function yielding one packed episode at a time."""
 
   def generate():
@@ -212,18 +218,33 @@ def _episode_generator(sources, seed, buckets, shuffle_buffer_size,
     # the seed, as tf.data expects of a deterministic source.
     episodes = reader.EpisodeReader(sources, seed, shuffle_buffer_size)
     aug_rng = np.random.default_rng(reader.derive_seeds(seed, 3, count=2))
-    for _ in range(start_episode):  # Resume: same state, no image reads.
-      _aug_seeds(aug_rng, episodes.skip())
+    # Resume: the state after `start_episode` episodes, no image reads.
+    # Augmentation seeds are drawn for the unconverted episode, as below.
+    for _ in range(start_episode):
+      aug_rng.integers(0, 2**31 - 1, size=(episodes.skip(), 2))
+    index = start_episode
     while True:
       ep = episodes.next_episode()
       s_pad, q_pad = buckets.pick(ep.num_support, ep.num_query)
-      blob, lengths = _pack(ep.images)
+      # Drawn for the unconverted episode, so conversion never shifts the
+      # seeds of later episodes.
+      aug_seeds = aug_rng.integers(0, 2**31 - 1, size=(len(ep.images), 2))
+      images, labels, class_ids, num_ways = (ep.images, ep.labels,
+                                             ep.class_ids, ep.num_ways)
+      is_simclr = simclr_lib.is_simclr_episode(seed, index,
+                                               simclr_episode_fraction)
+      if is_simclr:  # Query size only shrinks: the buckets still fit.
+        images, labels, class_ids, num_ways = simclr_lib.convert_episode(
+            images, class_ids, ep.num_support)
+      index += 1
+      blob, lengths = _pack(images)
       yield {
-          "blob": blob, "lengths": lengths, "labels": ep.labels,
-          "class_ids": ep.class_ids,
-          "info": np.array([ep.num_support, s_pad, q_pad, ep.num_ways,
+          "blob": blob, "lengths": lengths, "labels": labels,
+          "class_ids": class_ids,
+          "info": np.array([ep.num_support, s_pad, q_pad, num_ways,
                             ep.source_id], dtype=np.int32),
-          "aug_seeds": _aug_seeds(aug_rng, len(lengths)),
+          "aug_seeds": aug_seeds[:len(images)],
+          "simclr": np.bool_(is_simclr),
       }
 
   return _EXIT_GUARD.wrap(generate)
@@ -236,6 +257,7 @@ _EPISODE_SIGNATURE = {
     "class_ids": tf.TensorSpec([None], tf.int32),
     "info": tf.TensorSpec([5], tf.int32),
     "aug_seeds": tf.TensorSpec([None, 2], tf.int64),
+    "simclr": tf.TensorSpec([], tf.bool),
 }
 
 
@@ -244,11 +266,18 @@ def _pad_rows(x, size, value):
   return tf.pad(x, pad, constant_values=value)
 
 
-def _episode_fn(image_size, support_augmentation, query_augmentation):
-  """Per-episode map: decode every image once, augment, pad, add masks."""
-  image_spec = tf.TensorSpec([image_size, image_size, 3], tf.float32)
+def _episode_fn(image_size, support_augmentation, query_augmentation,
+                episode_augmenter=None):
+  """Per-episode map: decode every image once, augment, pad, add masks.
 
-  def decode_padded(images, seeds, size, augmentation):
+  `episode_augmenter` (a `simclr.EpisodeAugmenter`) augments SimCLR and
+  ordinary episodes after the decoder's own augmentation.
+  """
+  image_spec = tf.TensorSpec([image_size, image_size, 3], tf.float32)
+  extra = episode_augmenter if (episode_augmenter and
+                                episode_augmenter.augments_in_map) else None
+
+  def decode_padded(images, seeds, size, augmentation, is_query, is_simclr):
     """[size, H, W, 3]: decoded images, then zero rows up to `size`.
 
     Mapping over the padded range writes each row once, instead of padding
@@ -261,7 +290,10 @@ def _episode_fn(image_size, support_augmentation, query_augmentation):
     def row(i):
       def real():
         image = decoder.decode_and_resize(images[i], image_size)
-        return decoder.augment(image, augmentation, seeds[i])
+        image = decoder.augment(image, augmentation, seeds[i])
+        if extra is not None:
+          image = extra(image, seeds[i], is_query, is_simclr)
+        return image
       return tf.cond(i < count, real,
                      lambda: tf.zeros([image_size, image_size, 3]))
 
@@ -275,11 +307,16 @@ def _episode_fn(image_size, support_augmentation, query_augmentation):
         ("support_", slice(None, num_support), s_pad, support_augmentation),
         ("query_", slice(num_support, None), q_pad, query_augmentation)):
       labels = ep["labels"][rows]
-      out[prefix + "images"] = decode_padded(images[rows],
-                                             ep["aug_seeds"][rows], size, aug)
+      out[prefix + "images"] = decode_padded(
+          images[rows], ep["aug_seeds"][rows], size, aug,
+          prefix == "query_", ep["simclr"])
       out[prefix + "labels"] = _pad_rows(labels, size, 0)
       out[prefix + "mask"] = tf.range(size) < tf.shape(labels)[0]
       out[prefix + "class_ids"] = _pad_rows(ep["class_ids"][rows], size, -1)
+      if episode_augmenter is not None:  # Only with on-device augmentation.
+        out.update(episode_augmenter.device_fields(
+            prefix, ep["aug_seeds"][rows], tf.shape(labels)[0], size,
+            ep["simclr"]))
     out["num_ways"] = ep["info"][3]
     out["source_id"] = ep["info"][4]
     return out
@@ -292,10 +329,15 @@ def _episode_dataset(specs, split, episode_config, image_size, seed, *,
                      shuffle_buffer_size, support_augmentation,
                      query_augmentation, use_dag_ontology,
                      use_bilevel_ontology, process_index, process_count,
-                     num_parallel_calls, prefetch, start_episode):
+                     num_parallel_calls, prefetch, simclr_augmentation=None,
+                     md_augmentation=None, augment_on_device=False,
+                     start_episode=0):
   """Shared body of the one-source and multi-source builders."""
   if not specs:
     raise ValueError("at least one dataset spec is needed")
+  augmenter = simclr_lib.EpisodeAugmenter(
+      simclr_augmentation, episode_config.simclr_episode_fraction,
+      md_augmentation, on_host=not augment_on_device)
   seed = _process_seed(seed, process_index, process_count)
   sources = _make_sources(specs, split, episode_config, seed,
                           use_dag_ontology, use_bilevel_ontology)
@@ -308,12 +350,14 @@ def _episode_dataset(specs, split, episode_config, image_size, seed, *,
     raise ValueError(f"start_episode={start_episode} must be >= 0")
   episodes = tf.data.Dataset.from_generator(
       _episode_generator(sources, seed, buckets, shuffle_buffer_size,
+                         episode_config.simclr_episode_fraction,
                          start_episode),
       output_signature=_EPISODE_SIGNATURE)
   # Episodes decode in parallel with each other (and their images in
   # parallel within one episode, through map_fn's parallel iterations).
   episodes = episodes.map(
-      _episode_fn(image_size, support_augmentation, query_augmentation),
+      _episode_fn(image_size, support_augmentation, query_augmentation,
+                  augmenter),
       num_parallel_calls=num_parallel_calls)
   return episodes.prefetch(prefetch)
 
@@ -329,8 +373,15 @@ def make_one_source_episode_dataset(
     use_dag_ontology: bool | None = None,
     use_bilevel_ontology: bool | None = None, process_index: int = 0,
     process_count: int = 1, num_parallel_calls: int = AUTOTUNE,
-    prefetch: int = 2, start_episode: int = 0) -> tf.data.Dataset:
+    prefetch: int = 2,
+    simclr_augmentation: simclr_lib.SimCLRAugmentation | None = None,
+    md_augmentation: simclr_lib.SimCLRAugmentation | None = None,
+    augment_on_device: bool = False,
+    start_episode: int = 0) -> tf.data.Dataset:
   """Infinite dataset of padded episodes from one source.
+
+  `episode_config.simclr_episode_fraction` of the episodes are SimCLR
+  episodes (see `simclr.py`, which also says what their rows hold).
 
   Args:
     dataset_spec: from `load_dataset_spec`; its `path` holds the records.
@@ -350,6 +401,14 @@ def make_one_source_episode_dataset(
     process_count: number of processes.
     num_parallel_calls: decode parallelism.
     prefetch: episodes prefetched.
+    simclr_augmentation: augmentation of SimCLR episodes (None: the official
+      SimCLR v1 settings, `simclr.SIMCLR_AUGMENTATION`).
+    md_augmentation: augmentation of the ordinary episodes' images, e.g.
+      `simclr.BOHB_AUGMENTATION`; None: none.
+    augment_on_device: leave SimCLR / md augmentation to the accelerator
+      (`ctx_jax.data.augment`): images come out unaugmented, with extra
+      keys `{support,query}_aug_seeds` and `_aug_mode` (see
+      `simclr.EpisodeAugmenter.device_fields`).
     start_episode: begin at this episode of the seeded stream, exactly as
       if the earlier ones had been read (resuming training at a data
       position); the skipped episodes are sampled but not read.
@@ -368,6 +427,8 @@ def make_one_source_episode_dataset(
       use_bilevel_ontology=use_bilevel_ontology,
       process_index=process_index, process_count=process_count,
       num_parallel_calls=num_parallel_calls, prefetch=prefetch,
+      simclr_augmentation=simclr_augmentation,
+      md_augmentation=md_augmentation, augment_on_device=augment_on_device,
       start_episode=start_episode)
 
 
@@ -394,7 +455,8 @@ def make_multisource_episode_dataset(
       support_augmentation=None,
       query_augmentation=None, use_dag_ontology=None,
       use_bilevel_ontology=None, process_index=0, process_count=1,
-      num_parallel_calls=AUTOTUNE, prefetch=2, start_episode=0)
+      num_parallel_calls=AUTOTUNE, prefetch=2, simclr_augmentation=None,
+      md_augmentation=None, augment_on_device=False, start_episode=0)
   unknown = set(kwargs) - set(options)
   if unknown:
     raise TypeError(f"unexpected arguments {sorted(unknown)}")

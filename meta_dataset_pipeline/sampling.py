@@ -45,7 +45,8 @@ them. Differences from upstream, all deliberate:
   fixed `num_ways` on Omniglot or ILSVRC samples classes uniformly, where
   upstream raises. Passing `use_*_hierarchy=True` explicitly keeps the
   upstream error.
-- SimCLR episodes are not supported (`simclr_episode_fraction` must be 0).
+- `simclr_episode_fraction` does not affect sampling: the episode pipeline
+  converts that fraction of the sampled episodes (see `simclr.py`).
 """
 
 import dataclasses
@@ -107,6 +108,8 @@ class EpisodeDescriptionConfig:
          "episode_description_switch_frequency", ">= 1"),
         (self.num_unique_descriptions >= 0, "num_unique_descriptions",
          ">= 0"),
+        (0.0 <= self.simclr_episode_fraction <= 1.0,
+         "simclr_episode_fraction", "in [0, 1]"),
     ]
     ns = self.num_support
     if isinstance(ns, tuple):
@@ -118,10 +121,6 @@ class EpisodeDescriptionConfig:
       if not ok:
         raise ValueError(f"EpisodeDescriptionConfig.{key} must be {what} "
                          f"(got {getattr(self, key)!r})")
-    if self.simclr_episode_fraction:
-      raise NotImplementedError(
-          "EpisodeDescriptionConfig.simclr_episode_fraction > 0 (SimCLR "
-          "episodes) is not supported")
 
   @property
   def max_ways(self) -> int:

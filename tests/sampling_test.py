@@ -418,12 +418,11 @@ def test_impossible_configs_name_the_key(shared_dir):
     (dict(num_support=(3, 2)), "num_support"),
     (dict(num_query=0), "num_query"),
     (dict(ignore_hierarchy_probability=2.0), "ignore_hierarchy_probability"),
+    (dict(simclr_episode_fraction=1.5), "simclr_episode_fraction"),
 ])
 def test_config_validation(kwargs, key):
   with pytest.raises(ValueError, match=f"EpisodeDescriptionConfig.{key}"):
     mdp.EpisodeDescriptionConfig(**kwargs)
-  with pytest.raises(NotImplementedError):
-    mdp.EpisodeDescriptionConfig(simclr_episode_fraction=0.5)
 
 
 def test_helpers_match_upstream_formulas():

@@ -4,14 +4,18 @@ The only place in `ctx_jax` that touches `meta_dataset_pipeline` (and hence
 TensorFlow); the model and the train step never do.
 """
 
+import dataclasses
+import functools
 import os
 import pathlib
 from typing import Iterator, Sequence
 
+import jax
 import ml_collections
 import numpy as np
 
 import meta_dataset_pipeline as mdp
+from ctx_jax.data import augment
 
 def source_dir(records_root: str, source: str) -> pathlib.Path:
   """`<records_root>/<source>`, with a clear error when it is missing."""
@@ -37,10 +41,76 @@ def episode_description_config(cfg: ml_collections.ConfigDict
 
 
 def max_ways(config: ml_collections.ConfigDict, split: str) -> int:
-  """Static logit width for episodes of `split`."""
+  """Static logit width for episodes of `split`.
+
+  With SimCLR episodes (`simclr_episode_fraction` > 0) every support image
+  is a class, so the width also covers the largest support set: ways x
+  shots for a fixed shot count, else `max_support_set_size`.
+  """
   data = config.data
   cfg = data.train_episode if split == "TRAIN" else data.eval_episode
-  return int(cfg.num_ways or cfg.max_ways_upper_bound)
+  ways = int(cfg.num_ways or cfg.max_ways_upper_bound)
+  if not cfg.get("simclr_episode_fraction"):
+    return ways
+  shots = cfg.num_support
+  if shots is None:
+    return max(ways, int(cfg.max_support_set_size))
+  if isinstance(shots, (tuple, list)):
+    shots = shots[1]
+  return ways * int(shots)
+
+
+def episode_augmentations(config: ml_collections.ConfigDict, split: str
+                          ) -> dict[str, "mdp.SimCLRAugmentation | None"]:
+  """The `simclr_augmentation` / `md_augmentation` pipeline arguments.
+
+  `config.data.simclr` holds the SimCLR episode augmentation settings
+  (`mdp.SimCLRAugmentation` fields); `config.data.md_augmentation` ("none"
+  or "bohb") augments ordinary training episodes. Evaluation episodes are
+  never augmented.
+  """
+  data = config.data
+  try:
+    simclr = mdp.SimCLRAugmentation(**{
+        k: tuple(v) if isinstance(v, (list, tuple)) else v
+        for k, v in data.simclr.to_dict().items()})
+    md = None
+    if split == "TRAIN":
+      md = mdp.augmentation_by_name(data.md_augmentation)
+  except ValueError as e:
+    raise ValueError(f"config.data.simclr / md_augmentation: {e}") from None
+  return {"simclr_augmentation": simclr, "md_augmentation": md,
+          "augment_on_device": augments_on_device(config, split)}
+
+
+def augments_on_device(config: ml_collections.ConfigDict, split: str) -> bool:
+  """Whether training episodes are augmented on the accelerator.
+
+  `config.data.augment_on`: "host" (tf.data, default) or "device" (JAX,
+  `ctx_jax.data.augment`, for hosts whose CPUs cannot keep up). Only
+  training episodes: evaluation episodes are augmented on the host, if at
+  all.
+  """
+  where = config.data.augment_on
+  if where not in ("host", "device"):
+    raise ValueError(f"config.data.augment_on must be 'host' or 'device', "
+                     f"got {where!r}")
+  return split == "TRAIN" and where == "device"
+
+
+def device_augmenter(config: ml_collections.ConfigDict):
+  """(extra episode keys, jitted episode -> episode) for on-device
+  augmentation of training episodes, or ((), None) when it is off."""
+  if not augments_on_device(config, "TRAIN"):
+    return (), None
+  kwargs = episode_augmentations(config, "TRAIN")
+  to_params = lambda a: augment.AugmentParams(**dataclasses.asdict(a))
+  simclr = to_params(kwargs["simclr_augmentation"])
+  md = kwargs["md_augmentation"]
+  md = None if md is None else to_params(md)
+  fn = jax.jit(functools.partial(augment.augment_episode, simclr=simclr,
+                                 md=md))
+  return augment.DEVICE_KEYS, fn
 
 
 def episodes(config: ml_collections.ConfigDict, split: str,
@@ -75,7 +145,8 @@ def episodes(config: ml_collections.ConfigDict, split: str,
                 image_size=data.image_size, seed=seed,
                 pad_multiple=pad_multiple,
                 shuffle_buffer_size=data.shuffle_buffer_size,
-                start_episode=start_episode)
+                start_episode=start_episode,
+                **episode_augmentations(config, split))
   if len(specs) == 1:
     dataset = mdp.make_one_source_episode_dataset(specs[0], **kwargs)
   else:

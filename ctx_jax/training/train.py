@@ -323,8 +323,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       config, "TRAIN", config.data.train_sources, seed=config.seed,
       pad_multiple=mesh.size, process_index=jax.process_index(),
       process_count=jax.process_count(), start_episode=start_step)
+  aug_keys, device_augment = input_pipeline.device_augmenter(config)
   batches = mesh_lib.prefetch_to_mesh(train_stream, mesh,
-                                      step_lib.MODEL_INPUT_KEYS)
+                                      step_lib.MODEL_INPUT_KEYS + aug_keys)
   schedule = optim.learning_rate_schedule(config.optimizer)
   progress = Progress(config.train.num_steps)
   best = BestExport(workdir)
@@ -336,6 +337,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       model.train()
       while step < config.train.num_steps:
         episode, host = next(batches)
+        if device_augment is not None:
+          episode = device_augment(episode)
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
           metrics = step_lib.train_step(model, optimizer, episode, num_ways,
                                         wd)
