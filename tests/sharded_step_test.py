@@ -34,7 +34,7 @@ TREE_RTOL = 1e-4
 PARAM_ATOL_IN_STEPS = 0.02  # Of the learning rate.
 
 
-def _config(head):
+def config_for(head):
   config = demo.get_config("smoke")
   config.model.head = head
   config.model.query_dim = config.model.val_dim = 16
@@ -42,7 +42,7 @@ def _config(head):
   return config
 
 
-def _episode():
+def make_episode():
   # 16 support rows of which 9 real, 8 queries of which 5 real: on 8 devices
   # (2 support + 1 query rows each) devices 5-7 hold only padding.
   return fakes.fake_episode(16, 8, ways=3, image_size=16, real_support=9,
@@ -129,8 +129,8 @@ def _run_steps(config, episode, num_devices, parallelism, num_steps=2):
 @pytest.mark.parametrize("head,device_counts", [("ctx", (1, 2, 8)),
                                                 ("protonet", (8,))])
 def test_gradients_match_gspmd_on_one_device(head, device_counts):
-  config = _config(head)
-  episode = _episode()
+  config = config_for(head)
+  episode = make_episode()
   ref_total, ref_metrics, ref_grads = _gspmd_grads(config, episode)
   assert ref_metrics["num_queries"] == 5
   assert np.isfinite(ref_total)
@@ -147,8 +147,8 @@ def test_gradients_match_gspmd_on_one_device(head, device_counts):
 
 @pytest.mark.parametrize("head", ["ctx", "protonet"])
 def test_train_step_matches_gspmd(head):
-  config = _config(head)
-  episode = _episode()
+  config = config_for(head)
+  episode = make_episode()
   ref_metrics, ref_state = _run_steps(config, episode, 1, "gspmd")
   metrics, state = _run_steps(config, episode, 8, "shard_map")
   for ref, got in zip(ref_metrics, metrics):
@@ -186,8 +186,8 @@ def test_train_step_matches_gspmd(head):
 
 
 def test_eval_step_matches_gspmd():
-  config = _config("ctx")
-  episode = _episode()
+  config = config_for("ctx")
+  episode = make_episode()
   results = []
   for n, parallelism in ((1, "gspmd"), (8, "shard_map")):
     mesh = mesh_lib.make_mesh(n)
@@ -233,7 +233,7 @@ def test_batch_norm_moments_are_synced_over_the_axis():
 
 
 def test_indivisible_episode_is_rejected():
-  config = _config("ctx")
+  config = config_for("ctx")
   mesh = mesh_lib.make_mesh(8)
   model, optimizer = _state(config, mesh)
   episode = {k: jnp.asarray(v) for k, v in

@@ -34,6 +34,8 @@ pipeline's `pad_multiple`; `mesh.shard_episode` checks it). Shape letters as
 in train_step.py.
 """
 
+import functools
+
 from flax import nnx
 import jax
 from jax.sharding import PartitionSpec as P
@@ -163,3 +165,27 @@ def eval_step(model: nnx.Module, episode: Episode, num_ways: int, *,
 
   return jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)),
                        out_specs=P(), check_vma=True)(state, episode)
+
+
+PARALLELISM = ("shard_map", "gspmd")
+
+
+def select_steps(parallelism: str, mesh: jax.sharding.Mesh):
+  """The train and eval steps for `config.train.parallelism`.
+
+  Args:
+    parallelism: "shard_map" (this module) or "gspmd" (`train_step.py`).
+    mesh: the 1-D `data` mesh the episodes are placed on.
+
+  Returns:
+    (train_fn, eval_fn) with the signatures of `train_step.train_step`
+    `(model, optimizer, episode, num_ways, weight_decay)` and
+    `train_step.eval_step` `(model, episode, num_ways)`.
+  """
+  if parallelism == "shard_map":
+    return (functools.partial(train_step, mesh=mesh),
+            functools.partial(eval_step, mesh=mesh))
+  if parallelism == "gspmd":
+    return step_lib.train_step, step_lib.eval_step
+  raise ValueError(f"config.train.parallelism must be one of {PARALLELISM}, "
+                   f"got {parallelism!r}")
