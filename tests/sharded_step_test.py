@@ -241,3 +241,16 @@ def test_indivisible_episode_is_rejected():
   with pytest.raises(ValueError, match="not divisible by the 8 devices"):
     sharded_step.train_step(model, optimizer, episode, NUM_WAYS,
                             WEIGHT_DECAY, mesh=mesh)
+
+
+def test_parallelism_config_selects_the_step():
+  mesh = mesh_lib.make_mesh(2)
+  assert config_for("ctx").train.parallelism == "shard_map"
+  train_fn, eval_fn = sharded_step.select_steps("shard_map", mesh)
+  assert train_fn.func is sharded_step.train_step
+  assert train_fn.keywords == {"mesh": mesh}
+  assert eval_fn.func is sharded_step.eval_step
+  assert sharded_step.select_steps("gspmd", mesh) == (step_lib.train_step,
+                                                      step_lib.eval_step)
+  with pytest.raises(ValueError, match="config.train.parallelism.*'pmap'"):
+    sharded_step.select_steps("pmap", mesh)
