@@ -39,8 +39,20 @@ import statistics
 import sys
 import time
 
+from flax import nnx
 import jax
-import numpy as np
+
+# Run as a script from anywhere: the repo root holds `experiments` and `tests`.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from ctx_jax.training import mesh as mesh_lib
+from ctx_jax.training import sharded_step
+from ctx_jax.training import train
+from ctx_jax.training import train_step as step_lib
+from experiments import common
+from tests import fakes
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 # Peak dense FLOP/s per device in TFLOP/s: (bfloat16, float32 as XLA runs it
 # by default: TF32 tensor cores on NVIDIA, bfloat16 passes on TPU).
@@ -67,7 +79,6 @@ def peak_tflops(device_kind: str, dtype: str, override: float | None):
 def make_config(args, size: int, dtype: str, parallelism: str,
                 chunk_size: int | None = None):
   """The base CTX config with the benchmark's model and episode."""
-  from experiments import common  # pylint: disable=g-import-not-at-top
   config = common.get_base_config()
   config.data.image_size = size
   config.model.backbone = args.backbone
@@ -84,7 +95,6 @@ def make_config(args, size: int, dtype: str, parallelism: str,
 
 def make_episode(args, size: int, num_devices: int):
   """One fixed episode, all rows real, padded to a multiple of the devices."""
-  from tests import fakes  # pylint: disable=g-import-not-at-top
   pad = lambda n: -(-n // num_devices) * num_devices
   return fakes.fake_episode(pad(args.support), pad(args.query), args.ways,
                             image_size=size, real_support=args.support,
@@ -93,11 +103,6 @@ def make_episode(args, size: int, num_devices: int):
 
 def compile_step(config, mesh, episode, num_ways):
   """AOT-compiled pure step (state, episode) -> (state, metrics) and state."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from ctx_jax.training import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  from ctx_jax.training import sharded_step  # pylint: disable=g-import-not-at-top
-  from ctx_jax.training import train  # pylint: disable=g-import-not-at-top
-  from ctx_jax.training import train_step as step_lib  # pylint: disable=g-import-not-at-top
 
   train_fn, _ = sharded_step.select_steps(config.train.parallelism, mesh)
   model, optimizer = train.create_train_state(config, mesh)
@@ -211,9 +216,6 @@ def main():
   args = parser.parse_args()
   # Before any backend starts; only the CPU backend reads it.
   jax.config.update('jax_num_cpu_devices', args.cpu_devices)
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
-      __file__))))
-  from ctx_jax.training import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   mesh = mesh_lib.make_mesh(args.num_devices or None)
   device_kind = jax.devices()[0].device_kind
   print(f'{mesh.size} x {device_kind}, backbone {args.backbone}, head '

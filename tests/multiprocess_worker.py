@@ -35,12 +35,14 @@ def run(args) -> None:
       num_processes=args.num_processes, process_id=args.process_id,
       initialization_timeout=120)
   # Imported after initialize: nothing may touch a device before it.
-  from ctx_jax.training import input_pipeline  # pylint: disable=g-import-not-at-top
-  from ctx_jax.training import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  from ctx_jax.training import sharded_step  # pylint: disable=g-import-not-at-top
-  from ctx_jax.training import train  # pylint: disable=g-import-not-at-top
-  from ctx_jax.training import train_step as step_lib  # pylint: disable=g-import-not-at-top
-  from tests import sharded_step_test as cases  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from ctx_jax.training import input_pipeline
+  from ctx_jax.training import mesh as mesh_lib
+  from ctx_jax.training import sharded_step
+  from ctx_jax.training import train
+  from ctx_jax.training import train_step as step_lib
+  from tests import sharded_step_test as cases
+  # pylint: enable=g-import-not-at-top
 
   assert jax.process_count() == args.num_processes
   config = cases.config_for(args.head)

@@ -158,7 +158,10 @@ def eval_step(model: nnx.Module, episode: Episode, num_ways: int, *,
 
   def step(state, local_episode):
     local_model = nnx.merge(graphdef, state)
-    logits = step_lib._call_model(local_model, local_episode, num_ways, AXIS)  # pylint: disable=protected-access
+    logits = local_model(
+        local_episode["support_images"], local_episode["support_labels"],
+        local_episode["support_mask"], local_episode["query_images"],
+        num_ways=num_ways, axis_name=AXIS)
     return step_lib.masked_episode_metrics(
         logits, local_episode["query_labels"], local_episode["query_mask"],
         AXIS)
