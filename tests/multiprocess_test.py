@@ -33,8 +33,14 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run_workers(tmp_path, head):
-  """Starts the workers, waits for them (killing all on failure)."""
+def _run_workers(tmp_path, head, while_running):
+  """Runs the workers and, meanwhile, `while_running()` here.
+
+  Kills every worker still alive on failure or timeout.
+
+  Returns:
+    (the workers' npz contents, while_running's result).
+  """
   port = _free_port()
   env = dict(os.environ)
   env["JAX_PLATFORMS"] = "cpu"
@@ -54,6 +60,7 @@ def _run_workers(tmp_path, head):
           env=env, cwd=cases.__file__.rsplit("/tests/", 1)[0],
           stdout=logs[-1], stderr=subprocess.STDOUT))
     deadline = time.time() + TIMEOUT_S
+    result = while_running()
     for proc in procs:
       proc.wait(timeout=max(deadline - time.time(), 1))
   finally:
@@ -66,7 +73,7 @@ def _run_workers(tmp_path, head):
   for i, proc in enumerate(procs):
     text = (tmp_path / f"process_{i}.log").read_text()
     assert proc.returncode == 0, f"worker {i} failed:\n{text[-3000:]}"
-  return [dict(np.load(path)) for path in outputs]
+  return [dict(np.load(path)) for path in outputs], result
 
 
 def _single_process(head):
@@ -91,8 +98,8 @@ def _single_process(head):
 
 
 def test_two_processes_match_one_process(tmp_path):
-  workers = _run_workers(tmp_path, "ctx")
-  expected, config = _single_process("ctx")
+  workers, (expected, config) = _run_workers(
+      tmp_path, "ctx", lambda: _single_process("ctx"))
   for i, result in enumerate(workers):
     np.testing.assert_array_equal(
         result.pop("devices"),

@@ -9,6 +9,8 @@ devices hold no real support row and no real query, and `num_ways` exceeds
 the classes present.
 """
 
+import functools
+
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -49,12 +51,21 @@ def make_episode():
                             real_query=5, seed=7)
 
 
-def _state(config, mesh):
-  """Model (train mode) and optimiser, replicated on `mesh`; same every call."""
+@functools.lru_cache(maxsize=None)
+def _initial_state(head):
+  """(graphdef, host numpy state) of the model and optimiser, built once."""
+  config = config_for(head)
   model = models.build_model(config.model, rngs=nnx.Rngs(config.seed))
   optimizer = nnx.Optimizer(model, optim.make_optimizer(config.optimizer),
                             wrt=nnx.Param)
   graphdef, state = nnx.split((model, optimizer))
+  return graphdef, jax.tree.map(np.asarray, jax.device_get(state))
+
+
+def _state(config, mesh):
+  """Model (train mode) and optimiser, replicated on `mesh`; same every call."""
+  graphdef, state = _initial_state(config.model.head)
+  # From numpy: fresh device buffers, which the steps may donate.
   state = jax.device_put(state, mesh_lib.replicated(mesh))
   model, optimizer = nnx.merge(graphdef, state)
   model.train()
@@ -159,8 +170,7 @@ def test_train_step_matches_gspmd(head):
   # The step moved the parameters and the EMA statistics.
   assert ref_metrics[0]["update_norm"] > 0
   model_state = state[0]
-  initial = _host(nnx.to_pure_dict(nnx.state(
-      models.build_model(config.model, rngs=nnx.Rngs(config.seed)))))
+  initial = nnx.to_pure_dict(_initial_state(head)[1])[0]
   ema = lambda tree: {jax.tree_util.keystr(k): v for k, v in
                       jax.tree_util.tree_flatten_with_path(tree)[0]
                       if "_ema" in jax.tree_util.keystr(k)}
