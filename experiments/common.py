@@ -107,6 +107,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.train.keep_checkpoints = 3
   config.train.valid_every = 5000
   config.train.num_valid_episodes = 600
+  # How the episode is split over the devices: "shard_map" (explicit
+  # collectives, as the official distributed learner: each device embeds its
+  # rows, synced BN, CTX support gathered; ctx_jax/training/sharded_step.py)
+  # or "gspmd" (plain jit of the single-device step with the episode sharded;
+  # XLA partitions it). Same results to float32 round-off.
+  config.train.parallelism = "shard_map"
 
   config.eval = ml_collections.ConfigDict()
   config.eval.num_episodes = 600

@@ -9,8 +9,11 @@ import meta_dataset_pipeline as mdp
 SIZE = 16
 # Small variable episodes keep the test quick; flushes still happen (dtd's
 # classes are small), so the class-stream state must be carried exactly.
+# Half the episodes are SimCLR episodes (converted by episode index, with
+# their own augmentation), which a resumed stream must also continue.
 CFG = mdp.EpisodeDescriptionConfig(max_ways_upper_bound=6,
-                                   max_support_set_size=20, max_num_query=3)
+                                   max_support_set_size=20, max_num_query=3,
+                                   simclr_episode_fraction=0.5)
 
 
 def _take(ds, num):

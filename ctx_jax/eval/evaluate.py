@@ -1,6 +1,5 @@
 """Evaluation of a model (or a pixel baseline) on one source and split."""
 
-import itertools
 from typing import Callable, Sequence
 
 from flax import nnx
@@ -11,6 +10,7 @@ from ctx_jax.eval import baselines
 from ctx_jax.eval import episodic
 from ctx_jax.training import input_pipeline
 from ctx_jax.training import mesh as mesh_lib
+from ctx_jax.training import sharded_step
 from ctx_jax.training import train_step as step_lib
 
 
@@ -47,20 +47,22 @@ def source_accuracies(model: nnx.Module | None,
   """
   stream = input_pipeline.episodes(
       config, split, [source], seed=seed, pad_multiple=mesh.size,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      start_episode=start)  # Skipped episodes are sampled, not read.
   remaining = num_episodes - start
   try:
-    episodes = itertools.islice(stream, start, None)
+    episodes = stream
     if model is None:
       return episodic.episode_accuracies(
           baselines.pixel_nearest_neighbour, episodes, remaining, chunk_size,
           on_chunk)
     num_ways = input_pipeline.max_ways(config, split)
+    _, eval_fn = sharded_step.select_steps(config.train.parallelism, mesh)
     model.eval()
     try:
       with jax.set_mesh(mesh):
         return episodic.episode_accuracies(
-            lambda ep: step_lib.eval_step(model, ep, num_ways),
+            lambda ep: eval_fn(model, ep, num_ways),
             (dev for dev, _ in mesh_lib.prefetch_to_mesh(
                 episodes, mesh, step_lib.MODEL_INPUT_KEYS)),
             remaining, chunk_size, on_chunk)

@@ -79,8 +79,23 @@ class BatchNorm(nnx.Module):
     self.momentum = momentum
     self.use_running_average = False
 
-  def __call__(self, x: jax.Array, stat_weight: jax.Array) -> jax.Array:
-    """Normalises x [N,H,W,C]; stat_weight [N] weights rows in the moments."""
+  def __call__(self, x: jax.Array, stat_weight: jax.Array,
+               axis_name: str | None = None) -> jax.Array:
+    """Normalises x [N,H,W,C]; stat_weight [N] weights rows in the moments.
+
+    Args:
+      x: [N,H,W,C] activations (this device's rows under `shard_map`).
+      stat_weight: [N] weight of each row in the train-mode moments.
+      axis_name: under `shard_map`, the mesh axis the episode is split over:
+        the masked sum(x), sum(x^2) and count are then summed over it (the
+        official synced batch norm), so every device normalises with, and
+        updates its EMA from, the moments of the whole support set. None: the
+        sums are over the rows given (under plain `jit` with N sharded, XLA
+        makes them global by itself).
+
+    Returns:
+      The normalised x, in its dtype.
+    """
     # Moments and the affine map in at least float32 (bfloat16 compute).
     xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     if self.use_running_average:
@@ -92,10 +107,15 @@ class BatchNorm(nnx.Module):
       # the official cross-replica (synced) batch norm.
       w = stat_weight.astype(xf.dtype)
       count = jnp.sum(w) * (x.shape[1] * x.shape[2])
-      count = jnp.maximum(count, 1.0)  # An episode with no real support.
       w = w[:, None, None, None]
-      mean = jnp.sum(w * xf, axis=(0, 1, 2)) / count
-      var = jnp.sum(w * xf * xf, axis=(0, 1, 2)) / count - mean * mean
+      sums = (jnp.sum(w * xf, axis=(0, 1, 2)),
+              jnp.sum(w * xf * xf, axis=(0, 1, 2)), count)
+      if axis_name is not None:
+        sums = lax.psum(sums, axis_name)
+      sum_x, sum_xx, count = sums
+      count = jnp.maximum(count, 1.0)  # An episode with no real support.
+      mean = sum_x / count
+      var = sum_xx / count - mean * mean
       m = self.momentum
       self.mean_ema[...] = (m * self.mean_ema[...] + (1.0 - m) *
                             lax.stop_gradient(mean).astype(jnp.float32))
@@ -121,7 +141,8 @@ class ConvBN(nnx.Module):
     self.rate = rate
     self.dtype = dtype
 
-  def __call__(self, x: jax.Array, stat_weight: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, stat_weight: jax.Array,
+               axis_name: str | None = None) -> jax.Array:
     # lax 'SAME' pads with the dilated kernel size, floor(total/2) before,
     # which is TF's rule, so no explicit padding is needed.
     y = lax.conv_general_dilated(
@@ -129,7 +150,7 @@ class ConvBN(nnx.Module):
         window_strides=(self.stride, self.stride), padding='SAME',
         rhs_dilation=(self.rate, self.rate),
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    return self.batch_norm(y, stat_weight)
+    return self.batch_norm(y, stat_weight, axis_name)
 
 
 class Shortcut(nnx.Module):
@@ -155,11 +176,12 @@ class BasicBlock(nnx.Module):
         in_channels, out_channels, 1, stride=stride, rate=1,
         **kwargs)) if project else None
 
-  def __call__(self, x: jax.Array, stat_weight: jax.Array) -> jax.Array:
-    h = jax.nn.relu(self.conv1(x, stat_weight))
-    h = self.conv2(h, stat_weight)
+  def __call__(self, x: jax.Array, stat_weight: jax.Array,
+               axis_name: str | None = None) -> jax.Array:
+    h = jax.nn.relu(self.conv1(x, stat_weight, axis_name))
+    h = self.conv2(h, stat_weight, axis_name)
     if self.identity is not None:
-      x = self.identity.projection_conv(x, stat_weight)
+      x = self.identity.projection_conv(x, stat_weight, axis_name)
     return jax.nn.relu(x + h)
 
 
@@ -171,9 +193,10 @@ class Stage(nnx.Module):
     for i, block in enumerate(blocks):
       setattr(self, f'bottleneck_{i}', block)
 
-  def __call__(self, x: jax.Array, stat_weight: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, stat_weight: jax.Array,
+               axis_name: str | None = None) -> jax.Array:
     for i in range(self.num_blocks):
-      x = getattr(self, f'bottleneck_{i}')(x, stat_weight)
+      x = getattr(self, f'bottleneck_{i}')(x, stat_weight, axis_name)
     return x
 
 
@@ -221,13 +244,16 @@ class ResNet(nnx.Module):
       setattr(self, stage_name, Stage(stage))
       net_stride, net_rate, in_ch = net_stride * stride, output_rate, width
 
-  def __call__(self, images: jax.Array, stat_weight: jax.Array) -> jax.Array:
+  def __call__(self, images: jax.Array, stat_weight: jax.Array,
+               axis_name: str | None = None) -> jax.Array:
     """Embeds images.
 
     Args:
       images: [N,H,W,3] pixels in [-1, 1].
       stat_weight: [N] weight of each row in the train-mode BN statistics
         (1 for real support images, 0 for queries and padding).
+      axis_name: mesh axis to sync the BN moments over under `shard_map`
+        (see `BatchNorm`); None outside it.
 
     Returns:
       [N,H',W',out_channels] feature maps in the compute dtype.
@@ -239,11 +265,11 @@ class ResNet(nnx.Module):
                        f'{stat_weight.shape}')
     # The official backbone never back-propagates into its input.
     x = lax.stop_gradient(images).astype(self.dtype)
-    x = jax.nn.relu(self.conv1(x, stat_weight))
+    x = jax.nn.relu(self.conv1(x, stat_weight, axis_name))
     # Initialising with -inf makes the SAME-padded cells never win, which is
     # what TF's max-pool does.
     x = lax.reduce_window(x, -jnp.inf, lax.max,
                           (1, 3, 3, 1), (1, 2, 2, 1), 'SAME')
     for stage_name in _STAGE_NAMES:
-      x = getattr(self, stage_name)(x, stat_weight)
+      x = getattr(self, stage_name)(x, stat_weight, axis_name)
     return x

@@ -212,14 +212,23 @@ class CrossTransformerHead(nnx.Module):
 
   def __call__(self, support_emb: jax.Array, support_labels: jax.Array,
                support_mask: jax.Array, query_emb: jax.Array, *,
-               num_ways: int) -> jax.Array:
-    """Logits [Q,W] float32 from support [S,h,w,E] and query [Q,h',w',E]."""
+               num_ways: int, axis_name: str | None = None) -> jax.Array:
+    """Logits [Q,W] float32 from support [S,h,w,E] and query [Q,h',w',E].
+
+    Under `shard_map` (`axis_name` given) the arguments are this device's
+    rows: the projected support keys and values, the labels and the mask are
+    all-gathered over `axis_name` (in device order, i.e. the episode's row
+    order), as the official distributed CTX learner aggregates them, so every
+    device attends over the whole support set; the queries stay local.
+    """
     if support_emb.ndim != 4 or query_emb.ndim != 4:
       raise ValueError('embeddings must be [N,h,w,E]; got '
                        f'{support_emb.shape} and {query_emb.shape}')
+    support = (self.tformer_keys(support_emb), self.tformer_values(support_emb),
+               support_labels, support_mask)
+    if axis_name is not None:
+      support = lax.all_gather(support, axis_name, tiled=True)
     return crosstransformer_logits(
         self.tformer_keys(query_emb), self.tformer_values(query_emb),
-        self.tformer_keys(support_emb), self.tformer_values(support_emb),
-        support_labels, support_mask, num_ways=num_ways,
-        chunk_size=self.query_chunk_size)
+        *support, num_ways=num_ways, chunk_size=self.query_chunk_size)
 

@@ -80,13 +80,17 @@ class EpisodicModel(nnx.Module):
     self.head = head
 
   def embed(self, support_images: jax.Array, support_mask: jax.Array,
-            query_images: jax.Array) -> tuple[jax.Array, jax.Array]:
+            query_images: jax.Array, axis_name: str | None = None
+            ) -> tuple[jax.Array, jax.Array]:
     """Backbone feature maps of the support and query sets.
 
     Args:
       support_images: [S,H,X,3] in [-1, 1].
       support_mask: [S] bool, False for padded rows.
       query_images: [Q,H,X,3].
+      axis_name: under `shard_map`, the mesh axis the episode is split over
+        (the arguments are then this device's rows); the batch-norm moments
+        are synced over it. None: no collectives.
 
     Returns:
       ([S,h,x,E], [Q,h,x,E]) in the compute dtype.
@@ -106,12 +110,12 @@ class EpisodicModel(nnx.Module):
         support_mask.astype(jnp.float32),
         jnp.zeros(query_images.shape[:1], jnp.float32)])
     images = jnp.concatenate([support_images, query_images], axis=0)
-    features = self.backbone(images, stat_weight)
+    features = self.backbone(images, stat_weight, axis_name)
     return features[:num_support], features[num_support:]
 
   def __call__(self, support_images: jax.Array, support_labels: jax.Array,
                support_mask: jax.Array, query_images: jax.Array,
-               num_ways: int) -> jax.Array:
+               num_ways: int, axis_name: str | None = None) -> jax.Array:
     """Query logits of an episode.
 
     Args:
@@ -121,9 +125,14 @@ class EpisodicModel(nnx.Module):
       query_images: [Q,H,X,3].
       num_ways: static number of logit columns W (may exceed the number of
         classes present; absent classes get ABSENT_CLASS_LOGIT).
+      axis_name: under `shard_map`, the mesh axis the episode is split over:
+        each device passes its own contiguous chunk of support and query
+        rows, batch-norm moments are synced and the head sees the whole
+        support set (all-gathered), while queries stay local. None: no
+        collectives (a single device, or GSPMD under plain `jit`).
 
     Returns:
-      [Q,W] float32 logits.
+      [Q,W] float32 logits (of this device's queries under `shard_map`).
     """
     if not isinstance(num_ways, int) or num_ways < 1:
       raise ValueError(f'num_ways must be a positive int, got {num_ways!r}')
@@ -131,9 +140,9 @@ class EpisodicModel(nnx.Module):
       raise ValueError(f'support_labels must be [{support_images.shape[0]}]'
                        f', got {support_labels.shape}')
     support_emb, query_emb = self.embed(support_images, support_mask,
-                                        query_images)
+                                        query_images, axis_name)
     return self.head(support_emb, support_labels, support_mask, query_emb,
-                     num_ways=num_ways)
+                     num_ways=num_ways, axis_name=axis_name)
 
 
 def build_model(config: ml_collections.ConfigDict, *,

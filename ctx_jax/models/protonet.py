@@ -79,12 +79,20 @@ class ProtoNetHead(nnx.Module):
 
   def __call__(self, support_emb: jax.Array, support_labels: jax.Array,
                support_mask: jax.Array, query_emb: jax.Array, *,
-               num_ways: int) -> jax.Array:
-    """Logits [Q,W] float32 from feature maps [S,h,w,E] and [Q,h,w,E]."""
+               num_ways: int, axis_name: str | None = None) -> jax.Array:
+    """Logits [Q,W] float32 from feature maps [S,h,w,E] and [Q,h,w,E].
+
+    Under `shard_map` (`axis_name` given) the pooled support embeddings,
+    labels and mask are all-gathered over `axis_name` (the official
+    `MetricLearner` aggregates the embeddings), so the prototypes are those of
+    the whole support set; the queries stay local.
+    """
     if support_emb.ndim != 4 or query_emb.ndim != 4:
       raise ValueError('embeddings must be [N,h,w,E]; got '
                        f'{support_emb.shape} and {query_emb.shape}')
     pool = lambda x: jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-    return protonet_logits(pool(support_emb), support_labels, support_mask,
-                           pool(query_emb), num_ways=num_ways,
+    support = (pool(support_emb), support_labels, support_mask)
+    if axis_name is not None:
+      support = jax.lax.all_gather(support, axis_name, tiled=True)
+    return protonet_logits(*support, pool(query_emb), num_ways=num_ways,
                            distance=self.distance)

@@ -30,6 +30,7 @@ from ctx_jax.training import checkpoint as checkpoint_lib
 from ctx_jax.training import input_pipeline
 from ctx_jax.training import mesh as mesh_lib
 from ctx_jax.training import optim
+from ctx_jax.training import sharded_step
 from ctx_jax.training import train_step as step_lib
 
 EXPORT_DIR = "export"
@@ -290,6 +291,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
   mesh = mesh_lib.make_mesh(config.num_devices or None)
+  train_fn, _ = sharded_step.select_steps(config.train.parallelism, mesh)
   logging.info("process %d/%d, %d local / %d global devices, mesh %s",
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(), mesh.shape)
@@ -340,8 +342,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         if device_augment is not None:
           episode = device_augment(episode)
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
-          metrics = step_lib.train_step(model, optimizer, episode, num_ways,
-                                        wd)
+          metrics = train_fn(model, optimizer, episode, num_ways, wd)
         step += 1
         progress.images += int(np.sum(host["support_mask"]) +
                                np.sum(host["query_mask"])

@@ -23,46 +23,59 @@ MODEL_INPUT_KEYS = ("support_images", "support_labels", "support_mask",
 
 
 def masked_episode_metrics(logits: jax.Array, labels: jax.Array,
-                           mask: jax.Array) -> dict[str, jax.Array]:
+                           mask: jax.Array, axis_name: str | None = None
+                           ) -> dict[str, jax.Array]:
   """Mean cross-entropy and accuracy over the real (mask True) queries.
 
   Args:
     logits: [Q, W] float.
     labels: [Q] int.
     mask: [Q] bool.
+    axis_name: under `shard_map`, the mesh axis the queries are split over:
+      the sums and the count are then summed over it, so the means are over
+      all real queries of the episode, identical on every device.
 
   Returns:
     `loss`, `accuracy` (masked means) and `num_queries` (real count).
   """
   weights = mask.astype(jnp.float32)
-  count = jnp.maximum(jnp.sum(weights), 1.0)
   ce = optax.softmax_cross_entropy_with_integer_labels(
       logits.astype(jnp.float32), labels)
   correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+  sums = (jnp.sum(ce * weights), jnp.sum(correct * weights),
+          jnp.sum(weights))
+  if axis_name is not None:
+    sums = jax.lax.psum(sums, axis_name)
+  ce_sum, correct_sum, num_queries = sums
+  count = jnp.maximum(num_queries, 1.0)
   return {
-      "loss": jnp.sum(ce * weights) / count,
-      "accuracy": jnp.sum(correct * weights) / count,
-      "num_queries": jnp.sum(weights),
+      "loss": ce_sum / count,
+      "accuracy": correct_sum / count,
+      "num_queries": num_queries,
   }
 
 
-def _call_model(model: nnx.Module, episode: Episode, num_ways: int):
+def _call_model(model: nnx.Module, episode: Episode, num_ways: int,
+                axis_name: str | None = None):
   return model(episode["support_images"], episode["support_labels"],
                episode["support_mask"], episode["query_images"],
-               num_ways=num_ways)
+               num_ways=num_ways, axis_name=axis_name)
 
 
 def episode_loss(model: nnx.Module, episode: Episode, num_ways: int,
-                 weight_decay: float):
+                 weight_decay: float, axis_name: str | None = None):
   """Official training loss: mean query cross-entropy + L2 on conv kernels.
 
   The regulariser is `weight_decay * sum(w**2)` (Keras L2, no factor 1/2) over
   every conv kernel of the backbone and the transformer; batch-norm parameters
-  are not decayed.
+  are not decayed. With `axis_name` (under `shard_map`, `episode` holding this
+  device's rows) the cross-entropy is the mean over the real queries of the
+  whole episode and the loss is the same on every device; the regulariser is
+  added once.
   """
-  logits = _call_model(model, episode, num_ways)
+  logits = _call_model(model, episode, num_ways, axis_name)
   metrics = masked_episode_metrics(logits, episode["query_labels"],
-                                   episode["query_mask"])
+                                   episode["query_mask"], axis_name)
   regularizer = weight_decay * models.weight_decay_sum(model)
   metrics["regularizer"] = regularizer
   return metrics["loss"] + regularizer, metrics
@@ -70,6 +83,29 @@ def episode_loss(model: nnx.Module, episode: Episode, num_ways: int,
 
 def _global_norm(tree: Any) -> jax.Array:
   return optax.tree.norm(tree)
+
+
+def apply_update(model: nnx.Module, optimizer: nnx.Optimizer, grads: Any,
+                 total_loss: jax.Array, metrics: dict[str, jax.Array]
+                 ) -> dict[str, jax.Array]:
+  """Applies `grads` in place and adds the norm metrics to `metrics`.
+
+  Shared by the GSPMD and the `shard_map` train steps (there `grads` is
+  already reduced over the devices).
+
+  Returns:
+    `metrics` with total_loss, grad_norm, param_norm and update_norm added.
+  """
+  # Values, not the Variables: the update below mutates those in place.
+  params_before = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  optimizer.update(model, grads)
+  params_after = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  metrics["total_loss"] = total_loss
+  metrics["grad_norm"] = _global_norm(grads)
+  metrics["param_norm"] = _global_norm(params_after)
+  metrics["update_norm"] = _global_norm(
+      jax.tree.map(jnp.subtract, params_after, params_before))
+  return metrics
 
 
 @nnx.jit(static_argnames=("num_ways", "weight_decay"),
@@ -93,15 +129,7 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, episode: Episode,
   grad_fn = nnx.value_and_grad(episode_loss, has_aux=True)
   (total_loss, metrics), grads = grad_fn(model, episode, num_ways,
                                          weight_decay)
-  params_before = nnx.state(model, nnx.Param)
-  optimizer.update(model, grads)
-  params_after = nnx.state(model, nnx.Param)
-  metrics["total_loss"] = total_loss
-  metrics["grad_norm"] = _global_norm(grads)
-  metrics["param_norm"] = _global_norm(params_after)
-  metrics["update_norm"] = _global_norm(
-      jax.tree.map(jnp.subtract, params_after, params_before))
-  return metrics
+  return apply_update(model, optimizer, grads, total_loss, metrics)
 
 
 @nnx.jit(static_argnames=("num_ways",))
