@@ -261,4 +261,8 @@ def test_two_process_training_matches_one_process(tmp_path):
                        for line in proc.stdout.splitlines()
                        if "step 2/2" in line]
   assert results[2] == results[1]
-  assert logs[2] == logs[1] and len(logs[1]) == 1  # same final loss
+  # Same final loss up to float32 round-off: the cross-process all-reduce
+  # sums the devices' partial losses and gradients in another order.
+  assert len(logs[1]) == len(logs[2]) == 1
+  losses = [float(logs[p][0].split("loss ")[1]) for p in (1, 2)]
+  assert losses[0] == pytest.approx(losses[1], rel=1e-4)
