@@ -46,7 +46,9 @@ accelerator and adds `{support,query}_aug_seeds` int32 [S|Q, 2] and
 
 Parallelism across processes: `process_index` is folded into the seed, so
 each process draws its own episodes; to split one episode's rows across
-processes instead, give every process the same `process_index` and slice.
+processes instead, give every process the same seed and its own
+`row_block=(process, num_processes)`: each then reads and decodes only its
+block of the support and query rows.
 
 Known TF issue: a `from_generator` pipeline whose iterator is still alive
 when Python exits can hang or abort at exit (TF 2.21). An at-exit guard
@@ -209,8 +211,27 @@ def _unpack(blob, lengths):
   return tf.strings.substr(blob, starts, lengths)
 
 
+def _row_block(num_support, num_rows, s_pad, q_pad, row_block):
+  """Indices (into support-then-query rows) of one block of the padded sets.
+
+  Block `b` of `n` holds padded rows `[b*S/n, (b+1)*S/n)` of the support set
+  and likewise of the query set; only the real ones among them exist here.
+  """
+  b, n = row_block
+  if s_pad % n or q_pad % n:
+    raise ValueError(f"padded sizes ({s_pad}, {q_pad}) do not split into "
+                     f"{n} row blocks; use a pad_multiple divisible by {n}")
+  bs, bq = s_pad // n, q_pad // n
+  support = list(range(b * bs, min((b + 1) * bs, num_support)))
+  num_query = num_rows - num_support
+  query = [num_support + r for r in range(b * bq, min((b + 1) * bq,
+                                                      num_query))]
+  return support + query, len(support), bs, bq
+
+
 def _episode_generator(sources, seed, buckets, shuffle_buffer_size,
-                       simclr_episode_fraction=0.0, start_episode=0):
+                       simclr_episode_fraction=0.0, start_episode=0,
+                       row_block=None):
   """Returns a generator function yielding one packed episode at a time."""
 
   def generate():
@@ -237,13 +258,21 @@ def _episode_generator(sources, seed, buckets, shuffle_buffer_size,
         images, labels, class_ids, num_ways = simclr_lib.convert_episode(
             images, class_ids, ep.num_support)
       index += 1
+      aug_seeds = aug_seeds[:len(images)]
+      num_support = ep.num_support
+      if row_block is not None:  # Only this block's rows are decoded.
+        keep, num_support, s_pad, q_pad = _row_block(
+            num_support, len(images), s_pad, q_pad, row_block)
+        images = [images[i] for i in keep]
+        labels, class_ids = labels[keep], class_ids[keep]
+        aug_seeds = aug_seeds[keep]
       blob, lengths = _pack(images)
       yield {
           "blob": blob, "lengths": lengths, "labels": labels,
           "class_ids": class_ids,
-          "info": np.array([ep.num_support, s_pad, q_pad, num_ways,
+          "info": np.array([num_support, s_pad, q_pad, num_ways,
                             ep.source_id], dtype=np.int32),
-          "aug_seeds": aug_seeds[:len(images)],
+          "aug_seeds": aug_seeds.reshape(-1, 2),
           "simclr": np.bool_(is_simclr),
       }
 
@@ -331,7 +360,7 @@ def _episode_dataset(specs, split, episode_config, image_size, seed, *,
                      use_bilevel_ontology, process_index, process_count,
                      num_parallel_calls, prefetch, simclr_augmentation=None,
                      md_augmentation=None, augment_on_device=False,
-                     start_episode=0):
+                     start_episode=0, row_block=None):
   """Shared body of the one-source and multi-source builders."""
   if not specs:
     raise ValueError("at least one dataset spec is needed")
@@ -348,10 +377,16 @@ def _episode_dataset(specs, split, episode_config, image_size, seed, *,
       min_bucket_size)
   if start_episode < 0:
     raise ValueError(f"start_episode={start_episode} must be >= 0")
+  if row_block is not None:
+    block, count = row_block
+    if not 0 <= block < count or pad_multiple % count:
+      raise ValueError(
+          f"row_block={row_block}: needs 0 <= block < count and a "
+          f"pad_multiple ({pad_multiple}) divisible by count")
   episodes = tf.data.Dataset.from_generator(
       _episode_generator(sources, seed, buckets, shuffle_buffer_size,
                          episode_config.simclr_episode_fraction,
-                         start_episode),
+                         start_episode, row_block),
       output_signature=_EPISODE_SIGNATURE)
   # Episodes decode in parallel with each other (and their images in
   # parallel within one episode, through map_fn's parallel iterations).
@@ -377,7 +412,8 @@ def make_one_source_episode_dataset(
     simclr_augmentation: simclr_lib.SimCLRAugmentation | None = None,
     md_augmentation: simclr_lib.SimCLRAugmentation | None = None,
     augment_on_device: bool = False,
-    start_episode: int = 0) -> tf.data.Dataset:
+    start_episode: int = 0,
+    row_block: tuple[int, int] | None = None) -> tf.data.Dataset:
   """Infinite dataset of padded episodes from one source.
 
   `episode_config.simclr_episode_fraction` of the episodes are SimCLR
@@ -412,6 +448,11 @@ def make_one_source_episode_dataset(
     start_episode: begin at this episode of the seeded stream, exactly as
       if the earlier ones had been read (resuming training at a data
       position); the skipped episodes are sampled but not read.
+    row_block: `(index, count)`: emit only block `index` of `count` equal
+      blocks of the padded support rows and of the padded query rows (the
+      rows one process feeds to its devices when an episode is split over
+      processes). Every process uses the same seed; only its own images are
+      read and decoded. `pad_multiple` must be divisible by `count`.
 
   Returns:
     A `tf.data.Dataset` of episode dicts (see module docstring).
@@ -429,7 +470,7 @@ def make_one_source_episode_dataset(
       num_parallel_calls=num_parallel_calls, prefetch=prefetch,
       simclr_augmentation=simclr_augmentation,
       md_augmentation=md_augmentation, augment_on_device=augment_on_device,
-      start_episode=start_episode)
+      start_episode=start_episode, row_block=row_block)
 
 
 def make_multisource_episode_dataset(
@@ -456,7 +497,8 @@ def make_multisource_episode_dataset(
       query_augmentation=None, use_dag_ontology=None,
       use_bilevel_ontology=None, process_index=0, process_count=1,
       num_parallel_calls=AUTOTUNE, prefetch=2, simclr_augmentation=None,
-      md_augmentation=None, augment_on_device=False, start_episode=0)
+      md_augmentation=None, augment_on_device=False, start_episode=0,
+      row_block=None)
   unknown = set(kwargs) - set(options)
   if unknown:
     raise TypeError(f"unexpected arguments {sorted(unknown)}")

@@ -146,20 +146,25 @@ def episodes(config: ml_collections.ConfigDict, split: str,
                 pad_multiple=pad_multiple,
                 shuffle_buffer_size=data.shuffle_buffer_size,
                 start_episode=start_episode,
+                row_block=((process_index, process_count)
+                           if process_count > 1 else None),
                 **episode_augmentations(config, split))
   if len(specs) == 1:
     dataset = mdp.make_one_source_episode_dataset(specs[0], **kwargs)
   else:
     dataset = mdp.make_multisource_episode_dataset(specs, **kwargs)
-  for episode in dataset.as_numpy_iterator():
-    if process_count > 1:
-      episode = local_rows(episode, process_index, process_count)
-    yield episode
+  # Each process reads and decodes only its rows (`row_block`): the same as
+  # `local_rows` of the whole episode, without decoding the others' images.
+  yield from dataset.as_numpy_iterator()
 
 
 def local_rows(episode: dict[str, np.ndarray], process_index: int,
                process_count: int) -> dict[str, np.ndarray]:
-  """This process's contiguous block of the support and query rows."""
+  """This process's contiguous block of the support and query rows.
+
+  The reference for the pipeline's `row_block`, which gives the same block
+  without reading the other rows.
+  """
   out = dict(episode)
   for prefix in ("support_", "query_"):
     keys = [k for k in episode if k.startswith(prefix)]
