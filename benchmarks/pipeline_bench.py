@@ -50,17 +50,18 @@ def _measure(iterator, count_images, seconds):
           "images_per_s": images / elapsed}
 
 
-def _ours(sources, image_size, seconds):
+def _ours(sources, image_size, seconds, cache_mb=0):
   import meta_dataset_pipeline as mdp  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   specs = [mdp.load_dataset_spec(RECORDS / s) for s in sources]
   cfg = mdp.EpisodeDescriptionConfig()
+  options = {"decoded_cache_bytes": int(cache_mb * 2**20)} if cache_mb else {}
   if len(specs) == 1:
     ds = mdp.make_one_source_episode_dataset(specs[0], "TRAIN", cfg,
-                                             image_size, seed=0)
+                                             image_size, seed=0, **options)
   else:
     ds = mdp.make_multisource_episode_dataset(specs, "TRAIN", cfg,
-                                              image_size, seed=0)
+                                              image_size, seed=0, **options)
   it = ds.as_numpy_iterator()
   build = time.perf_counter() - start
   result = _measure(

@@ -46,6 +46,7 @@ iterating inside a function) avoids it.
 """
 
 import atexit
+import itertools
 import threading
 import time
 from typing import Sequence
@@ -199,7 +200,8 @@ def _unpack(blob, lengths):
   return tf.strings.substr(blob, starts, lengths)
 
 
-def _episode_generator(sources, seed, buckets, shuffle_buffer_size):
+def _episode_generator(sources, seed, buckets, shuffle_buffer_size,
+                       cache=None):
   """Returns a generator function yielding one packed episode at a time."""
 
   def generate():
@@ -217,6 +219,7 @@ def _episode_generator(sources, seed, buckets, shuffle_buffer_size):
           "info": np.array([ep.num_support, s_pad, q_pad, ep.num_ways,
                             ep.source_id], dtype=np.int32),
           "aug_seeds": aug_rng.integers(0, 2**31 - 1, size=(len(lengths), 2)),
+          **_provenance(sources, ep, cache),
       }
 
   return _EXIT_GUARD.wrap(generate)
@@ -229,7 +232,26 @@ _EPISODE_SIGNATURE = {
     "class_ids": tf.TensorSpec([None], tf.int32),
     "info": tf.TensorSpec([5], tf.int32),
     "aug_seeds": tf.TensorSpec([None, 2], tf.int64),
+    "record_index": tf.TensorSpec([None], tf.int32),
+    "way_files": tf.TensorSpec([None], tf.string),
+    "cache_slots": tf.TensorSpec([None], tf.int32),
 }
+
+
+def _provenance(sources, ep, cache):
+  """Where each image of `ep` comes from (for errors), and its cache slot."""
+  _, first = np.unique(ep.labels[:ep.num_support], return_index=True)
+  spec = sources[ep.source_id].spec
+  if cache is None:
+    slots = np.full(len(ep.labels), -1, np.int32)
+  else:
+    slots = cache.slots(list(zip(itertools.repeat(ep.source_id),
+                                 ep.class_ids.tolist(),
+                                 ep.record_index.tolist())))
+  return {"record_index": ep.record_index,
+          "way_files": np.array([spec.class_file(int(c))
+                                 for c in ep.class_ids[first]], dtype=object),
+          "cache_slots": slots}
 
 
 def _pad_rows(x, size, value):
@@ -237,39 +259,36 @@ def _pad_rows(x, size, value):
   return tf.pad(x, pad, constant_values=value)
 
 
-def _episode_fn(image_size, support_augmentation, query_augmentation):
+def _episode_fn(image_size, support_augmentation, query_augmentation,
+                cache=None):
   """Per-episode map: decode every image once, augment, pad, add masks."""
-  image_spec = tf.TensorSpec([image_size, image_size, 3], tf.float32)
 
-  def decode_padded(images, seeds, size, augmentation):
-    """[size, H, W, 3]: decoded images, then zero rows up to `size`.
+  def decode_padded(ep, rows, size, augmentation):
+    """[size, H, W, 3]: decoded images, then zero rows up to `size`."""
+    images = _unpack(ep["blob"], ep["lengths"])[rows]
+    labels = ep["labels"][rows]
+    records = ep["record_index"][rows]
+    class_ids = ep["class_ids"][rows]
 
-    Mapping over the padded range writes each row once, instead of padding
-    (and scaling) the whole set afterwards: at float32 these sets are tens
-    of MB, and every extra pass over them costs more than the decode of a
-    small image.
-    """
-    count = tf.shape(images)[0]
+    def describe(i):
+      return tf.strings.join([
+          tf.gather(ep["way_files"], labels[i]), ": record ",
+          tf.strings.as_string(records[i]), " of class ",
+          tf.strings.as_string(class_ids[i]), ": the image failed to decode "
+          "(corrupt image data)"])
 
-    def row(i):
-      def real():
-        image = decoder.decode_and_resize(images[i], image_size)
-        return decoder.augment(image, augmentation, seeds[i])
-      return tf.cond(i < count, real,
-                     lambda: tf.zeros([image_size, image_size, 3]))
-
-    return tf.map_fn(row, tf.range(size), fn_output_signature=image_spec)
+    return decoder.decode_rows(images, size, image_size, augmentation,
+                               ep["aug_seeds"][rows], describe, cache,
+                               ep["cache_slots"][rows])
 
   def process(ep):
     num_support, s_pad, q_pad = ep["info"][0], ep["info"][1], ep["info"][2]
-    images = _unpack(ep["blob"], ep["lengths"])
     out = {}
     for prefix, rows, size, aug in (
         ("support_", slice(None, num_support), s_pad, support_augmentation),
         ("query_", slice(num_support, None), q_pad, query_augmentation)):
       labels = ep["labels"][rows]
-      out[prefix + "images"] = decode_padded(images[rows],
-                                             ep["aug_seeds"][rows], size, aug)
+      out[prefix + "images"] = decode_padded(ep, rows, size, aug)
       out[prefix + "labels"] = _pad_rows(labels, size, 0)
       out[prefix + "mask"] = tf.range(size) < tf.shape(labels)[0]
       out[prefix + "class_ids"] = _pad_rows(ep["class_ids"][rows], size, -1)
@@ -285,7 +304,7 @@ def _episode_dataset(specs, split, episode_config, image_size, seed, *,
                      shuffle_buffer_size, support_augmentation,
                      query_augmentation, use_dag_ontology,
                      use_bilevel_ontology, process_index, process_count,
-                     num_parallel_calls, prefetch):
+                     num_parallel_calls, prefetch, decoded_cache_bytes):
   """Shared body of the one-source and multi-source builders."""
   if not specs:
     raise ValueError("at least one dataset spec is needed")
@@ -297,13 +316,22 @@ def _episode_dataset(specs, split, episode_config, image_size, seed, *,
   buckets = padding.buckets_for_samplers(
       [s.sampler for s in sources], pad_multiple, bucket_growth,
       min_bucket_size)
+  cache = None
+  capacity = min(
+      decoded_cache_bytes // decoder.DecodedImageCache.bytes_per_image(
+          image_size),
+      sum(s.spec.get_total_images_per_class(c) for s in sources
+          for c in s.class_set))
+  if capacity > 0:
+    cache = decoder.DecodedImageCache(capacity, image_size)
   episodes = tf.data.Dataset.from_generator(
-      _episode_generator(sources, seed, buckets, shuffle_buffer_size),
+      _episode_generator(sources, seed, buckets, shuffle_buffer_size, cache),
       output_signature=_EPISODE_SIGNATURE)
   # Episodes decode in parallel with each other (and their images in
   # parallel within one episode, through map_fn's parallel iterations).
   episodes = episodes.map(
-      _episode_fn(image_size, support_augmentation, query_augmentation),
+      _episode_fn(image_size, support_augmentation, query_augmentation,
+                  cache),
       num_parallel_calls=num_parallel_calls)
   return episodes.prefetch(prefetch)
 
@@ -319,7 +347,7 @@ def make_one_source_episode_dataset(
     use_dag_ontology: bool | None = None,
     use_bilevel_ontology: bool | None = None, process_index: int = 0,
     process_count: int = 1, num_parallel_calls: int = AUTOTUNE,
-    prefetch: int = 2) -> tf.data.Dataset:
+    prefetch: int = 2, decoded_cache_bytes: int = 0) -> tf.data.Dataset:
   """Infinite dataset of padded episodes from one source.
 
   Args:
@@ -340,6 +368,10 @@ def make_one_source_episode_dataset(
     process_count: number of processes.
     num_parallel_calls: decode parallelism.
     prefetch: episodes prefetched.
+    decoded_cache_bytes: memory for a cache of decoded, resized images
+      (`decoder.DecodedImageCache`, float32, before augmentation); 0: none.
+      Exact: cached images are the same values. Images past the budget are
+      decoded every time. E.g. all 5640 DTD images at 84x84 take 477 MB.
 
   Returns:
     A `tf.data.Dataset` of episode dicts (see module docstring).
@@ -354,7 +386,8 @@ def make_one_source_episode_dataset(
       use_dag_ontology=use_dag_ontology,
       use_bilevel_ontology=use_bilevel_ontology,
       process_index=process_index, process_count=process_count,
-      num_parallel_calls=num_parallel_calls, prefetch=prefetch)
+      num_parallel_calls=num_parallel_calls, prefetch=prefetch,
+      decoded_cache_bytes=decoded_cache_bytes)
 
 
 def make_multisource_episode_dataset(
@@ -380,7 +413,7 @@ def make_multisource_episode_dataset(
       support_augmentation=None,
       query_augmentation=None, use_dag_ontology=None,
       use_bilevel_ontology=None, process_index=0, process_count=1,
-      num_parallel_calls=AUTOTUNE, prefetch=2)
+      num_parallel_calls=AUTOTUNE, prefetch=2, decoded_cache_bytes=0)
   unknown = set(kwargs) - set(options)
   if unknown:
     raise TypeError(f"unexpected arguments {sorted(unknown)}")
