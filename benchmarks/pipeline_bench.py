@@ -38,8 +38,9 @@ RECORDS = REPO.parent / "shared" / "fixtures" / "md_records"
 CASES = (("omniglot",), ("dtd",), ("omniglot", "dtd"))
 
 
-def _measure(iterator, count_images, seconds):
-  next(iterator)  # Warm-up: graph building, first reads, buffer filling.
+def _measure(iterator, count_images, seconds, warmup=1):
+  for _ in range(warmup):  # Graph building, first reads, buffer filling.
+    next(iterator)
   start, episodes, images = time.perf_counter(), 0, 0
   while time.perf_counter() - start < seconds or episodes < 5:
     images += count_images(next(iterator))
@@ -50,7 +51,7 @@ def _measure(iterator, count_images, seconds):
           "images_per_s": images / elapsed}
 
 
-def _ours(sources, image_size, seconds, cache_mb=0):
+def _ours(sources, image_size, seconds, cache_mb=0, warmup=1):
   import meta_dataset_pipeline as mdp  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   specs = [mdp.load_dataset_spec(RECORDS / s) for s in sources]
@@ -66,7 +67,7 @@ def _ours(sources, image_size, seconds, cache_mb=0):
   build = time.perf_counter() - start
   result = _measure(
       it, lambda e: int(e["support_mask"].sum() + e["query_mask"].sum()),
-      seconds)
+      seconds, warmup)
   return {**result, "build_seconds": build}
 
 
@@ -126,7 +127,8 @@ def _official(sources, image_size, seconds, official_src, gin_path):
 def _worker(args):
   sources = args.sources.split(",")
   if args.worker == "ours":
-    result = _ours(sources, args.image_size, args.seconds)
+    result = _ours(sources, args.image_size, args.seconds, args.cache_mb,
+                   args.warmup)
   else:
     result = _official(sources, args.image_size, args.seconds,
                        args.official_src, args.gin_path)
@@ -173,6 +175,8 @@ def main():
   parser.add_argument("--worker", choices=["ours", "official"])
   parser.add_argument("--sources")
   parser.add_argument("--image_size", type=int)
+  parser.add_argument("--cache_mb", type=float, default=0)
+  parser.add_argument("--warmup", type=int, default=1)
   args = parser.parse_args()
   if args.worker:
     _worker(args)

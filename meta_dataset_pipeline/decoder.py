@@ -184,6 +184,7 @@ class DecodedImageCache:
     self.filled = tf.Variable(tf.zeros([self.capacity], tf.int32),
                               trainable=False, name="decoded_filled")
     self._slots = {}
+    self._known_filled = np.zeros(self.capacity, bool)
 
   @staticmethod
   def bytes_per_image(image_size: int) -> int:
@@ -201,6 +202,21 @@ class DecodedImageCache:
           table[key] = slot
       out[i] = slot
     return out
+
+  def refresh_filled(self):
+    """Updates which slots are known to be filled (they never empty)."""
+    if not self._known_filled[:len(self._slots)].all():
+      self._known_filled = self.filled.numpy() > 0
+
+  def is_filled(self, key) -> bool:
+    """Whether `key`'s image was cached as of the last `refresh_filled`."""
+    slot = self._slots.get(key)
+    return slot is not None and bool(self._known_filled[slot])
+
+  def all_filled(self, slots: tf.Tensor) -> tf.Tensor:
+    """Whether every one of `slots` (int32 [N]) holds its image."""
+    return tf.reduce_all(tf.logical_and(
+        slots >= 0, tf.gather(self.filled, tf.maximum(slots, 0)) > 0))
 
   def decode(self, image_bytes: tf.Tensor, slot: tf.Tensor) -> tf.Tensor:
     """`decode_and_resize(image_bytes)`, from the cache when filled.
@@ -235,10 +251,21 @@ class DecodedImageCache:
     return tf.cond(hit, load, decode)
 
 
+def _from_cache(cache, slots, size, augmentation, seeds):
+  """decode_rows when every image is cached: gather, augment, zero-pad."""
+  images = tf.gather(cache.images, slots)
+  if augmentation is not None and augmentation.active:
+    images = tf.map_fn(lambda x: augment(x[0], augmentation, x[1]),
+                       (images, seeds),
+                       fn_output_signature=images.dtype)
+  return tf.pad(images, [[0, size - tf.shape(slots)[0]], [0, 0], [0, 0],
+                         [0, 0]])
+
+
 def decode_rows(images: tf.Tensor, size: tf.Tensor, image_size: int,
                 augmentation: DataAugmentation | None, seeds: tf.Tensor,
                 describe, cache: DecodedImageCache | None = None,
-                slots: tf.Tensor | None = None) -> tf.Tensor:
+                slots: tf.Tensor | None = None, _rowwise=False) -> tf.Tensor:
   """Decodes, augments and zero-pads a set of images; names a failed one.
 
   Rows run through a small nested `tf.data` pipeline whose
@@ -269,6 +296,15 @@ def decode_rows(images: tf.Tensor, size: tf.Tensor, image_size: int,
   """
   count = tf.shape(images)[0]
   zeros = tf.zeros([image_size, image_size, 3])
+  if cache is not None and not _rowwise:
+    # Every image cached (the common case once warm): one gather, no
+    # per-row work. Otherwise the row-by-row path below.
+    return tf.cond(cache.all_filled(slots),
+                   lambda: _from_cache(cache, slots, size, augmentation,
+                                       seeds),
+                   lambda: decode_rows(images, size, image_size,
+                                       augmentation, seeds, describe, cache,
+                                       slots, _rowwise=True))
 
   def row(i):
     i = tf.cast(i, tf.int32)

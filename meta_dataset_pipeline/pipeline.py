@@ -209,7 +209,11 @@ def _episode_generator(sources, seed, buckets, shuffle_buffer_size,
     # the seed, as tf.data expects of a deterministic source.
     episodes = reader.EpisodeReader(sources, seed, shuffle_buffer_size)
     aug_rng = np.random.default_rng(reader.derive_seeds(seed, 3, count=2))
+    if cache is not None:  # Cached images are not read again.
+      episodes.skip_cached_reads(lambda *key: cache.is_filled(key))
     while True:
+      if cache is not None:
+        cache.refresh_filled()
       ep = episodes.next_episode()
       s_pad, q_pad = buckets.pick(ep.num_support, ep.num_query)
       blob, lengths = _pack(ep.images)

@@ -35,6 +35,7 @@ An image whose bytes look fine but fail to decode is named by
 
 import collections
 import dataclasses
+import functools
 import os
 import struct
 from typing import Sequence
@@ -262,6 +263,9 @@ class ClassStream:
     self._order = np.zeros(0, dtype=np.int64)
     self._cursor = 0
     self._reader = None
+    # Optional (class_id, index) -> bool: records whose decoded image is
+    # cached downstream are not read (`EpisodeReader.skip_cached_reads`).
+    self.cached = None
 
   def ensure_open(self):
     """Indexes the file (once) and checks its record count."""
@@ -323,7 +327,13 @@ class ClassStream:
     return _read_plain(self._reader, int(self._offsets[index]))
 
   def read_image(self, index: int) -> bytes:
-    """The encoded image of record `index`, checked (see `decoder`)."""
+    """The encoded image of record `index`, checked (see `decoder`).
+
+    Empty when `self.cached` says the decoded image is cached (the record
+    was read and checked when it was first used).
+    """
+    if self.cached is not None and self.cached(self.class_id, index):
+      return b""
     where = f"{self.path}: record {index} of class {self.class_id}"
     try:
       image, label = decoder.parse_record(self.read(index))
@@ -422,6 +432,18 @@ class EpisodeReader:
         num_query=int(d.num_query.sum()), num_ways=len(d.class_ids),
         source_id=source_id, num_flushed=flushed, description=d)
 
+
+  def skip_cached_reads(self, is_cached):
+    """Stops reading records whose decoded image is cached downstream.
+
+    Args:
+      is_cached: (source_id, class_id, record index) -> bool; True only for
+        images that the decoder will take from its cache (their bytes come
+        back empty).
+    """
+    for source_id, streams in enumerate(self._streams):
+      for stream in streams:
+        stream.cached = functools.partial(is_cached, source_id)
 
 class BatchReader:
   """Record order of upstream's batch pipeline, emulated on indices.

@@ -466,10 +466,20 @@ def test_decoded_image_cache_serves_stored_images(dtd):
                                 want_b)
 
 
-def test_decoded_cache_gives_the_same_episodes(dtd):
+def test_decoded_cache_gives_the_same_episodes(dtd, monkeypatch):
   # 15 episodes of 5 ways x 4 images from the 7 test classes (211 images)
-  # revisit images, so cached images are served; a budget of 10 images
-  # mixes cached and uncached ones. Augmentation runs after the cache.
+  # revisit images, so cached images are served (and their records not
+  # read again); a budget of 10 images mixes cached and uncached ones.
+  # Augmentation runs after the cache.
+  skipped = []
+  read_image = reader.ClassStream.read_image
+
+  def counting_read_image(stream, index):
+    image = read_image(stream, index)
+    skipped.append(image == b"")
+    return image
+
+  monkeypatch.setattr(reader.ClassStream, "read_image", counting_read_image)
   cfg = mdp.EpisodeDescriptionConfig(num_ways=5, num_support=2, num_query=2)
   aug = decoder.DataAugmentation(enable_jitter=True, jitter_amount=2,
                                  enable_gaussian_noise=True,
@@ -479,6 +489,7 @@ def test_decoded_cache_gives_the_same_episodes(dtd):
       dtd, "TEST", cfg, SIZE, seed=4, support_augmentation=aug,
       decoded_cache_bytes=budget), 15) for budget in (0, 10**9,
                                                        10 * per_image)]
+  assert any(skipped)  # Served from the cache without reading the record.
   for cached in runs[1:]:
     for a, b in zip(runs[0], cached):
       for key in mdp.EPISODE_KEYS:
