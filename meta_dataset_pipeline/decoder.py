@@ -20,6 +20,7 @@ Every op here works both eagerly and inside `tf.data.Dataset.map`.
 """
 
 import dataclasses
+import threading
 
 from google.protobuf import message
 import numpy as np
@@ -168,7 +169,9 @@ class DecodedImageCache:
   decode map reads with a gather and fills with a scatter, so decoding keeps
   running in tf.data's threads. Two episodes decoding the same new image at
   once both decode it and write the same values; a slot is marked filled
-  only after its pixels are written.
+  only after its pixels are written. Filled slots never empty, so the
+  record reader may skip reading images that `is_filled` (as of its last
+  `refresh_filled`) and send empty bytes for them.
 
   Images that get no slot (the cache is full) are decoded every time.
   """
@@ -184,6 +187,7 @@ class DecodedImageCache:
     self.filled = tf.Variable(tf.zeros([self.capacity], tf.int32),
                               trainable=False, name="decoded_filled")
     self._slots = {}
+    self._lock = threading.Lock()  # Two iterators may share the cache.
     self._known_filled = np.zeros(self.capacity, bool)
 
   @staticmethod
@@ -194,13 +198,14 @@ class DecodedImageCache:
     """int32 slot of each hashable key; -1 where the cache is full."""
     out = np.empty(len(keys), np.int32)
     table = self._slots
-    for i, key in enumerate(keys):
-      slot = table.get(key)
-      if slot is None:
-        slot = len(table) if len(table) < self.capacity else -1
-        if slot >= 0:
-          table[key] = slot
-      out[i] = slot
+    with self._lock:
+      for i, key in enumerate(keys):
+        slot = table.get(key)
+        if slot is None:
+          slot = len(table) if len(table) < self.capacity else -1
+          if slot >= 0:
+            table[key] = slot
+        out[i] = slot
     return out
 
   def refresh_filled(self):

@@ -30,10 +30,12 @@ How an episode is assembled (semantics of the official `EpisodeReader` and
    records per episode from ~20 ms-to-build per-class `TFRecordDataset`s.
 2. The encoded images travel to TF as one buffer per episode.
 3. A map over episodes (`num_parallel_calls=AUTOTUNE`, so episodes decode
-   concurrently, and images within one in parallel via `map_fn`) decodes
-   each image once, resizes, augments, pads the support and query sets to
-   their buckets and builds the masks. Upstream decodes with a sequential
-   `map_fn` inside a sequential map.
+   concurrently) decodes each image once, resizes, augments, pads the
+   support and query sets to their buckets and builds the masks
+   (`decoder.decode_rows`: an image that fails to decode is reported with
+   its file, record and class). Upstream decodes with a sequential `map_fn`
+   inside a sequential map. With `decoded_cache_bytes`, decoded images are
+   kept (exactly) and their records are not read again.
 
 Parallelism across processes: `process_index` is folded into the seed, so
 each process draws its own episodes; to split one episode's rows across
@@ -331,8 +333,7 @@ def _episode_dataset(specs, split, episode_config, image_size, seed, *,
   episodes = tf.data.Dataset.from_generator(
       _episode_generator(sources, seed, buckets, shuffle_buffer_size, cache),
       output_signature=_EPISODE_SIGNATURE)
-  # Episodes decode in parallel with each other (and their images in
-  # parallel within one episode, through map_fn's parallel iterations).
+  # Episodes decode in parallel with each other.
   episodes = episodes.map(
       _episode_fn(image_size, support_augmentation, query_augmentation,
                   cache),

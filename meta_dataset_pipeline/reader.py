@@ -72,9 +72,9 @@ def check_class_files(spec, split) -> list[str]:
   Every file must exist and hold as many records as the spec lists for its
   class. The record count comes from the record headers only
   (`index_records`, cached per file, so later checks and readers reuse it):
-  about 1.7 s for 1000 files of 100 records when the files are not in the
-  page cache yet and 0.2 s when they are (see `benchmarks/RESULTS.md`).
-  Record CRCs are checked later, when a class is first read.
+  about 0.2 s for 1000 files of 100 records in the page cache (measured on
+  a loaded 2-core machine; see `benchmarks/RESULTS.md`). Record CRCs are
+  checked later, when a class is first read.
 
   Args:
     spec: a dataset spec.
