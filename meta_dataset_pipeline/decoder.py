@@ -324,7 +324,8 @@ def decode_rows(images: tf.Tensor, size: tf.Tensor, image_size: int,
     return i, tf.cond(i < count, real, lambda: zeros)
 
   size64 = tf.cast(size, tf.int64)
-  rows = tf.data.Dataset.range(size64).map(row).ignore_errors().batch(size64)
+  rows = tf.data.Dataset.range(size64).map(row).ignore_errors().batch(
+      tf.maximum(size64, 1))  # A batch size must be positive.
   # When every row failed the batch is empty: fall back to an empty one.
   rows = rows.concatenate(tf.data.Dataset.from_tensors(
       (tf.zeros([0], tf.int32), tf.zeros([0, image_size, image_size, 3]))))
