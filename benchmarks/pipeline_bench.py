@@ -2,6 +2,8 @@
 
     python benchmarks/pipeline_bench.py [--official_src DIR --gin_path DIR]
         [--sizes 84,126,224] [--seconds 10] [--rounds 2] [--output out.json]
+        [--cache_mb 1024] [--warmup_seconds 20]
+    python benchmarks/pipeline_bench.py --index_bench 1000,100,2000
 
 Measures episodes/s and images/s (real, unpadded images) of the one-source
 pipeline on the shared fixture records (`omniglot`, bi-level, 105x105 JPEGs;
@@ -9,8 +11,18 @@ pipeline on the shared fixture records (`omniglot`, bi-level, 105x105 JPEGs;
 both, with the official variable-way/shot episode config and no
 augmentation, at each image size. Every measurement runs in a fresh
 subprocess (so the two implementations do not share TF state), after one
-warm-up episode, for at least `--seconds`; implementations alternate and
-each cell keeps its best round, which damps the noise of a shared machine.
+warm-up episode, for at least `--seconds`; implementations alternate
+round by round, and every round is kept (the table shows the best; the
+JSON has all rounds, their medians and the load average around each run).
+
+`ours` is the default (faithful, uncached) pipeline. `ours_cache` is the
+same with `decoded_cache_bytes=--cache_mb` MiB, measured after
+`--warmup_seconds` of warm-up, i.e. warm: it reports the share of images
+served from the cache without reading their record. The cold cache run is
+`ours` plus one scatter per new image.
+
+`--index_bench FILES,RECORDS,BYTES` instead times the build-time record
+count check (`reader.check_record_count`) on a synthetic split.
 
 The official pipeline (google-research/meta-dataset) runs when
 `--official_src` points at an extracted copy of that repository (e.g.
@@ -28,6 +40,7 @@ import json
 import os
 import pathlib
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,11 +48,14 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RECORDS = REPO.parent / "shared" / "fixtures" / "md_records"
-CASES = (("omniglot",), ("dtd",), ("omniglot", "dtd"))
 
 
-def _measure(iterator, count_images, seconds):
-  next(iterator)  # Warm-up: graph building, first reads, buffer filling.
+def _measure(iterator, count_images, seconds, warmup_seconds=0.0):
+  # Graph building, first reads, buffer filling (and the cache, if any).
+  next(iterator)
+  start = time.perf_counter()
+  while time.perf_counter() - start < warmup_seconds:
+    next(iterator)
   start, episodes, images = time.perf_counter(), 0, 0
   while time.perf_counter() - start < seconds or episodes < 5:
     images += count_images(next(iterator))
@@ -50,23 +66,45 @@ def _measure(iterator, count_images, seconds):
           "images_per_s": images / elapsed}
 
 
-def _ours(sources, image_size, seconds):
+def _ours(sources, image_size, seconds, cache_mb=0, warmup_seconds=0.0):
+  """Our pipeline; with `cache_mb`, the decoded-image cache, warmed up."""
   import meta_dataset_pipeline as mdp  # pylint: disable=g-import-not-at-top
+  from meta_dataset_pipeline import reader  # pylint: disable=g-import-not-at-top
+  reads = {"cached": 0, "read": 0}
+  read_image = reader.ClassStream.read_image
+
+  def counting_read_image(stream, index):
+    image = read_image(stream, index)
+    reads["cached" if not image else "read"] += 1
+    return image
+
+  reader.ClassStream.read_image = counting_read_image
   start = time.perf_counter()
   specs = [mdp.load_dataset_spec(RECORDS / s) for s in sources]
   cfg = mdp.EpisodeDescriptionConfig()
+  options = {"decoded_cache_bytes": int(cache_mb * 2**20)} if cache_mb else {}
   if len(specs) == 1:
     ds = mdp.make_one_source_episode_dataset(specs[0], "TRAIN", cfg,
-                                             image_size, seed=0)
+                                             image_size, seed=0, **options)
   else:
     ds = mdp.make_multisource_episode_dataset(specs, "TRAIN", cfg,
-                                              image_size, seed=0)
+                                              image_size, seed=0, **options)
   it = ds.as_numpy_iterator()
   build = time.perf_counter() - start
   result = _measure(
       it, lambda e: int(e["support_mask"].sum() + e["query_mask"].sum()),
-      seconds)
-  return {**result, "build_seconds": build}
+      seconds, warmup_seconds)
+  del it
+  result["build_seconds"] = build
+  if cache_mb:
+    # Share of the measured episodes' images served from the cache without
+    # reading their record (a lower bound on the hit rate). Counted since
+    # the start, so dominated by the measured window only after warm-up.
+    result["cache_mb"] = cache_mb
+    result["warmup_seconds"] = warmup_seconds
+    result["cached_share_since_start"] = reads["cached"] / max(
+        1, reads["cached"] + reads["read"])
+  return result
 
 
 def _official(sources, image_size, seconds, official_src, gin_path):
@@ -122,10 +160,39 @@ def _official(sources, image_size, seconds, official_src, gin_path):
   return {**result, "build_seconds": build}
 
 
+def _index_bench(num_files, num_records, record_bytes):
+  """Seconds to count the records of a synthetic split (build-time check)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from meta_dataset_pipeline import reader  # pylint: disable=g-import-not-at-top
+  with tempfile.TemporaryDirectory() as root:
+    payload = os.urandom(record_bytes)
+    paths = [os.path.join(root, f"{c}.tfrecords") for c in range(num_files)]
+    for path in paths:
+      with tf.io.TFRecordWriter(path) as writer:
+        for _ in range(num_records):
+          writer.write(payload)
+    times = []
+    for _ in range(3):
+      reader._INDEX_CACHE.clear()  # pylint: disable=protected-access
+      start = time.perf_counter()
+      for c, path in enumerate(paths):
+        reader.check_record_count(path, num_records, c)
+      times.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    for c, path in enumerate(paths):  # Again: cached per file.
+      reader.check_record_count(path, num_records, c)
+    again = time.perf_counter() - start
+  return {"files": num_files, "records_per_file": num_records,
+          "record_bytes": record_bytes, "seconds": times,
+          "cached_seconds": again, "load": os.getloadavg()[0]}
+
+
 def _worker(args):
   sources = args.sources.split(",")
-  if args.worker == "ours":
-    result = _ours(sources, args.image_size, args.seconds)
+  if args.worker in ("ours", "ours_cache"):
+    result = _ours(sources, args.image_size, args.seconds,
+                   args.cache_mb if args.worker == "ours_cache" else 0,
+                   args.warmup_seconds if args.worker == "ours_cache" else 0)
   else:
     result = _official(sources, args.image_size, args.seconds,
                        args.official_src, args.gin_path)
@@ -135,16 +202,19 @@ def _worker(args):
 def _spawn(impl, sources, size, args):
   cmd = [sys.executable, __file__, "--worker", impl, "--sources",
          ",".join(sources), "--image_size", str(size), "--seconds",
-         str(args.seconds)]
+         str(args.seconds), "--cache_mb", str(args.cache_mb),
+         "--warmup_seconds", str(args.warmup_seconds)]
   if impl == "official":
     cmd += ["--official_src", args.official_src, "--gin_path", args.gin_path]
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+  load = os.getloadavg()[0]
   out = subprocess.run(cmd, capture_output=True, text=True, env=env,
                        check=False)
   lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
   if not lines:
     raise RuntimeError(f"{impl} {sources} {size} failed:\n{out.stderr[-3000:]}")
-  return json.loads(lines[-1][len("RESULT "):])
+  return {**json.loads(lines[-1][len("RESULT "):]), "load_before": load,
+          "load_after": os.getloadavg()[0]}
 
 
 def _machine():
@@ -168,37 +238,59 @@ def main():
   parser.add_argument("--official_src")
   parser.add_argument("--gin_path")
   parser.add_argument("--output", default="pipeline_bench.json")
+  parser.add_argument("--cache_mb", type=float, default=1024,
+                      help="decoded_cache_bytes of the ours_cache runs, MiB "
+                      "(0: no ours_cache runs)")
+  parser.add_argument("--warmup_seconds", type=float, default=20.0,
+                      help="warm-up of the ours_cache runs before measuring")
+  parser.add_argument("--index_bench", metavar="FILES,RECORDS,BYTES",
+                      help="only time the build-time record count check on "
+                      "a synthetic split, e.g. 1000,100,2000")
+  parser.add_argument("--cases", default="omniglot;dtd;omniglot,dtd",
+                      help="';'-separated source lists")
   # Internal: one measurement in this process.
-  parser.add_argument("--worker", choices=["ours", "official"])
+  parser.add_argument("--worker", choices=["ours", "ours_cache",
+                                           "official"])
   parser.add_argument("--sources")
   parser.add_argument("--image_size", type=int)
   args = parser.parse_args()
+  if args.index_bench:
+    files, records, size = (int(x) for x in args.index_bench.split(","))
+    result = _index_bench(files, records, size)
+    print(json.dumps(result))
+    with open(args.output, "w", encoding="utf-8") as f:
+      json.dump(result, f, indent=1)
+    return
   if args.worker:
     _worker(args)
     return
-  impls = ["ours"] + (["official"] if args.official_src else [])
+  impls = (["ours"] + (["ours_cache"] if args.cache_mb else [])
+           + (["official"] if args.official_src else []))
+  cases = [tuple(c.split(",")) for c in args.cases.split(";")]
   rows = []
   for size in [int(s) for s in args.sizes.split(",")]:
-    for sources in CASES:
-      best = {}
-      for _ in range(args.rounds):
+    for sources in cases:
+      runs = {impl: [] for impl in impls}
+      for _ in range(args.rounds):  # Implementations interleaved.
         for impl in impls:
-          r = _spawn(impl, sources, size, args)
-          if impl not in best or r["images_per_s"] > best[impl][
-              "images_per_s"]:
-            best[impl] = r
+          runs[impl].append(_spawn(impl, sources, size, args))
+      best = {}
       for impl in impls:
+        rates = [r["images_per_s"] for r in runs[impl]]
+        best[impl] = max(runs[impl], key=lambda r: r["images_per_s"])
         rows.append({"impl": impl, "sources": "+".join(sources),
-                     "image_size": size, **best[impl]})
-      line = (f"{'+'.join(sources):13s} {size:4d}  ours "
-              f"{best['ours']['episodes_per_s']:6.2f} ep/s "
-              f"{best['ours']['images_per_s']:7.0f} img/s")
+                     "image_size": size, **best[impl],
+                     "median_images_per_s": float(statistics.median(rates)),
+                     "rounds": runs[impl]})
+      line = f"{'+'.join(sources):13s} {size:4d}"
+      for impl in impls:
+        line += (f" | {impl} {best[impl]['episodes_per_s']:6.2f} ep/s "
+                 f"{best[impl]['images_per_s']:7.0f} img/s")
       if "official" in best:
-        ratio = best["ours"]["images_per_s"] / best["official"][
-            "images_per_s"]
-        line += (f" | official {best['official']['episodes_per_s']:6.2f} "
-                 f"ep/s {best['official']['images_per_s']:7.0f} img/s | "
-                 f"x{ratio:.2f}")
+        for impl in impls[:-1]:
+          line += (f" | {impl}/official x" + format(
+              best[impl]["images_per_s"] / best["official"]["images_per_s"],
+              ".2f"))
       print(line, flush=True)
   result = {"machine": _machine(), "seconds_per_measurement": args.seconds,
             "rounds": args.rounds, "rows": rows}

@@ -20,8 +20,10 @@ Every op here works both eagerly and inside `tf.data.Dataset.map`.
 """
 
 import dataclasses
+import threading
 
 from google.protobuf import message
+import numpy as np
 import tensorflow as tf
 from tensorflow.core.example import example_pb2
 
@@ -155,3 +157,203 @@ def augment(image: tf.Tensor, augmentation: DataAugmentation | None,
     padded = tf.pad(image, [[j, j], [j, j], [0, 0]], mode="REFLECT")
     image = tf.image.stateless_random_crop(padded, tf.shape(image), seeds[1])
   return image
+
+
+class DecodedImageCache:
+  """Bounded cache of decoded, resized, scaled images (before augmentation).
+
+  Exact: a hit returns the very float32 values `decode_and_resize` gave when
+  the image was first decoded. Slots are handed out in Python, by whoever
+  reads the records (one slot per (source, class, record) key, first come
+  first served, until `capacity`); the pixels live in a TF variable that the
+  decode map reads with a gather and fills with a scatter, so decoding keeps
+  running in tf.data's threads. Two episodes decoding the same new image at
+  once both decode it and write the same values; a slot is marked filled
+  only after its pixels are written. Filled slots never empty, so the
+  record reader may skip reading images that `is_filled` (as of its last
+  `refresh_filled`) and send empty bytes for them.
+
+  Images that get no slot (the cache is full) are decoded every time.
+  """
+
+  def __init__(self, capacity: int, image_size: int):
+    if capacity <= 0:
+      raise ValueError(f"capacity={capacity} must be positive")
+    self.capacity = int(capacity)
+    self.image_size = int(image_size)
+    shape = [self.capacity, self.image_size, self.image_size, 3]
+    self.images = tf.Variable(tf.zeros(shape, tf.float32), trainable=False,
+                              name="decoded_images")
+    self.filled = tf.Variable(tf.zeros([self.capacity], tf.int32),
+                              trainable=False, name="decoded_filled")
+    self._slots = {}
+    self._lock = threading.Lock()  # Two iterators may share the cache.
+    self._known_filled = np.zeros(self.capacity, bool)
+
+  @staticmethod
+  def bytes_per_image(image_size: int) -> int:
+    return image_size * image_size * 3 * 4
+
+  def slots(self, keys) -> np.ndarray:
+    """int32 slot of each hashable key; -1 where the cache is full."""
+    out = np.empty(len(keys), np.int32)
+    table = self._slots
+    with self._lock:
+      for i, key in enumerate(keys):
+        slot = table.get(key)
+        if slot is None:
+          slot = len(table) if len(table) < self.capacity else -1
+          if slot >= 0:
+            table[key] = slot
+        out[i] = slot
+    return out
+
+  def refresh_filled(self):
+    """Updates which slots are known to be filled (they never empty)."""
+    if not self._known_filled[:len(self._slots)].all():
+      self._known_filled = self.filled.numpy() > 0
+
+  def is_filled(self, key) -> bool:
+    """Whether `key`'s image was cached as of the last `refresh_filled`."""
+    slot = self._slots.get(key)
+    return slot is not None and bool(self._known_filled[slot])
+
+  def all_filled(self, slots: tf.Tensor) -> tf.Tensor:
+    """Whether every one of `slots` (int32 [N]) holds its image."""
+    return tf.reduce_all(tf.logical_and(
+        slots >= 0, tf.gather(self.filled, tf.maximum(slots, 0)) > 0))
+
+  def decode(self, image_bytes: tf.Tensor, slot: tf.Tensor) -> tf.Tensor:
+    """`decode_and_resize(image_bytes)`, from the cache when filled.
+
+    Args:
+      image_bytes: scalar string tensor, the encoded image.
+      slot: int32 scalar from `slots`; -1 means not cached.
+
+    Returns:
+      float32 [image_size, image_size, 3] in [-1, 1].
+    """
+    index = tf.maximum(slot, 0)
+    hit = tf.logical_and(slot >= 0, tf.gather(self.filled, index) > 0)
+
+    def load():
+      return tf.gather(self.images, index)
+
+    def decode():
+      image = decode_and_resize(image_bytes, self.image_size)
+
+      def store():
+        write = self.images.scatter_update(
+            tf.IndexedSlices(image[None], index[None]))
+        with tf.control_dependencies([write]):
+          mark = self.filled.scatter_update(
+              tf.IndexedSlices(tf.ones([1], tf.int32), index[None]))
+        with tf.control_dependencies([mark]):
+          return tf.identity(image)
+
+      return tf.cond(slot >= 0, store, lambda: image)
+
+    return tf.cond(hit, load, decode)
+
+
+def _augment_fn(augmentation, extra):
+  """image, seed -> image: `augment`, then `extra`; None if neither acts."""
+  if (augmentation is None or not augmentation.active) and extra is None:
+    return None
+
+  def fn(image, seed):
+    image = augment(image, augmentation, seed)
+    return image if extra is None else extra(image, seed)
+  return fn
+
+
+def _from_cache(cache, slots, size, augmentation, seeds, extra=None):
+  """decode_rows when every image is cached: gather, augment, zero-pad."""
+  images = tf.gather(cache.images, slots)
+  fn = _augment_fn(augmentation, extra)
+  if fn is not None:
+    images = tf.map_fn(lambda x: fn(x[0], x[1]), (images, seeds),
+                       fn_output_signature=images.dtype)
+  return tf.pad(images, [[0, size - tf.shape(slots)[0]], [0, 0], [0, 0],
+                         [0, 0]])
+
+
+def decode_rows(images: tf.Tensor, size: tf.Tensor, image_size: int,
+                augmentation: DataAugmentation | None, seeds: tf.Tensor,
+                describe, cache: DecodedImageCache | None = None,
+                slots: tf.Tensor | None = None, extra=None,
+                _rowwise=False) -> tf.Tensor:
+  """Decodes, augments and zero-pads a set of images; names a failed one.
+
+  Rows run through a small nested `tf.data` pipeline whose
+  `ignore_errors` drops a row whose image fails to decode; a missing row
+  then fails an assertion whose message is `describe(row)` (file, record,
+  class), instead of TF's bare "Invalid JPEG data" without any context.
+  Mapping over the padded range writes each row once, instead of padding
+  (and scaling) the whole set afterwards.
+
+  Args:
+    images: [N] string tensor of encoded images.
+    size: int32 scalar, the padded size (>= N).
+    image_size: output height and width.
+    augmentation: `DataAugmentation` or None.
+    seeds: [N, 2] int64 per-image augmentation seeds.
+    describe: callable, int32 row -> scalar string tensor naming the image;
+      only run when that row failed.
+    cache: optional `DecodedImageCache` (of this `image_size`).
+    slots: [N] int32 cache slots, with `cache`.
+    extra: optional `(image, seed) -> image` applied after `augmentation`
+      (e.g. the SimCLR augmentation of `simclr.EpisodeAugmenter`).
+
+  Returns:
+    float32 [size, image_size, image_size, 3]: the N images in [-1, 1]
+    (augmented), then zero rows.
+
+  Raises:
+    tf.errors.InvalidArgumentError (when run): an image failed to decode;
+    the message is `describe` of the first such row.
+  """
+  count = tf.shape(images)[0]
+  zeros = tf.zeros([image_size, image_size, 3])
+  fn = _augment_fn(augmentation, extra)
+  if cache is not None and not _rowwise:
+    # Every image cached (the common case once warm): one gather, no
+    # per-row work. Otherwise the row-by-row path below.
+    return tf.cond(cache.all_filled(slots),
+                   lambda: _from_cache(cache, slots, size, augmentation,
+                                       seeds, extra),
+                   lambda: decode_rows(images, size, image_size,
+                                       augmentation, seeds, describe, cache,
+                                       slots, extra, _rowwise=True))
+
+  def row(i):
+    i = tf.cast(i, tf.int32)
+
+    def real():
+      if cache is None:
+        image = decode_and_resize(images[i], image_size)
+      else:
+        image = cache.decode(images[i], slots[i])
+      return image if fn is None else fn(image, seeds[i])
+
+    return i, tf.cond(i < count, real, lambda: zeros)
+
+  size64 = tf.cast(size, tf.int64)
+  rows = tf.data.Dataset.range(size64).map(row).ignore_errors().batch(
+      tf.maximum(size64, 1))  # A batch size must be positive.
+  # When every row failed the batch is empty: fall back to an empty one.
+  rows = rows.concatenate(tf.data.Dataset.from_tensors(
+      (tf.zeros([0], tf.int32), tf.zeros([0, image_size, image_size, 3]))))
+  index, out = rows.take(1).get_single_element()
+  done = tf.shape(index)[0]
+  # Rows keep their order, so the first failed row is the first i with
+  # index[i] != i (or `done` when the failures are at the end).
+  first_bad = tf.reduce_min(tf.concat(
+      [tf.boolean_mask(tf.range(done), index != tf.range(done)), [done]], 0))
+  check = tf.debugging.Assert(
+      tf.equal(done, size),
+      [tf.cond(tf.equal(done, size), lambda: tf.constant(""),
+               lambda: describe(tf.minimum(first_bad, count - 1)))],
+      summarize=1)
+  with tf.control_dependencies([check]):
+    return tf.identity(out)

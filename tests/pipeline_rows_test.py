@@ -21,8 +21,12 @@ def _take(ds, num):
   return out
 
 
-@pytest.mark.parametrize("on_device", [False, True])
-def test_row_blocks_equal_slices_of_the_whole_episode(shared_dir, on_device):
+@pytest.mark.parametrize("on_device,cache", [(False, 0), (True, 0),
+                                             (False, 1 << 30)])
+def test_row_blocks_equal_slices_of_the_whole_episode(shared_dir, on_device,
+                                                      cache):
+  """Also with SimCLR episodes, host or device augmentation, and the blocks
+  served by the decoded-image cache (which must stay exact)."""
   specs = [mdp.load_dataset_spec(shared_dir / "fixtures" / "md_records" / s)
            for s in ("omniglot", "dtd")]
   noise = mdp.DataAugmentation(enable_gaussian_noise=True,
@@ -30,9 +34,9 @@ def test_row_blocks_equal_slices_of_the_whole_episode(shared_dir, on_device):
   make = lambda block: mdp.make_multisource_episode_dataset(
       specs, "TRAIN", CFG, SIZE, seed=7, pad_multiple=4,
       support_augmentation=noise, augment_on_device=on_device,
-      row_block=block)
-  whole = _take(make(None), 5)
-  blocks = [_take(make((b, 2)), 5) for b in range(2)]
+      row_block=block, decoded_cache_bytes=0 if block is None else cache)
+  whole = _take(make(None), 8)
+  blocks = [_take(make((b, 2)), 8) for b in range(2)]
   keys = set(whole[0])
   assert any(k.endswith("aug_mode") for k in keys) == on_device
   for i, episode in enumerate(whole):

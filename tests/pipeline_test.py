@@ -1,6 +1,7 @@
 """Episode and batch pipelines over official-format records."""
 
 import ast
+import gc
 import itertools
 import json
 import pathlib
@@ -252,6 +253,22 @@ def test_open_files_are_bounded(dtd):
   assert sum(s._reader is not None for s in streams) == 2  # pylint: disable=protected-access
 
 
+def test_dropped_streams_close_their_files_without_gc(dtd):
+  """No reference cycle keeps a stream (and its open file) alive."""
+  open_files = reader.OpenFiles(limit=2)
+  stream = reader.ClassStream(dtd.class_file(0),
+                              dtd.get_total_images_per_class(0), 0,
+                              np.random.default_rng(0), 1000, open_files)
+  stream.read(int(stream.take(1)[0][0]))
+  file = stream._reader  # pylint: disable=protected-access
+  gc.disable()
+  try:
+    del stream
+    assert file.closed
+  finally:
+    gc.enable()
+
+
 def test_buffer_shuffle_order():
   rng = np.random.default_rng(0)
   # A buffer holding everything: uniform permutations.
@@ -325,9 +342,23 @@ def test_spec_lists_more_images_than_records(records, tmp_path):
   dct["images_per_class"]["42"] += 3
   spec_path.write_text(json.dumps(dct))
   spec = mdp.load_dataset_spec(target)
-  want = r"42\.tfrecords: the spec lists \d+ images .* holds \d+ records"
-  with pytest.raises(tf.errors.OpError, match=want):
-    _first_episode(spec)
+  want = (r"42\.tfrecords: the spec lists \d+ images for class 42 but the "
+          r"file holds \d+ records")
+  # Caught when the pipeline is built (every class of the split is counted
+  # from its record headers), not when class 42 is first used.
+  for build in (
+      lambda: mdp.make_one_source_episode_dataset(spec, "TEST", CFG, SIZE),
+      lambda: mdp.make_multisource_episode_dataset([spec], "TEST", CFG,
+                                                   SIZE),
+      lambda: mdp.make_batch_dataset(spec, "TEST", 4, SIZE)):
+    with pytest.raises(mdp.RecordError, match=want):
+      build()
+  # Fewer images listed than the file holds: also an error.
+  dct["images_per_class"]["42"] -= 4
+  spec_path.write_text(json.dumps(dct))
+  with pytest.raises(mdp.RecordError, match=want):
+    mdp.make_one_source_episode_dataset(mdp.load_dataset_spec(target),
+                                        "TEST", CFG, SIZE)
 
 
 def test_truncated_and_corrupt_records(records, tmp_path):
@@ -336,8 +367,8 @@ def test_truncated_and_corrupt_records(records, tmp_path):
   data = path.read_bytes()
   path.write_bytes(data[:-100])
   spec = mdp.load_dataset_spec(target)
-  with pytest.raises(tf.errors.OpError, match=r"41\.tfrecords.*truncated"):
-    _first_episode(spec)
+  with pytest.raises(mdp.RecordError, match=r"41\.tfrecords.*truncated"):
+    _first_episode(spec)  # At build: the record headers are read then.
   # Flip a payload byte of every record: framing stays intact, CRCs fail.
   corrupt = bytearray(data)
   path.write_bytes(data)
@@ -364,6 +395,36 @@ def test_image_that_fails_to_decode(records, tmp_path):
                      match=r"43\.tfrecords: record \d+ of class 43: "
                      r"(not a JPEG|truncated JPEG)"):
     _first_episode(spec)
+
+
+def _scramble_jpeg_body(image, rng):
+  """Random entropy-coded data between intact headers and end marker."""
+  body = image.index(b"\xff\xda") + 20  # Past the start-of-scan header.
+  noise = rng.integers(0, 256, len(image) - body - 2, dtype=np.uint8)
+  return image[:body] + noise.tobytes() + image[-2:]
+
+
+def test_corrupt_jpeg_body_error_names_the_record(records, tmp_path):
+  # Headers and end marker intact, so the reader's byte checks pass; TF's
+  # decoder then fails ("Invalid JPEG data"), and the error must still say
+  # which file, record and class.
+  target = _copy(records, "dtd", tmp_path)
+  spec = mdp.load_dataset_spec(records / "dtd")
+  rng = np.random.default_rng(0)
+  examples = []
+  for r in _read_class(spec, 43):
+    image = tf.train.Example.FromString(r).features.feature[
+        "image"].bytes_list.value[0]
+    bad = _scramble_jpeg_body(image, rng)
+    assert decoder.image_bytes_problem(bad) is None
+    examples.append((bad, 43))
+  with pytest.raises(tf.errors.InvalidArgumentError):
+    tf.io.decode_image(examples[0][0], channels=3)
+  _write_records(target / "43.tfrecords", examples)
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match=r"43\.tfrecords: record \d+ of class 43: the "
+                     r"image failed to decode"):
+    _first_episode(mdp.load_dataset_spec(target))
 
 
 def test_record_with_wrong_label(records, tmp_path):
@@ -403,3 +464,50 @@ def test_never_imports_jax():
                else [])
       assert not any(n.split(".")[0] in ("jax", "flax", "optax")
                      for n in names), path
+
+
+def test_decoded_image_cache_serves_stored_images(dtd):
+  image_a, image_b = [tf.train.Example.FromString(r).features.feature[
+      "image"].bytes_list.value[0] for r in _read_class(dtd, 0)[:2]]
+  cache = decoder.DecodedImageCache(2, SIZE)
+  np.testing.assert_array_equal(
+      cache.slots([(0, 0, 5), (0, 0, 6), (0, 1, 5), (0, 0, 5)]),
+      [0, 1, -1, 0])  # First come first served; -1 once full.
+  want_a = decoder.decode_and_resize(image_a, SIZE).numpy()
+  want_b = decoder.decode_and_resize(image_b, SIZE).numpy()
+  assert not np.array_equal(want_a, want_b)
+  np.testing.assert_array_equal(cache.decode(image_a, tf.constant(0)), want_a)
+  # Slot 0 is filled now: it is served from the cache, whatever the bytes.
+  np.testing.assert_array_equal(cache.decode(image_b, tf.constant(0)), want_a)
+  np.testing.assert_array_equal(cache.decode(image_b, tf.constant(-1)),
+                                want_b)
+
+
+def test_decoded_cache_gives_the_same_episodes(dtd, monkeypatch):
+  # 15 episodes of 5 ways x 4 images from the 7 test classes (211 images)
+  # revisit images, so cached images are served (and their records not
+  # read again); a budget of 10 images mixes cached and uncached ones.
+  # Augmentation runs after the cache.
+  skipped = []
+  read_image = reader.ClassStream.read_image
+
+  def counting_read_image(stream, index):
+    image = read_image(stream, index)
+    skipped.append(image == b"")
+    return image
+
+  monkeypatch.setattr(reader.ClassStream, "read_image", counting_read_image)
+  cfg = mdp.EpisodeDescriptionConfig(num_ways=5, num_support=2, num_query=2)
+  aug = decoder.DataAugmentation(enable_jitter=True, jitter_amount=2,
+                                 enable_gaussian_noise=True,
+                                 gaussian_noise_std=0.1)
+  per_image = decoder.DecodedImageCache.bytes_per_image(SIZE)
+  runs = [_take(mdp.make_one_source_episode_dataset(
+      dtd, "TEST", cfg, SIZE, seed=4, support_augmentation=aug,
+      decoded_cache_bytes=budget), 15) for budget in (0, 10**9,
+                                                       10 * per_image)]
+  assert any(skipped)  # Served from the cache without reading the record.
+  for cached in runs[1:]:
+    for a, b in zip(runs[0], cached):
+      for key in mdp.EPISODE_KEYS:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
