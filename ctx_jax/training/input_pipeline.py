@@ -145,6 +145,7 @@ def episodes(config: ml_collections.ConfigDict, split: str,
                 image_size=data.image_size, seed=seed,
                 pad_multiple=pad_multiple,
                 shuffle_buffer_size=data.shuffle_buffer_size,
+                decoded_cache_bytes=int(data.decoded_cache_mb) << 20,
                 start_episode=start_episode,
                 row_block=((process_index, process_count)
                            if process_count > 1 else None),
