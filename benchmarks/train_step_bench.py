@@ -52,6 +52,7 @@ from ctx_jax.training import train
 from ctx_jax.training import train_step as step_lib
 from experiments import common
 from tests import fakes
+from ctx_head_bench import cpu_name  # A sibling script (benchmarks/).
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 # Peak dense FLOP/s per device in TFLOP/s: (bfloat16, float32 as XLA runs it
@@ -173,17 +174,6 @@ def count_flops(args, mesh, size):
   episode = make_episode(args, size, mesh.size)
   compiled, _, _, _ = compile_step(config, mesh, episode, args.ways)
   return cost_flops(compiled)
-
-
-def cpu_name():
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor()
 
 
 def main():
