@@ -278,6 +278,34 @@ def _from_cache(cache, slots, size, augmentation, seeds, extra=None):
                          [0, 0]])
 
 
+def _all_rows(images, size, image_size, fn, seeds):
+  """(ok, [size, H, W, 3]): every row decoded and padded, or ok False.
+
+  One loop writes each real row once into a `size`-row TensorArray, whose
+  unwritten rows stack as zeros: no separate scaling or padding pass over
+  the whole set.
+  """
+  count = tf.shape(images)[0]
+
+  def decode_all(_):
+    rows = tf.TensorArray(tf.float32, size=size,
+                          element_shape=[image_size, image_size, 3])
+
+    def body(i, rows):
+      image = scale(decode_resize(images[i], image_size))
+      if fn is not None:
+        image = fn(image, seeds[i])
+      return i + 1, rows.write(i, image)
+
+    _, rows = tf.while_loop(lambda i, _: i < count, body, (0, rows))
+    return True, rows.stack()
+
+  failed = tf.data.Dataset.from_tensors(
+      (False, tf.zeros([0, image_size, image_size, 3])))
+  return tf.data.Dataset.range(1).map(decode_all).ignore_errors(
+  ).concatenate(failed).take(1).get_single_element()
+
+
 def decode_rows(images: tf.Tensor, size: tf.Tensor, image_size: int,
                 augmentation: DataAugmentation | None, seeds: tf.Tensor,
                 describe, cache: DecodedImageCache | None = None,
@@ -316,15 +344,22 @@ def decode_rows(images: tf.Tensor, size: tf.Tensor, image_size: int,
   count = tf.shape(images)[0]
   zeros = tf.zeros([image_size, image_size, 3])
   fn = _augment_fn(augmentation, extra)
+  rowwise = lambda: decode_rows(images, size, image_size, augmentation,
+                                seeds, describe, cache, slots, extra,
+                                _rowwise=True)
   if cache is not None and not _rowwise:
     # Every image cached (the common case once warm): one gather, no
     # per-row work. Otherwise the row-by-row path below.
     return tf.cond(cache.all_filled(slots),
                    lambda: _from_cache(cache, slots, size, augmentation,
                                        seeds, extra),
-                   lambda: decode_rows(images, size, image_size,
-                                       augmentation, seeds, describe, cache,
-                                       slots, extra, _rowwise=True))
+                   rowwise)
+  if not _rowwise:
+    # Fast path: the whole set in one nested element (a loop over rows
+    # inside one function, not one tf.data element per row). Only when it
+    # fails does the row-by-row path run, to find and name the bad row.
+    ok, out = _all_rows(images, size, image_size, fn, seeds)
+    return tf.cond(ok, lambda: out, rowwise)
 
   def row(i):
     i = tf.cast(i, tf.int32)

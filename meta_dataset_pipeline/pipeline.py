@@ -249,34 +249,53 @@ def _episode_generator(sources, seed, buckets, shuffle_buffer_size,
     for _ in range(start_episode):
       aug_rng.integers(0, 2**31 - 1, size=(episodes.skip(), 2))
     index = start_episode
+
+    def output_rows(class_ids, num_support, num_query, is_simclr):
+      """Rows of one episode as output: (keep, origin, num_support, s_pad,
+      q_pad). `keep` indexes the (converted) episode's rows that this row
+      block outputs (None: all of them), `origin` the row of the episode
+      as read that each output row shows (for errors, the cache and which
+      records to read)."""
+      s_pad, q_pad = buckets.pick(num_support, num_query)
+      origin = np.arange(len(class_ids))
+      if is_simclr:  # Query size only shrinks: the buckets still fit.
+        origin = np.asarray(simclr_lib.convert_episode(
+            origin, class_ids, num_support)[0], np.int64)
+      keep = None
+      if row_block is not None:
+        keep, num_support, s_pad, q_pad = _row_block(
+            num_support, len(origin), s_pad, q_pad, row_block)
+        origin = origin[keep]
+      return keep, origin, num_support, s_pad, q_pad
+
     while True:
       if cache is not None:
         cache.refresh_filled()
-      ep = episodes.next_episode()
-      s_pad, q_pad = buckets.pick(ep.num_support, ep.num_query)
+      is_simclr = simclr_lib.is_simclr_episode(seed, index,
+                                               simclr_episode_fraction)
+      index += 1
+      rows_to_read = None
+      if row_block is not None or is_simclr:
+        # Only the records of output rows are read: not those of other
+        # row blocks, nor the query records a SimCLR episode replaces.
+        rows_to_read = lambda c, s, q, conv=is_simclr: output_rows(
+            c, s, q, conv)[1]
+      ep = episodes.next_episode(rows_to_read)
       # Drawn for the unconverted episode, so conversion never shifts the
       # seeds of later episodes.
       aug_seeds = aug_rng.integers(0, 2**31 - 1, size=(len(ep.images), 2))
       images, labels, class_ids, num_ways = (ep.images, ep.labels,
                                              ep.class_ids, ep.num_ways)
-      # Which row of `ep` each output row shows (for errors and the cache).
-      origin = np.arange(len(images))
-      is_simclr = simclr_lib.is_simclr_episode(seed, index,
-                                               simclr_episode_fraction)
-      if is_simclr:  # Query size only shrinks: the buckets still fit.
+      if is_simclr:
         images, labels, class_ids, num_ways = simclr_lib.convert_episode(
             images, class_ids, ep.num_support)
-        origin = np.asarray(simclr_lib.convert_episode(
-            origin, ep.class_ids, ep.num_support)[0], np.int64)
-      index += 1
       aug_seeds = aug_seeds[:len(images)]
-      num_support = ep.num_support
-      if row_block is not None:  # Only this block's rows are decoded.
-        keep, num_support, s_pad, q_pad = _row_block(
-            num_support, len(images), s_pad, q_pad, row_block)
+      keep, origin, num_support, s_pad, q_pad = output_rows(
+          ep.class_ids, ep.num_support, ep.num_query, is_simclr)
+      if keep is not None:
         images = [images[i] for i in keep]
         labels, class_ids = labels[keep], class_ids[keep]
-        aug_seeds, origin = aug_seeds[keep], origin[keep]
+        aug_seeds = aug_seeds[keep]
       blob, lengths = _pack(images)
       yield {
           "blob": blob, "lengths": lengths, "labels": labels,
@@ -604,28 +623,41 @@ def make_batch_dataset(
     while True:
       rows = [next(images) for _ in range(chunk)]
       blob, lengths = _pack([r[0] for r in rows])
+      class_ids = np.array([r[1] for r in rows], dtype=np.int32)
       yield {
-          "blob": blob, "lengths": lengths,
-          "class_ids": np.array([r[1] for r in rows], dtype=np.int32),
+          "blob": blob, "lengths": lengths, "class_ids": class_ids,
           "aug_seeds": aug_rng.integers(0, 2**31 - 1, size=(chunk, 2)),
+          "record_index": np.array([r[2] for r in rows], dtype=np.int32),
+          "row_files": np.array([files[c] for c in class_ids.tolist()],
+                                dtype=object),
       }
 
   del batch_reader  # Built above only to fail early on bad files.
+  files = {c: dataset_spec.class_file(c)
+           for c in dataset_spec.get_classes(split)}
   signature = {k: _EPISODE_SIGNATURE[k]
-               for k in ("blob", "lengths", "class_ids", "aug_seeds")}
+               for k in ("blob", "lengths", "class_ids", "aug_seeds",
+                         "record_index", "row_files")}
   chunks = tf.data.Dataset.from_generator(_EXIT_GUARD.wrap(generate),
                                           output_signature=signature)
 
-  def unpack(ex):
-    return {"images": _unpack(ex["blob"], ex["lengths"]),
-            "class_ids": ex["class_ids"], "aug_seeds": ex["aug_seeds"]}
-
   def decode(ex):
-    image = decoder.decode_and_resize(ex["images"], image_size)
-    image = decoder.augment(image, augmentation, ex["aug_seeds"])
-    return {"images": image, "labels": ex["class_ids"] - offset,
+    """A chunk of images decoded in one loop; a failed one is named."""
+
+    def describe(i):
+      return tf.strings.join([
+          ex["row_files"][i], ": record ",
+          tf.strings.as_string(ex["record_index"][i]), " of class ",
+          tf.strings.as_string(ex["class_ids"][i]),
+          ": the image failed to decode (corrupt image data)"])
+
+    images = decoder.decode_rows(
+        _unpack(ex["blob"], ex["lengths"]), chunk, image_size, augmentation,
+        ex["aug_seeds"], describe)
+    return {"images": images, "labels": ex["class_ids"] - offset,
             "class_ids": ex["class_ids"]}
 
-  batches = chunks.map(unpack).unbatch().map(
-      decode, num_parallel_calls=num_parallel_calls)
-  return batches.batch(batch_size, drop_remainder=True).prefetch(prefetch)
+  # Chunks decode in parallel with each other.
+  batches = chunks.map(decode, num_parallel_calls=num_parallel_calls)
+  return batches.unbatch().batch(batch_size, drop_remainder=True).prefetch(
+      prefetch)

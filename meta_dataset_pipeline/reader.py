@@ -441,23 +441,40 @@ class EpisodeReader:
     _, d, _, _, _ = self._plan()
     return int(d.num_support.sum() + d.num_query.sum())
 
-  def next_episode(self) -> Episode:
-    """Reads the next episode (multi-source: source chosen uniformly)."""
+  def next_episode(self, rows_to_read=None) -> Episode:
+    """Reads the next episode (multi-source: source chosen uniformly).
+
+    Args:
+      rows_to_read: optional `(class_ids, num_support, num_query) -> rows`:
+        given the planned episode's absolute class id per row (support rows
+        first) and its set sizes, the indices of the rows whose records are
+        needed; the other rows' images come back empty (b""), unread. The
+        episode and the state of the reader are the same either way.
+    """
     source_id, d, support, query, flushed = self._plan()
-    images, index, class_ids, labels = [], [], [], []
+    index, class_ids, labels, streams = [], [], [], []
     for part in (support, query):
       for way, (stream, picked) in enumerate(part):
-        images.extend(stream.read_image(int(i)) for i in picked)
         index.extend(picked)
         class_ids.extend([stream.class_id] * len(picked))
         labels.extend([way] * len(picked))
+        streams.extend([stream] * len(picked))
+    class_ids = np.array(class_ids, np.int32)
+    num_support = int(d.num_support.sum())
+    num_query = int(d.num_query.sum())
+    wanted = None
+    if rows_to_read is not None:
+      wanted = np.zeros(len(index), bool)
+      wanted[np.asarray(rows_to_read(class_ids, num_support, num_query),
+                        np.int64)] = True
+    images = [stream.read_image(int(i)) if wanted is None or wanted[r]
+              else b"" for r, (stream, i) in enumerate(zip(streams, index))]
     return Episode(
         images=images, labels=np.array(labels, np.int32),
-        class_ids=np.array(class_ids, np.int32),
-        record_index=np.array(index, np.int32),
-        num_support=int(d.num_support.sum()),
-        num_query=int(d.num_query.sum()), num_ways=len(d.class_ids),
-        source_id=source_id, num_flushed=flushed, description=d)
+        class_ids=class_ids, record_index=np.array(index, np.int32),
+        num_support=num_support, num_query=num_query,
+        num_ways=len(d.class_ids), source_id=source_id,
+        num_flushed=flushed, description=d)
 
   def skip_cached_reads(self, is_cached):
     """Stops reading records whose decoded image is cached downstream.
@@ -529,7 +546,8 @@ class BatchReader:
     return mixed[buffer_shuffle_order(len(mixed), self._buffer, self._rng)]
 
   def __iter__(self):
+    """Yields (encoded image, absolute class id, record index), forever."""
     while True:
       for c, i in self.epoch():
         stream = self._streams[c]
-        yield stream.read_image(int(i)), stream.class_id
+        yield stream.read_image(int(i)), stream.class_id, int(i)

@@ -47,8 +47,9 @@ Differences, deliberate: randomness is stateless (each image's seed comes
 from the pipeline's per-image `aug_seeds`, and whether an episode is
 converted from the seed and the episode's index), so the same seed gives the
 same episodes; the query copies are decoded from the same encoded bytes
-instead of being sliced out of the decoded support tensor (same pixels, and
-the original query records are still read, so reading order is unchanged);
+instead of being sliced out of the decoded support tensor (same pixels; the
+original query records, which the episode no longer shows, are not read:
+the records are read by offset, so the class streams' state is unchanged);
 the resize after cropping is `tf.image.resize(..., 'bicubic')` (half-pixel
 centres) where upstream uses `tf.compat.v1.image.resize_bicubic`; the blur
 is computed as two banded matrix products and the saturation change in

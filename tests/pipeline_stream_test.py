@@ -9,6 +9,9 @@ import pytest
 
 from ctx_jax.training import input_pipeline
 import meta_dataset_pipeline as mdp
+from meta_dataset_pipeline import padding
+from meta_dataset_pipeline import pipeline
+from meta_dataset_pipeline import reader
 
 SIZE = 16
 # Small variable episodes keep the tests quick; flushes still happen (dtd's
@@ -72,6 +75,38 @@ def test_row_blocks_equal_slices_of_the_whole_episode(specs, on_device,
       assert set(got) == keys
       for key in keys:
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_row_blocks_read_only_their_own_records(specs, monkeypatch):
+  """Each block reads exactly the records its output rows show (SimCLR
+  query rows show support images, possibly of the other block; the
+  replaced query records are not read at all), so a host's record I/O
+  shrinks with the number of blocks."""
+  reads = []
+  read_image = reader.ClassStream.read_image
+
+  def counting_read_image(stream, index):
+    reads.append((stream.path, index))
+    return read_image(stream, index)
+
+  monkeypatch.setattr(reader.ClassStream, "read_image", counting_read_image)
+  totals = {}
+  for block in (None, (0, 2), (1, 2)):
+    sources = pipeline._make_sources(specs, "TRAIN", CFG, 7, False, False)  # pylint: disable=protected-access
+    buckets = padding.buckets_for_samplers([s.sampler for s in sources], 4)
+    generate = pipeline._episode_generator(  # pylint: disable=protected-access
+        sources, 7, buckets, 100, CFG.simclr_episode_fraction,
+        row_block=block)()
+    for i in range(8):
+      del reads[:]
+      ep = next(generate)
+      shown = set(zip(ep["row_files"].tolist(), ep["record_index"].tolist()))
+      assert set(reads) == shown and len(reads) == len(shown)
+      totals[block, i] = len(reads)
+  assert len({totals[None, i] for i in range(8)}) > 1
+  for i in range(8):
+    assert totals[(0, 2), i] + totals[(1, 2), i] >= totals[None, i]
+    assert max(totals[(0, 2), i], totals[(1, 2), i]) < totals[None, i]
 
 
 def test_bad_row_block(specs):

@@ -421,10 +421,16 @@ def test_corrupt_jpeg_body_error_names_the_record(records, tmp_path):
   with pytest.raises(tf.errors.InvalidArgumentError):
     tf.io.decode_image(examples[0][0], channels=3)
   _write_records(target / "43.tfrecords", examples)
+  broken = mdp.load_dataset_spec(target)
   with pytest.raises(tf.errors.InvalidArgumentError,
                      match=r"43\.tfrecords: record \d+ of class 43: the "
                      r"image failed to decode"):
-    _first_episode(mdp.load_dataset_spec(target))
+    _first_episode(broken)
+  # The batch (pretraining) pipeline names it too.
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match=r"43\.tfrecords: record \d+ of class 43: the "
+                     r"image failed to decode"):
+    _take(mdp.make_batch_dataset(broken, "TEST", 8, SIZE), 1)
 
 
 def test_record_with_wrong_label(records, tmp_path):
@@ -464,6 +470,29 @@ def test_never_imports_jax():
                else [])
       assert not any(n.split(".")[0] in ("jax", "flax", "optax")
                      for n in names), path
+
+
+def test_decode_rows_equals_per_image_decode(dtd):
+  # The one-loop fast path and the row-by-row path (which names a failed
+  # row) give the very pixels of `decode_and_resize` per image, augmented
+  # with each row's seed, then zero rows up to the padded size.
+  images = [tf.train.Example.FromString(r).features.feature[
+      "image"].bytes_list.value[0] for r in _read_class(dtd, 3)[:6]]
+  seeds = tf.constant(np.arange(12).reshape(6, 2), tf.int64)
+  aug = decoder.DataAugmentation(enable_jitter=True, jitter_amount=2,
+                                 enable_gaussian_noise=True,
+                                 gaussian_noise_std=0.1)
+  for augmentation in (None, aug):
+    want = np.stack([
+        decoder.augment(decoder.decode_and_resize(x, SIZE), augmentation,
+                        seeds[i]).numpy() for i, x in enumerate(images)])
+    for rowwise in (False, True):
+      got = decoder.decode_rows(
+          tf.constant(images), tf.constant(9), SIZE, augmentation, seeds,
+          lambda i: tf.constant("unused"), _rowwise=rowwise).numpy()
+      assert got.shape == (9, SIZE, SIZE, 3)
+      np.testing.assert_array_equal(got[:6], want)
+      assert (got[6:] == 0).all()
 
 
 def test_decoded_image_cache_serves_stored_images(dtd):
