@@ -83,8 +83,22 @@ def get_base_config() -> ml_collections.ConfigDict:
       "query_blur": True,
   })
   # Augmentation of ordinary training episodes: "none" (official CTX) or
-  # "bohb" (the paper's CTX+SimCLR Eps+Aug; see simclr.py).
+  # "bohb" (the paper's CTX+SimCLR Eps+Aug), with the settings below.
   config.data.md_augmentation = "none"
+  # Settings of "bohb" (`mdp.SimCLRAugmentation` fields, defaults of
+  # `mdp.BOHB_AUGMENTATION`). The paper's exact BOHB settings were not
+  # released with the official code: these are our reading (see
+  # meta_dataset_pipeline/simclr.py), overridable per run, e.g.
+  # --config.data.bohb.color_jitter_strength=0.3.
+  config.data.bohb = ml_collections.ConfigDict({
+      "color_jitter_strength": 0.5,
+      "crop": True,
+      "crop_area_range": (0.25, 1.0),
+      "crop_aspect_ratio_range": (3 / 4, 4 / 3),
+      "flip": True,
+      "color_jitter_probability": 0.8,
+      "grayscale_probability": 0.2,
+  })
   # Where SimCLR / md augmentation runs: "host" (tf.data) or "device" (JAX
   # on the accelerator, for hosts whose CPUs cannot keep up).
   config.data.augment_on = "host"

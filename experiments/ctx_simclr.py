@@ -17,7 +17,8 @@ steps (other hyperparameters as CTX). SimCLR episodes use the SimCLR v1
 augmentation with `color_jitter_strength` 1.0 (the official flag default).
 The `bohb` variant adds `md_augmentation="bohb"`: our reading of the paper's
 BOHB augmentation, whose exact settings are not in the official code (see
-meta_dataset_pipeline/simclr.py).
+meta_dataset_pipeline/simclr.py); its settings are `config.data.bohb.*`,
+e.g. `--config.data.bohb.color_jitter_strength=0.3`.
 
 Hardware: as `ctx_ilsvrc.py` (several accelerators; the episode, up to 500
 support + 500 query images at 224x224, is split over all devices), 4x the

@@ -253,7 +253,26 @@ def test_max_ways_covers_simclr_support_sets():
   config.data.train_episode.num_ways = 5
   config.data.train_episode.num_support = 7
   assert input_pipeline.max_ways(config, "TRAIN") == 35
-  assert ctx_simclr.get_config("bohb").data.md_augmentation == "bohb"
+  bohb = ctx_simclr.get_config("bohb")
+  assert bohb.data.md_augmentation == "bohb"
+  # config.data.bohb holds BOHB_AUGMENTATION's settings; overrides reach
+  # the pipeline, and a mistyped setting is named.
+  got = input_pipeline.episode_augmentations(bohb, "TRAIN")
+  assert got["md_augmentation"] == mdp.BOHB_AUGMENTATION
+  assert input_pipeline.episode_augmentations(bohb, "TEST")[
+      "md_augmentation"] is None
+  bohb.data.bohb.color_jitter_strength = 0.3
+  bohb.data.bohb.crop_area_range = (0.5, 1.0)
+  got = input_pipeline.episode_augmentations(bohb, "TRAIN")["md_augmentation"]
+  assert got == dataclasses.replace(mdp.BOHB_AUGMENTATION,
+                                    color_jitter_strength=0.3,
+                                    crop_area_range=(0.5, 1.0))
+  bohb.data.bohb.colour_jitter = 0.1
+  with pytest.raises(ValueError, match=r"bohb.*\['colour_jitter'\]"):
+    input_pipeline.episode_augmentations(bohb, "TRAIN")
+  with pytest.raises(ValueError, match="given for episode augmentation "
+                     "'none'"):
+    mdp.augmentation_by_name("none", flip=False)
   config.data.md_augmentation = "bohd"
   with pytest.raises(ValueError, match="md_augmentation.*'bohd'"):
     input_pipeline.episode_augmentations(config, "TRAIN")

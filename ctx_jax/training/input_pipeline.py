@@ -66,8 +66,9 @@ def episode_augmentations(config: ml_collections.ConfigDict, split: str
 
   `config.data.simclr` holds the SimCLR episode augmentation settings
   (`mdp.SimCLRAugmentation` fields); `config.data.md_augmentation` ("none"
-  or "bohb") augments ordinary training episodes. Evaluation episodes are
-  never augmented.
+  or "bohb") augments ordinary training episodes, "bohb" with the settings
+  in `config.data.bohb` (same fields). Evaluation episodes are never
+  augmented.
   """
   data = config.data
   try:
@@ -76,9 +77,14 @@ def episode_augmentations(config: ml_collections.ConfigDict, split: str
         for k, v in data.simclr.to_dict().items()})
     md = None
     if split == "TRAIN":
-      md = mdp.augmentation_by_name(data.md_augmentation)
+      overrides = {}
+      if data.md_augmentation == "bohb" and "bohb" in data:
+        overrides = {k: tuple(v) if isinstance(v, (list, tuple)) else v
+                     for k, v in data.bohb.to_dict().items()}
+      md = mdp.augmentation_by_name(data.md_augmentation, **overrides)
   except ValueError as e:
-    raise ValueError(f"config.data.simclr / md_augmentation: {e}") from None
+    raise ValueError(f"config.data.simclr / md_augmentation / bohb: {e}"
+                     ) from None
   return {"simclr_augmentation": simclr, "md_augmentation": md,
           "augment_on_device": augments_on_device(config, split)}
 
