@@ -313,12 +313,15 @@ def decode_rows(images: tf.Tensor, size: tf.Tensor, image_size: int,
                 _rowwise=False) -> tf.Tensor:
   """Decodes, augments and zero-pads a set of images; names a failed one.
 
-  Rows run through a small nested `tf.data` pipeline whose
-  `ignore_errors` drops a row whose image fails to decode; a missing row
-  then fails an assertion whose message is `describe(row)` (file, record,
-  class), instead of TF's bare "Invalid JPEG data" without any context.
-  Mapping over the padded range writes each row once, instead of padding
-  (and scaling) the whole set afterwards.
+  All rows are decoded, scaled and augmented by one loop that writes each
+  into a `size`-row TensorArray (unwritten rows stack as zeros), run as
+  the single element of a nested `tf.data` pipeline with `ignore_errors`.
+  Only if that fails are the rows run again one element each, so that the
+  missing row fails an assertion whose message is `describe(row)` (file,
+  record, class), instead of TF's bare "Invalid JPEG data" without any
+  context. With a cache, a set whose images are all cached is one gather;
+  otherwise rows go one element each (hits are gathers, misses decode and
+  fill their slot).
 
   Args:
     images: [N] string tensor of encoded images.

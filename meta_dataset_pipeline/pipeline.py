@@ -32,9 +32,10 @@ How an episode is assembled (semantics of the official `EpisodeReader` and
 3. A map over episodes (`num_parallel_calls=AUTOTUNE`, so episodes decode
    concurrently) decodes each image once, resizes, augments, pads the
    support and query sets to their buckets and builds the masks
-   (`decoder.decode_rows`: an image that fails to decode is reported with
-   its file, record and class). Upstream decodes with a sequential `map_fn`
-   inside a sequential map. With `decoded_cache_bytes`, decoded images are
+   (`decoder.decode_rows`: one loop per set writing each row once into the
+   padded tensor; an image that fails to decode is reported with its file,
+   record and class). Upstream decodes with a sequential `map_fn` inside a
+   sequential map. With `decoded_cache_bytes`, decoded images are
    kept (exactly) and their records are not read again.
 
 SimCLR episodes (`simclr.py`): with probability
