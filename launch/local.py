@@ -20,9 +20,13 @@ CPU (`--platform cpu`) each process gets `--cpu_devices` fake devices; on GPU
       -- ctx-train --config experiments/demo.py:smoke --workdir runs/two
 
 Output lines are prefixed `[p<i>]`. If one process fails, the others are
-stopped and the launcher exits with that process's status. `--dry_run`
-prints exactly the environment and command of every process, and runs
-nothing.
+stopped and the launcher exits with that process's status. A SIGTERM to the
+launcher (a scheduler's preemption) is passed on to every process, which
+ctx-train answers by checkpointing at one common step and exiting with 143;
+the launcher waits for that (`--grace_s`, default 600 s, before SIGKILL)
+and exits with their status (143: run the same command again to resume).
+Ctrl-C does the same and exits with 130. `--dry_run` prints exactly the
+environment and command of every process, and runs nothing.
 """
 
 import argparse
@@ -63,6 +67,9 @@ def make_parser() -> argparse.ArgumentParser:
                       help="coordinator port (default: a free one)")
   parser.add_argument("--env", action="append", metavar="NAME=VALUE",
                       help="extra environment for every process")
+  parser.add_argument("--grace_s", type=float, default=600.0,
+                      help="on SIGTERM / Ctrl-C: seconds the processes get "
+                      "to checkpoint and exit before SIGKILL")
   parser.add_argument("--dry_run", action="store_true",
                       help="print what would run, run nothing")
   return parser
@@ -116,11 +123,19 @@ def _pump(stream, prefix: str, out) -> None:
   stream.close()
 
 
-def run_processes(envs, command, out=None, grace_s: float = 10.0) -> int:
+class Terminated(Exception):
+  """The launcher got SIGTERM (raised by the handler `main` installs)."""
+
+
+def run_processes(envs, command, out=None, grace_s: float = 10.0,
+                  stop_grace_s: float = 600.0) -> int:
   """Starts one process per env, streams prefixed output, returns status.
 
   The first non-zero exit stops the others (SIGTERM, then SIGKILL after
-  `grace_s`) and becomes the return value.
+  `grace_s`) and becomes the return value. On `Terminated` (SIGTERM) or
+  Ctrl-C every process gets SIGTERM and `stop_grace_s` to checkpoint and
+  exit; the return value is then 137 if one had to be killed, else the
+  first positive status among them (ctx-train: 143), else 143 / 130.
   """
   out = out or sys.stdout
   procs, pumps = [], []
@@ -151,9 +166,17 @@ def run_processes(envs, command, out=None, grace_s: float = 10.0) -> int:
           _stop([procs[j] for j in running], grace_s)
       time.sleep(0.05)
     return status
-  except KeyboardInterrupt:
-    _stop([p for p in procs if p.poll() is None], grace_s)
-    return 130
+  except (Terminated, KeyboardInterrupt) as e:
+    default = 143 if isinstance(e, Terminated) else 130
+    out.write(f"launch.local: {'SIGTERM' if default == 143 else 'Ctrl-C'}: "
+              f"stopping {len(procs)} process(es) (up to {stop_grace_s:g} s "
+              "to checkpoint)\n")
+    _stop(procs, stop_grace_s)
+    codes = [p.returncode for p in procs]
+    if any(c == -signal.SIGKILL for c in codes):
+      return 128 + signal.SIGKILL  # Killed after the grace period.
+    # A process that ended on the signal itself reports -15 / -2.
+    return next((c for c in codes if c is not None and c > 0), default)
   finally:
     for pump in pumps:
       pump.join(timeout=5)
@@ -183,12 +206,12 @@ def main(argv=None) -> int:
     print(describe(envs, args.command))
     return 0
 
-  def interrupt(signum, frame):
+  def terminate(signum, frame):
     del signum, frame
-    raise KeyboardInterrupt
-  # A scheduler's SIGTERM stops the children too, as Ctrl-C does.
-  signal.signal(signal.SIGTERM, interrupt)
-  return run_processes(envs, args.command)
+    raise Terminated
+  # A scheduler's SIGTERM is passed on to the processes (see run_processes).
+  signal.signal(signal.SIGTERM, terminate)
+  return run_processes(envs, args.command, stop_grace_s=args.grace_s)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -266,3 +267,68 @@ def test_two_process_training_matches_one_process(tmp_path):
   assert len(logs[1]) == len(logs[2]) == 1
   losses = [float(logs[p][0].split("loss ")[1]) for p in (1, 2)]
   assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+def _train_two_processes(data, workdir, num_steps, stop_at=None):
+  """ctx-train as 2 processes x 1 CPU device through launch.local.
+
+  With `stop_at`, the launcher gets SIGTERM once step `stop_at` is logged.
+  Returns (launcher status, output lines).
+  """
+  cmd = [sys.executable, "-m", "launch.local", "--num_processes", "2",
+         "--platform", "cpu", "--cpu_devices", "1", "--", sys.executable,
+         "-m", "ctx_jax.main", "--config", DEMO_SMOKE,
+         f"--config.data.records_root={data.parent}", "--workdir",
+         str(workdir), f"--config.train.num_steps={num_steps}",
+         "--config.train.log_every=1", "--config.train.checkpoint_every=1000",
+         "--config.train.valid_every=0", "--config.eval.num_episodes=2"]
+  lines = []
+  with subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT, text=True) as proc:
+    try:
+      for line in proc.stdout:
+        lines.append(line.rstrip("\n"))
+        if stop_at is not None and f"step {stop_at}/" in line:
+          proc.send_signal(signal.SIGTERM)
+          stop_at = None
+      return proc.wait(timeout=400), lines
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+
+
+def _final_loss(lines, step):
+  loss = [l.split("loss ")[1].split(" ")[0] for l in lines
+          if l.startswith("[p0] ") and f"step {step}/{step} " in l]
+  assert len(loss) == 1, "\n".join(lines[-40:])
+  return float(loss[0])
+
+
+def test_two_process_preemption_checkpoints_and_resumes(tmp_path):
+  """A SIGTERM to the launcher (a scheduler's preemption) reaches both
+  processes; JAX's preemption sync makes them checkpoint at the same step
+  and exit 143, with no export; running the command again resumes there
+  and ends where an uninterrupted run ends."""
+  data = fakes.make_tiny_demo(tmp_path / "data")
+  workdir = tmp_path / "preempted"
+  code, lines = _train_two_processes(data, workdir, 12, stop_at=3)
+  out = "\n".join(lines)
+  assert code == 143, out[-4000:]
+  stops = {l.split("] ")[0]: l.split("at step ")[1].split(";")[0]
+           for l in lines if "preempted (SIGTERM) at step" in l}
+  assert set(stops) == {"[p0", "[p1"} and len(set(stops.values())) == 1, out
+  step = int(stops["[p0"])
+  assert 3 <= step < 12
+  assert [p.name for p in (workdir / "ckpt").iterdir()
+          if p.name.isdigit()] == [str(step)]
+  assert not (workdir / "export").exists()
+
+  code, lines = _train_two_processes(data, workdir, 12)
+  assert code == 0, "\n".join(lines[-40:])
+  assert not any(f"step {s}/" in l for l in lines for s in range(1, step + 1))
+  resumed = _final_loss(lines, 12)
+  assert (workdir / "export" / "model_config.json").is_file()
+
+  code, lines = _train_two_processes(data, tmp_path / "whole", 12)
+  assert code == 0, "\n".join(lines[-40:])
+  assert resumed == pytest.approx(_final_loss(lines, 12), rel=1e-5)
