@@ -168,6 +168,10 @@ def run_processes(envs, command, out=None, grace_s: float = 10.0,
     return status
   except (Terminated, KeyboardInterrupt) as e:
     default = 143 if isinstance(e, Terminated) else 130
+    if threading.current_thread() is threading.main_thread():
+      # A second signal must not cut the wait for the checkpoints short.
+      signal.signal(signal.SIGTERM, signal.SIG_IGN)
+      signal.signal(signal.SIGINT, signal.SIG_IGN)
     out.write(f"launch.local: {'SIGTERM' if default == 143 else 'Ctrl-C'}: "
               f"stopping {len(procs)} process(es) (up to {stop_grace_s:g} s "
               "to checkpoint)\n")
