@@ -250,38 +250,29 @@ def _episode_generator(sources, seed, buckets, shuffle_buffer_size,
     for _ in range(start_episode):
       aug_rng.integers(0, 2**31 - 1, size=(episodes.skip(), 2))
     index = start_episode
-
-    def output_rows(class_ids, num_support, num_query, is_simclr):
-      """Rows of one episode as output: (keep, origin, num_support, s_pad,
-      q_pad). `keep` indexes the (converted) episode's rows that this row
-      block outputs (None: all of them), `origin` the row of the episode
-      as read that each output row shows (for errors, the cache and which
-      records to read)."""
-      s_pad, q_pad = buckets.pick(num_support, num_query)
-      origin = np.arange(len(class_ids))
-      if is_simclr:  # Query size only shrinks: the buckets still fit.
-        origin = np.asarray(simclr_lib.convert_episode(
-            origin, class_ids, num_support)[0], np.int64)
-      keep = None
-      if row_block is not None:
-        keep, num_support, s_pad, q_pad = _row_block(
-            num_support, len(origin), s_pad, q_pad, row_block)
-        origin = origin[keep]
-      return keep, origin, num_support, s_pad, q_pad
-
     while True:
       if cache is not None:
         cache.refresh_filled()
+      ep = episodes.plan_episode()
+      s_pad, q_pad = buckets.pick(ep.num_support, ep.num_query)
+      # Which row of `ep` each output row shows (for errors, the cache and
+      # which records to read).
+      origin = np.arange(len(ep.class_ids))
       is_simclr = simclr_lib.is_simclr_episode(seed, index,
                                                simclr_episode_fraction)
       index += 1
-      rows_to_read = None
-      if row_block is not None or is_simclr:
-        # Only the records of output rows are read: not those of other
-        # row blocks, nor the query records a SimCLR episode replaces.
-        rows_to_read = lambda c, s, q, conv=is_simclr: output_rows(
-            c, s, q, conv)[1]
-      ep = episodes.next_episode(rows_to_read)
+      if is_simclr:  # Query size only shrinks: the buckets still fit.
+        origin = np.asarray(simclr_lib.convert_episode(
+            origin, ep.class_ids, ep.num_support)[0], np.int64)
+      num_support = ep.num_support
+      keep = None
+      if row_block is not None:  # Only this block's rows are decoded.
+        keep, num_support, s_pad, q_pad = _row_block(
+            num_support, len(origin), s_pad, q_pad, row_block)
+        origin = origin[keep]
+      # Only the records of output rows are read: not those of other row
+      # blocks, nor the query records a SimCLR episode replaces.
+      ep = episodes.read_images(ep, origin)
       # Drawn for the unconverted episode, so conversion never shifts the
       # seeds of later episodes.
       aug_seeds = aug_rng.integers(0, 2**31 - 1, size=(len(ep.images), 2))
@@ -291,8 +282,6 @@ def _episode_generator(sources, seed, buckets, shuffle_buffer_size,
         images, labels, class_ids, num_ways = simclr_lib.convert_episode(
             images, class_ids, ep.num_support)
       aug_seeds = aug_seeds[:len(images)]
-      keep, origin, num_support, s_pad, q_pad = output_rows(
-          ep.class_ids, ep.num_support, ep.num_query, is_simclr)
       if keep is not None:
         images = [images[i] for i in keep]
         labels, class_ids = labels[keep], class_ids[keep]
@@ -350,6 +339,20 @@ def _provenance(sources, ep, origin, cache):
           "cache_slots": slots}
 
 
+def _describe_row(files, records, class_ids):
+  """`describe` of `decoder.decode_rows`: row -> "<file>: record R of
+  class C: the image failed to decode ..." (files: [N] string; records,
+  class_ids: [N] int32)."""
+
+  def describe(i):
+    return tf.strings.join([
+        files[i], ": record ", tf.strings.as_string(records[i]),
+        " of class ", tf.strings.as_string(class_ids[i]),
+        ": the image failed to decode (corrupt image data)"])
+
+  return describe
+
+
 def _pad_rows(x, size, value):
   pad = [[0, size - tf.shape(x)[0]]] + [[0, 0]] * (len(x.shape) - 1)
   return tf.pad(x, pad, constant_values=value)
@@ -368,17 +371,8 @@ def _episode_fn(image_size, support_augmentation, query_augmentation,
   def decode_padded(ep, rows, size, augmentation, is_query):
     """[size, H, W, 3]: decoded images, then zero rows up to `size`."""
     images = _unpack(ep["blob"], ep["lengths"])[rows]
-    records = ep["record_index"][rows]
-    class_ids = ep["class_ids"][rows]
-    files = ep["row_files"][rows]
-
-    def describe(i):
-      return tf.strings.join([
-          files[i], ": record ",
-          tf.strings.as_string(records[i]), " of class ",
-          tf.strings.as_string(class_ids[i]), ": the image failed to decode "
-          "(corrupt image data)"])
-
+    describe = _describe_row(ep["row_files"][rows], ep["record_index"][rows],
+                             ep["class_ids"][rows])
     more = None
     if extra is not None:
       more = lambda image, seed: extra(image, seed, is_query, ep["simclr"])
@@ -644,17 +638,10 @@ def make_batch_dataset(
 
   def decode(ex):
     """A chunk of images decoded in one loop; a failed one is named."""
-
-    def describe(i):
-      return tf.strings.join([
-          ex["row_files"][i], ": record ",
-          tf.strings.as_string(ex["record_index"][i]), " of class ",
-          tf.strings.as_string(ex["class_ids"][i]),
-          ": the image failed to decode (corrupt image data)"])
-
     images = decoder.decode_rows(
         _unpack(ex["blob"], ex["lengths"]), chunk, image_size, augmentation,
-        ex["aug_seeds"], describe)
+        ex["aug_seeds"], _describe_row(ex["row_files"], ex["record_index"],
+                                       ex["class_ids"]))
     return {"images": images, "labels": ex["class_ids"] - offset,
             "class_ids": ex["class_ids"]}
 

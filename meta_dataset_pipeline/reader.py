@@ -378,7 +378,7 @@ class Source:
 @dataclasses.dataclass
 class Episode:
   """The images of one episode, support rows first, then query rows."""
-  images: list[bytes]
+  images: list[bytes] | None  # None: planned, not read yet.
   labels: np.ndarray          # int32: way index 0..ways-1.
   class_ids: np.ndarray       # int32: absolute class id.
   record_index: np.ndarray    # int32: record number in its class file.
@@ -410,6 +410,8 @@ class EpisodeReader:
     self._descriptions = [
         sampling.description_stream(s.sampler, self._rng)
         for s in self.sources]
+    self._stream_by_class = [{st.class_id: st for st in streams}
+                             for streams in self._streams]
 
   def _plan(self):
     """Samples the next description and takes its records from the streams.
@@ -441,40 +443,49 @@ class EpisodeReader:
     _, d, _, _, _ = self._plan()
     return int(d.num_support.sum() + d.num_query.sum())
 
-  def next_episode(self, rows_to_read=None) -> Episode:
-    """Reads the next episode (multi-source: source chosen uniformly).
+  def plan_episode(self) -> Episode:
+    """The next episode (multi-source: source chosen uniformly), unread.
 
-    Args:
-      rows_to_read: optional `(class_ids, num_support, num_query) -> rows`:
-        given the planned episode's absolute class id per row (support rows
-        first) and its set sizes, the indices of the rows whose records are
-        needed; the other rows' images come back empty (b""), unread. The
-        episode and the state of the reader are the same either way.
+    Its `images` is None; `read_images` reads them. Planning is what
+    advances the reader, so reading only some rows, or none, leaves the
+    following episodes unchanged.
     """
     source_id, d, support, query, flushed = self._plan()
-    index, class_ids, labels, streams = [], [], [], []
+    index, class_ids, labels = [], [], []
     for part in (support, query):
       for way, (stream, picked) in enumerate(part):
         index.extend(picked)
         class_ids.extend([stream.class_id] * len(picked))
         labels.extend([way] * len(picked))
-        streams.extend([stream] * len(picked))
-    class_ids = np.array(class_ids, np.int32)
-    num_support = int(d.num_support.sum())
-    num_query = int(d.num_query.sum())
-    wanted = None
-    if rows_to_read is not None:
-      wanted = np.zeros(len(index), bool)
-      wanted[np.asarray(rows_to_read(class_ids, num_support, num_query),
-                        np.int64)] = True
-    images = [stream.read_image(int(i)) if wanted is None or wanted[r]
-              else b"" for r, (stream, i) in enumerate(zip(streams, index))]
     return Episode(
-        images=images, labels=np.array(labels, np.int32),
-        class_ids=class_ids, record_index=np.array(index, np.int32),
-        num_support=num_support, num_query=num_query,
-        num_ways=len(d.class_ids), source_id=source_id,
-        num_flushed=flushed, description=d)
+        images=None, labels=np.array(labels, np.int32),
+        class_ids=np.array(class_ids, np.int32),
+        record_index=np.array(index, np.int32),
+        num_support=int(d.num_support.sum()),
+        num_query=int(d.num_query.sum()), num_ways=len(d.class_ids),
+        source_id=source_id, num_flushed=flushed, description=d)
+
+  def read_images(self, episode: Episode, rows=None) -> Episode:
+    """`episode` (from `plan_episode`) with its images read.
+
+    Args:
+      episode: a planned episode of this reader.
+      rows: optional indices of the rows whose records are needed; the
+        other rows' images come back empty (b""), unread.
+    """
+    streams = self._stream_by_class[episode.source_id]
+    wanted = np.ones(len(episode.class_ids), bool)
+    if rows is not None:
+      wanted[:] = False
+      wanted[np.asarray(rows, np.int64)] = True
+    images = [streams[c].read_image(int(i)) if w else b""
+              for c, i, w in zip(episode.class_ids.tolist(),
+                                 episode.record_index.tolist(), wanted)]
+    return dataclasses.replace(episode, images=images)
+
+  def next_episode(self) -> Episode:
+    """Reads the next episode (multi-source: source chosen uniformly)."""
+    return self.read_images(self.plan_episode())
 
   def skip_cached_reads(self, is_cached):
     """Stops reading records whose decoded image is cached downstream.

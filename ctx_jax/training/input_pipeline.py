@@ -71,16 +71,15 @@ def episode_augmentations(config: ml_collections.ConfigDict, split: str
   augmented.
   """
   data = config.data
+  settings = lambda d: {k: tuple(v) if isinstance(v, (list, tuple)) else v
+                        for k, v in d.to_dict().items()}
   try:
-    simclr = mdp.SimCLRAugmentation(**{
-        k: tuple(v) if isinstance(v, (list, tuple)) else v
-        for k, v in data.simclr.to_dict().items()})
+    simclr = mdp.SimCLRAugmentation(**settings(data.simclr))
     md = None
     if split == "TRAIN":
       overrides = {}
       if data.md_augmentation == "bohb" and "bohb" in data:
-        overrides = {k: tuple(v) if isinstance(v, (list, tuple)) else v
-                     for k, v in data.bohb.to_dict().items()}
+        overrides = settings(data.bohb)
       md = mdp.augmentation_by_name(data.md_augmentation, **overrides)
   except ValueError as e:
     raise ValueError(f"config.data.simclr / md_augmentation / bohb: {e}"
