@@ -36,6 +36,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from ctx_jax import distributed
+from ctx_jax import xla_config
 
 # The ten Meta-Dataset domains, official source names, in the paper's order.
 ALL_SOURCES = ("ilsvrc_2012", "omniglot", "aircraft", "cu_birds", "dtd",
@@ -373,6 +374,7 @@ def main(argv):
   tf.config.set_visible_devices([], "GPU")
   from ctx_jax.training import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
+  xla_config.enable_compilation_cache(config.get("compilation_cache_dir", ""))
   is_chief = jax.process_index() == 0
   model_dir = _MODEL_DIR.value if _MODEL.value == "exported" else None
   mesh = mesh_lib.make_mesh(config.num_devices or None)
