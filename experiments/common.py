@@ -77,7 +77,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # (meta_dataset_pipeline/padding.py; one compiled step per pair that
   # occurs); 0 = geometric buckets (growth 1.5). Padded-FLOPs overhead over
   # the official ILSVRC training episodes: benchmarks/padding_flops_bench.py.
-  config.data.num_buckets = 8
+  config.data.num_buckets = 10
   # Memory (MiB) for an exact cache of decoded, resized images (per process;
   # 0: off). Worth it for small sources at small image sizes, e.g. all of
   # DTD at 84x84 takes 477 MB; see benchmarks/RESULTS.md.

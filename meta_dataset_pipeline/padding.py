@@ -10,10 +10,12 @@ episode. The policy here:
   bucket that fits.
 - Fitted buckets (`num_buckets` > 0, the default of the experiment configs:
   `config.data.num_buckets`): at most `num_buckets` sizes per set, chosen by
-  an exact dynamic programme (`fitted_buckets`) to minimise the expected
-  padded rows over episodes sampled from the samplers themselves (copies,
-  with their own seed), so the buckets follow each source's and split's
-  distribution; the last bucket is the largest size the config can produce.
+  an exact dynamic programme (`fitted_buckets`) to minimise the mean
+  relative padding (padded rows / real rows) over episodes sampled from the
+  samplers themselves (copies, with their own seed), so the buckets follow
+  each source's and split's distribution and no episode size is padded to
+  many times itself; the last bucket is the largest size the config can
+  produce.
 - Geometric buckets (`num_buckets` = 0): starting at `min_size`, each is
   `growth` times the previous (rounded up), and the last one is the largest
   size the episode config can produce.
@@ -39,12 +41,9 @@ is the bound S-buckets x Q-buckets; "seen" is how many shapes occurred.
 | programs (seen)    | 1          | 49 (19-35)    | 121 [100] (38-81)    |
 
 Growth 1.25 brings waste to 6-11% but allows 361 [225] programs. Fitted
-buckets on ILSVRC train (`ignore_hierarchy_probability=0.5`, 20,000
-episodes): 8 buckets 5.5% waste [5.9%], 63 programs seen (of 64); 12
-buckets 3.4% [3.8%], 137 (of 144); Omniglot 8: 12.7%, 12: 8.0%. In FLOPs of
-the ResNet-34 CTX train step at 224 px, 8 fitted buckets cost 1.075x the
-unpadded episodes on ILSVRC (geometric 1.5: 1.148x):
-`benchmarks/padding_flops_bench.py`.
+buckets: see `benchmarks/padding_flops_bench.py` and benchmarks/RESULTS.md
+("Padding") for their padded rows, programs and the FLOPs of the ResNet-34
+CTX train step over the official ILSVRC training episodes.
 Reproduce the geometric table with `python -m meta_dataset_pipeline.padding`.
 """
 
@@ -126,7 +125,8 @@ def _smallest_fit(buckets, size, what):
 
 
 def fitted_buckets(sizes: Sequence[int], num_buckets: int, max_size: int,
-                   multiple: int = 1) -> tuple[int, ...]:
+                   multiple: int = 1, relative: bool = False
+                   ) -> tuple[int, ...]:
   """The `num_buckets` sizes that minimise the padded rows of `sizes`.
 
   Exact 1-D optimal quantisation by dynamic programming: every size is
@@ -141,6 +141,8 @@ def fitted_buckets(sizes: Sequence[int], num_buckets: int, max_size: int,
     num_buckets: at most this many buckets (>= 1).
     max_size: the largest size that must fit.
     multiple: every bucket is a multiple of this.
+    relative: minimise the sum of padding / size (each episode's relative
+      overhead) instead of the total padded rows.
 
   Returns:
     Increasing bucket sizes, the last one `max_size` rounded up.
@@ -156,12 +158,13 @@ def fitted_buckets(sizes: Sequence[int], num_buckets: int, max_size: int,
   values, counts = np.unique(np.append(rounded, top), return_counts=True)
   counts[-1] -= 1  # The appended top is a candidate, not an observation.
   n = len(values)
-  cum_count = np.concatenate([[0], np.cumsum(counts)])
-  cum_rows = np.concatenate([[0], np.cumsum(counts * values)])
+  weights = counts / values if relative else counts.astype(np.float64)
+  cum_weight = np.concatenate([[0], np.cumsum(weights)])
+  cum_rows = np.concatenate([[0], np.cumsum(weights * values)])
 
   def cost(i, j):
     """Padding of candidates i..j (arrays i <= j) all padded to values[j]."""
-    return (values[j] * (cum_count[j + 1] - cum_count[i]) -
+    return (values[j] * (cum_weight[j + 1] - cum_weight[i]) -
             (cum_rows[j + 1] - cum_rows[i]))
 
   # best[j]: least padding of candidates 0..j when values[j] is the largest
@@ -230,8 +233,9 @@ def buckets_for_samplers(samplers: Sequence, pad_multiple: int = 1,
     min_size: smallest bucket for variable sizes (when `num_buckets` is 0).
     num_buckets: if > 0, at most this many buckets per set, fitted to the
       samplers' distribution of set sizes (`fitted_buckets` on
-      `FIT_SAMPLES` sampled descriptions: least expected padding); 0 means
-      geometric buckets.
+      `FIT_SAMPLES` sampled descriptions, least mean relative padding, so
+      that small episodes are not padded to many times their size); 0
+      means geometric buckets.
 
   Returns:
     `EpisodeBuckets`; a single bucket per set when all samplers produce one
@@ -247,7 +251,8 @@ def buckets_for_samplers(samplers: Sequence, pad_multiple: int = 1,
       return (round_up(fixed.pop(), pad_multiple),)
     top = max(max_fn(s) for s in samplers)
     if num_buckets:
-      return fitted_buckets(sampled[index], num_buckets, top, pad_multiple)
+      return fitted_buckets(sampled[index], num_buckets, top, pad_multiple,
+                            relative=True)
     return geometric_buckets(top, min_size, growth, pad_multiple)
   return EpisodeBuckets(
       support=make(0, lambda s: s.max_support_size(), _fixed_support_size),
