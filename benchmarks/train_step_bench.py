@@ -1,10 +1,16 @@
 """Throughput, memory and FLOP utilisation of the CTX train step.
 
-For each image size, step implementation (`shard_map`: explicit collectives,
-ctx_jax/training/sharded_step.py; `gspmd`: the jit-partitioned step,
-ctx_jax/training/train_step.py) and compute dtype (float32, bfloat16), the
-train step on one fixed episode (S support, Q query images, W ways, all
-real) is compiled ahead of time and run --steps times. Reported:
+For each episode (presets: `a` 5-way 13+9 at 84 px, `b` 20-way 100+100 at
+84 px, `c` the same at 126 px, `largest` the paper's largest, 500+500 at
+224 px with 50 ways; or `--support/--query/--ways/--sizes`), device count
+(`--device_counts`, e.g. `1,all`), step implementation (`shard_map`:
+explicit collectives, ctx_jax/training/sharded_step.py; `gspmd`: the
+jit-partitioned step, ctx_jax/training/train_step.py) and compute dtype
+(float32, bfloat16), the train step on one fixed synthetic episode (all
+rows real, padded to a multiple of the devices) is compiled ahead of time
+and run --steps times. Needs no TensorFlow (accelerator hosts may lack it):
+episodes are numpy, the model and optimiser are built from the config
+without the training loop's input pipeline. Reported:
 
 * episodes/s and images/s (median step time; images = S + Q);
 * compile time (lower + compile of the whole step);
@@ -22,12 +28,12 @@ real) is compiled ahead of time and run --steps times. Reported:
 * the effect of bfloat16 on the loss: |loss_bf16 - loss_f32| of the first
   step (same episode, same initial parameters).
 
-Usage (one accelerator, or CPU):
-  python benchmarks/train_step_bench.py --sizes 84 224 --support 50 \
-      --query 50 --ways 10
-CPU at a small setting (what benchmarks/RESULTS.md reports):
-  python benchmarks/train_step_bench.py --sizes 84 --backbone resnet34 \
-      --support 10 --query 10 --ways 5 --steps 3
+Usage (an accelerator host: every preset, 1 device and all devices):
+  python benchmarks/train_step_bench.py --episodes a,b,c,largest \
+      --device_counts 1,all
+CPU at a small setting:
+  python benchmarks/train_step_bench.py --episodes a --device_counts 1 \
+      --parallelism shard_map --steps 3
 Prints a table and writes JSON to --output.
 """
 
@@ -41,19 +47,29 @@ import time
 
 from flax import nnx
 import jax
+import numpy as np
 
-# Run as a script from anywhere: the repo root holds `experiments` and `tests`.
+# Run as a script from anywhere: the repo root holds `experiments`.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from ctx_jax import models
 from ctx_jax.training import mesh as mesh_lib
+from ctx_jax.training import optim
 from ctx_jax.training import sharded_step
-from ctx_jax.training import train
 from ctx_jax.training import train_step as step_lib
 from experiments import common
-from tests import fakes
 from ctx_head_bench import cpu_name  # A sibling script (benchmarks/).
 # pylint: enable=g-import-not-at-top,wrong-import-position
+
+# name: (support, query, ways, image size); the episodes of
+# benchmarks/official_step_bench.py plus the paper's largest episode.
+EPISODES = {
+    'a': (13, 9, 5, 84),
+    'b': (100, 100, 20, 84),
+    'c': (100, 100, 20, 126),
+    'largest': (500, 500, 50, 224),
+}
 
 # Peak dense FLOP/s per device in TFLOP/s: (bfloat16, float32 as XLA runs it
 # by default: TF32 tensor cores on NVIDIA, bfloat16 passes on TPU).
@@ -94,19 +110,48 @@ def make_config(args, size: int, dtype: str, parallelism: str,
   return config
 
 
-def make_episode(args, size: int, num_devices: int):
-  """One fixed episode, all rows real, padded to a multiple of the devices."""
+def make_episode(episode, num_devices: int):
+  """One fixed random episode, padded to a multiple of the devices."""
+  support, query, ways, size = episode
   pad = lambda n: -(-n // num_devices) * num_devices
-  return fakes.fake_episode(pad(args.support), pad(args.query), args.ways,
-                            image_size=size, real_support=args.support,
-                            real_query=args.query, seed=0)
+  rng = np.random.default_rng(0)
+
+  def part(rows, real):
+    # The real rows do not depend on the padding (the device count).
+    images = np.zeros((rows, size, size, 3), np.float32)
+    images[:real] = rng.uniform(-1, 1, (real, size, size, 3))
+    labels = np.where(np.arange(rows) < real, np.arange(rows) % ways, 0)
+    return images, labels.astype(np.int32), np.arange(rows) < real
+
+  s_img, s_lab, s_mask = part(pad(support), support)
+  q_img, q_lab, q_mask = part(pad(query), query)
+  return {'support_images': s_img, 'support_labels': s_lab,
+          'support_mask': s_mask, 'query_images': q_img,
+          'query_labels': q_lab, 'query_mask': q_mask}
+
+
+def create_state(config, mesh):
+  """Model and optimiser replicated on `mesh` (no input pipeline needed)."""
+
+  @nnx.jit
+  def create():
+    model = models.build_model(config.model, rngs=nnx.Rngs(config.seed))
+    optimizer = nnx.Optimizer(model, optim.make_optimizer(config.optimizer),
+                              wrt=nnx.Param)
+    for module in (model, optimizer):
+      nnx.update(module, jax.lax.with_sharding_constraint(
+          nnx.state(module), mesh_lib.replicated(mesh)))
+    return model, optimizer
+
+  with jax.set_mesh(mesh):
+    return create()
 
 
 def compile_step(config, mesh, episode, num_ways):
   """AOT-compiled pure step (state, episode) -> (state, metrics) and state."""
 
   train_fn, _ = sharded_step.select_steps(config.train.parallelism, mesh)
-  model, optimizer = train.create_train_state(config, mesh)
+  model, optimizer = create_state(config, mesh)
   model.train()
   graphdef, state = nnx.split((model, optimizer))
   wd = float(config.optimizer.weight_decay)
@@ -136,12 +181,12 @@ def compiled_memory(compiled) -> int:
              m.temp_size_in_bytes - m.alias_size_in_bytes)
 
 
-def run_case(args, mesh, size, parallelism, dtype):
+def run_case(args, mesh, episode_spec, parallelism, dtype):
   """Compiles and times one case; returns its row."""
+  support, query, ways, size = episode_spec
   config = make_config(args, size, dtype, parallelism)
-  episode = make_episode(args, size, mesh.size)
-  compiled, state, dev, compile_s = compile_step(config, mesh, episode,
-                                                 args.ways)
+  episode = make_episode(episode_spec, mesh.size)
+  compiled, state, dev, compile_s = compile_step(config, mesh, episode, ways)
   times, first_loss = [], None
   for i in range(args.steps + 1):  # The first run is a warm-up.
     start = time.perf_counter()
@@ -158,26 +203,70 @@ def run_case(args, mesh, size, parallelism, dtype):
   else:
     stats = device.memory_stats() or {}
     memory, memory_kind = stats.get('peak_bytes_in_use'), 'peak_in_use'
-  num_images = args.support + args.query
-  return dict(size=size, parallelism=parallelism, dtype=dtype,
+  num_images = support + query
+  return dict(size=size, support=support, query=query, ways=ways,
+              parallelism=parallelism, dtype=dtype,
               devices=mesh.size, step_s=step_s, episodes_per_s=1 / step_s,
               images_per_s=num_images / step_s, compile_s=compile_s,
               memory_bytes=memory, memory_kind=memory_kind,
               first_loss=first_loss, last_loss=float(metrics['loss']))
 
 
-def count_flops(args, mesh, size):
-  """FLOPs per device of the float32 step, CTX head in one chunk."""
-  local_queries = -(-args.query // mesh.size)
+def count_flops(args, mesh, episode_spec):
+  """FLOPs per device of the float32 step, CTX head in one chunk.
+
+  From the lowered (not compiled) step: the count needs no memory for the
+  one-chunk head, which the paper's largest episode would not fit.
+  """
+  support, query, ways, size = episode_spec
+  local_queries = -(-query // mesh.size)
   config = make_config(args, size, 'float32', 'shard_map',
                        chunk_size=local_queries)
-  episode = make_episode(args, size, mesh.size)
-  compiled, _, _, _ = compile_step(config, mesh, episode, args.ways)
-  return cost_flops(compiled)
+  episode = make_episode(episode_spec, mesh.size)
+  train_fn, _ = sharded_step.select_steps('shard_map', mesh)
+  def build():
+    model = models.build_model(config.model, rngs=nnx.Rngs(config.seed))
+    return model, nnx.Optimizer(model, optim.make_optimizer(config.optimizer),
+                                wrt=nnx.Param)
+  model, optimizer = nnx.eval_shape(build)
+  graphdef, state = nnx.split((model, optimizer))
+  wd = float(config.optimizer.weight_decay)
+
+  def pure(state, episode):
+    model, optimizer = nnx.merge(graphdef, state)
+    model.train()
+    return train_fn(model, optimizer, episode, ways, wd)
+
+  dev = mesh_lib.shard_episode(episode, mesh, step_lib.MODEL_INPUT_KEYS)
+  with jax.set_mesh(mesh):
+    analysis = jax.jit(pure).lower(state, dev).cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  if not analysis or 'flops' not in analysis:
+    return None
+  # The lowered module is the whole (global) step: per device under
+  # shard_map, the body is per device already.
+  return float(analysis['flops'])
+
+
+def parse_episodes(args):
+  """{name: (support, query, ways, size)} from --episodes or --support..."""
+  if args.episodes:
+    unknown = sorted(set(args.episodes.split(',')) - set(EPISODES))
+    if unknown:
+      raise SystemExit(f'train_step_bench: error: unknown episodes {unknown}'
+                       f'; known: {sorted(EPISODES)}')
+    return {name: EPISODES[name] for name in args.episodes.split(',')}
+  return {f'{args.support}+{args.query}@{size}': (args.support, args.query,
+                                                  args.ways, size)
+          for size in args.sizes}
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--episodes', default='',
+                      help=f'comma-separated presets of {sorted(EPISODES)}; '
+                      'default: --support/--query/--ways at each --sizes')
   parser.add_argument('--sizes', type=int, nargs='+', default=[84, 224])
   parser.add_argument('--parallelism', nargs='+',
                       default=['shard_map', 'gspmd'],
@@ -193,69 +282,73 @@ def main():
   parser.add_argument('--ways', type=int, default=10)
   parser.add_argument('--steps', type=int, default=10,
                       help='timed steps per case (after one warm-up)')
-  parser.add_argument('--num_devices', type=int, default=0,
-                      help='devices of the mesh (0: all)')
+  parser.add_argument('--device_counts', default='all',
+                      help="comma-separated mesh sizes, 'all' = every device")
   parser.add_argument('--cpu_devices', type=int, default=2,
                       help='on CPU, fake devices to split the episode over')
   parser.add_argument('--peak_tflops', type=float, default=None,
                       help='peak TFLOP/s of one device (overrides the table)')
   parser.add_argument('--no_flops', action='store_true',
-                      help='skip the extra compile that counts FLOPs')
+                      help='skip the extra lowering that counts FLOPs')
   parser.add_argument('--output', default=os.path.join(
       os.path.dirname(os.path.abspath(__file__)), 'train_step_bench.json'))
   args = parser.parse_args()
+  episodes = parse_episodes(args)
   # Before any backend starts; only the CPU backend reads it.
   jax.config.update('jax_num_cpu_devices', args.cpu_devices)
-  mesh = mesh_lib.make_mesh(args.num_devices or None)
+  counts = [jax.device_count() if c == 'all' else int(c)
+            for c in args.device_counts.split(',')]
   device_kind = jax.devices()[0].device_kind
-  print(f'{mesh.size} x {device_kind}, backbone {args.backbone}, head '
-        f'{args.head}, episode S={args.support} Q={args.query} '
-        f'W={args.ways}', flush=True)
+  print(f'{jax.device_count()} x {device_kind}, backbone {args.backbone}, '
+        f'head {args.head}', flush=True)
   rows = []
-  header = (f'{"size":>4} {"step":>9} {"dtype":>8} {"ep/s":>7} '
-            f'{"img/s":>7} {"step s":>7} {"compile s":>9} {"mem MiB":>8} '
-            f'{"GFLOP/dev":>9} {"MFU":>6} {"loss":>9} {"|dloss| bf16":>12}')
+  header = (f'{"episode":>12} {"dev":>3} {"step":>9} {"dtype":>8} '
+            f'{"ep/s":>7} {"img/s":>7} {"step s":>7} {"compile s":>9} '
+            f'{"mem MiB":>8} {"GFLOP/dev":>9} {"MFU":>6} {"loss":>9} '
+            f'{"|dloss| bf16":>12}')
   print(header, flush=True)
-  for size in args.sizes:
-    flops = None if args.no_flops else count_flops(args, mesh, size)
-    f32_loss = {}
-    for parallelism in args.parallelism:
-      for dtype in args.dtypes:
-        row = run_case(args, mesh, size, parallelism, dtype)
-        row['flops_per_device'] = flops
-        peak = peak_tflops(device_kind, dtype, args.peak_tflops)
-        row['peak_tflops'] = peak
-        row['mfu'] = (flops / row['step_s'] / (peak * 1e12)
-                      if flops and peak else None)
-        if dtype == 'float32':
-          f32_loss[parallelism] = row['first_loss']
-        ref = f32_loss.get(parallelism)
-        row['loss_diff_vs_f32'] = (abs(row['first_loss'] - ref)
-                                   if ref is not None else None)
-        rows.append(row)
-        mem = (f'{row["memory_bytes"] / 2**20:.0f}'
-               if row['memory_bytes'] is not None else '?')
-        tflop = f'{flops / 1e9:.1f}' if flops else '?'
-        mfu = f'{100 * row["mfu"]:.1f}%' if row['mfu'] is not None else 'n/a'
-        diff = (f'{row["loss_diff_vs_f32"]:.2e}'
-                if dtype != 'float32' and row['loss_diff_vs_f32'] is not None
-                else '')
-        print(f'{size:>4} {parallelism:>9} {dtype:>8} '
-              f'{row["episodes_per_s"]:>7.3f} {row["images_per_s"]:>7.1f} '
-              f'{row["step_s"]:>7.3f} {row["compile_s"]:>9.1f} {mem:>8} '
-              f'{tflop:>9} {mfu:>6} {row["first_loss"]:>9.4f} {diff:>12}',
-              flush=True)
+  for num_devices in dict.fromkeys(counts):
+    mesh = mesh_lib.make_mesh(num_devices)
+    for name, spec in episodes.items():
+      flops = None if args.no_flops else count_flops(args, mesh, spec)
+      f32_loss = {}
+      for parallelism in args.parallelism:
+        for dtype in args.dtypes:
+          row = run_case(args, mesh, spec, parallelism, dtype)
+          row['episode'] = name
+          row['flops_per_device'] = flops
+          peak = peak_tflops(device_kind, dtype, args.peak_tflops)
+          row['peak_tflops'] = peak
+          row['mfu'] = (flops / row['step_s'] / (peak * 1e12)
+                        if flops and peak else None)
+          if dtype == 'float32':
+            f32_loss[parallelism] = row['first_loss']
+          ref = f32_loss.get(parallelism)
+          row['loss_diff_vs_f32'] = (abs(row['first_loss'] - ref)
+                                     if ref is not None else None)
+          rows.append(row)
+          mem = (f'{row["memory_bytes"] / 2**20:.0f}'
+                 if row['memory_bytes'] is not None else '?')
+          gflop = f'{flops / 1e9:.1f}' if flops else '?'
+          mfu = (f'{100 * row["mfu"]:.1f}%' if row['mfu'] is not None
+                 else 'n/a')
+          diff = (f'{row["loss_diff_vs_f32"]:.2e}' if dtype != 'float32'
+                  and row['loss_diff_vs_f32'] is not None else '')
+          print(f'{name:>12} {mesh.size:>3} {parallelism:>9} {dtype:>8} '
+                f'{row["episodes_per_s"]:>7.3f} {row["images_per_s"]:>7.1f} '
+                f'{row["step_s"]:>7.3f} {row["compile_s"]:>9.1f} {mem:>8} '
+                f'{gflop:>9} {mfu:>6} {row["first_loss"]:>9.4f} {diff:>12}',
+                flush=True)
   report = {
       'machine': {'platform': platform.platform(), 'processor': cpu_name(),
                   'cpu_count': os.cpu_count(),
                   'load_average': os.getloadavg(),
                   'jax_backend': jax.default_backend(),
-                  'device': device_kind, 'num_devices': mesh.size,
-                  'jax': jax.__version__},
+                  'device': device_kind, 'num_devices': jax.device_count(),
+                  'jax': jax.__version__,
+                  'xla_flags': os.environ.get('XLA_FLAGS', '')},
       'backbone': args.backbone, 'head': args.head,
-      'episode': {'support': args.support, 'query': args.query,
-                  'ways': args.ways},
-      'steps': args.steps, 'rows': rows,
+      'episodes': episodes, 'steps': args.steps, 'rows': rows,
   }
   with open(args.output, 'w') as f:
     json.dump(report, f, indent=2)
