@@ -41,6 +41,7 @@ setuptools.setup(
             "ctx-make-demo-data=meta_dataset_pipeline.demo_data:run",
             "md-episodes=meta_dataset_pipeline.episodes_cli:run",
             "md-episode-grid=meta_dataset_pipeline.episode_grid:run",
+            "md-convert=meta_dataset_pipeline.conversion.cli:run",
             "ctx-import-official=ctx_jax.models.official_import:run",
             "ctx-run-episode=ctx_jax.models.official_import:run_episode_main",
         ],

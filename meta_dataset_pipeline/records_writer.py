@@ -11,10 +11,11 @@ as one folder holding
   with `json.dump(..., indent=2)` (no trailing newline). Class ids are
   contiguous: train classes first, then valid, then test.
 
-These helpers write exactly that, for a flat `DatasetSpecification` (no
-class hierarchy). Every file is written to a temporary name in the same folder
-and renamed into place when complete, so an interrupted run never leaves a
-truncated file under a final name.
+These helpers write exactly that, for a flat `DatasetSpecification` or a
+`BiLevelDatasetSpecification` (superclasses, as Omniglot). Every file is
+written to a temporary name in the same folder and renamed into place when
+complete, so an interrupted run never leaves a truncated file under a final
+name.
 
 They are pure Python: the two protobuf messages and the TFRecord framing
 (length, masked CRC-32C) are encoded by hand, byte-identical to
@@ -238,6 +239,65 @@ def dataset_spec_dict(name: str,
       "path": path,
       "file_pattern": FILE_PATTERN,
       "__class__": "DatasetSpecification",
+  }
+
+
+def bilevel_dataset_spec_dict(name: str,
+                              superclasses_per_split: Mapping[str, int],
+                              classes_per_superclass: Sequence[int],
+                              images_per_class: Sequence[int],
+                              superclass_names: Sequence[str],
+                              class_names: Sequence[str],
+                              path: str) -> dict:
+  """Builds a `BiLevelDatasetSpecification` dict as `to_dict()` returns it.
+
+  Args:
+    name: the dataset name.
+    superclasses_per_split: number of superclasses for each of "TRAIN",
+      "VALID" and "TEST"; superclass ids run train, then valid, then test.
+    classes_per_superclass: number of classes of superclass `i`; class ids
+      run through superclass 0's classes, then superclass 1's, and so on.
+    images_per_class: number of images of class id `i`, for every id.
+    superclass_names: name of superclass `i`.
+    class_names: name of class id `i`, for every id.
+    path: the records folder, stored as given.
+
+  Returns:
+    A dict with the official keys in the official order (integer keys as
+    strings).
+
+  Raises:
+    ValueError: if the counts are inconsistent.
+  """
+  if set(superclasses_per_split) != set(SPLITS):
+    raise ValueError(f"superclasses_per_split needs keys {SPLITS}, got "
+                     f"{sorted(superclasses_per_split)}")
+  num_superclasses = sum(int(superclasses_per_split[s]) for s in SPLITS)
+  num_classes = sum(int(n) for n in classes_per_superclass)
+  if (len(classes_per_superclass) != num_superclasses or
+      len(superclass_names) != num_superclasses):
+    raise ValueError(
+        f"{num_superclasses} superclasses in superclasses_per_split, but "
+        f"{len(classes_per_superclass)} class counts and "
+        f"{len(superclass_names)} names")
+  if len(images_per_class) != num_classes or len(class_names) != num_classes:
+    raise ValueError(
+        f"{num_classes} classes in classes_per_superclass, but "
+        f"{len(images_per_class)} image counts and {len(class_names)} names")
+  return {
+      "name": name,
+      "superclasses_per_split": {
+          s: int(superclasses_per_split[s]) for s in SPLITS},
+      "classes_per_superclass": {
+          str(i): int(n) for i, n in enumerate(classes_per_superclass)},
+      "images_per_class": {
+          str(i): int(n) for i, n in enumerate(images_per_class)},
+      "superclass_names": {
+          str(i): str(n) for i, n in enumerate(superclass_names)},
+      "class_names": {str(i): str(n) for i, n in enumerate(class_names)},
+      "path": path,
+      "file_pattern": FILE_PATTERN,
+      "__class__": "BiLevelDatasetSpecification",
   }
 
 
