@@ -18,12 +18,14 @@ class RecordProblem(ValueError):
   """A record file or record that is not what the official format says."""
 
 
-def iter_records(path: str, check_crc: bool = True) -> Iterator[bytes]:
+def iter_records(path: str, on_bad_data=None) -> Iterator[bytes]:
   """Yields the data of every record of an uncompressed TFRecord file.
 
   Args:
     path: the file.
-    check_crc: whether to check both CRCs of every record.
+    on_bad_data: None to raise on a data CRC mismatch; else called with the
+      problem, and the record is skipped (its length field is intact, so the
+      next records can still be read).
 
   Yields:
     The record payloads, in order.
@@ -45,13 +47,16 @@ def iter_records(path: str, check_crc: bool = True) -> Iterator[bytes]:
           f"record {index}: claims {length} bytes but the file ends at byte "
           f"{len(data)} (truncated)")
     payload = data[offset + _HEADER:end - _FOOTER]
-    if check_crc:
-      framed = records_writer.tfrecord_frame(payload)
-      if framed[8:12] != header[8:12]:
-        raise RecordProblem(f"record {index}: bad length CRC")
-      if framed[-4:] != data[end - _FOOTER:end]:
-        raise RecordProblem(f"record {index}: bad data CRC")
-    yield payload
+    framed = records_writer.tfrecord_frame(payload)
+    if framed[8:12] != header[8:12]:
+      raise RecordProblem(f"record {index}: bad length CRC")
+    if framed[-4:] != data[end - _FOOTER:end]:
+      problem = RecordProblem(f"record {index}: bad data CRC")
+      if on_bad_data is None:
+        raise problem
+      on_bad_data(problem)
+    else:
+      yield payload
     offset, index = end, index + 1
 
 

@@ -41,9 +41,16 @@ def check_class_file(path: str, class_id: int) -> tuple[int, list[str]]:
     the record index).
   """
   problems, count = [], 0
+
+  def bad_data(problem):
+    nonlocal count
+    count += 1
+    problems.append(str(problem))
+
   try:
-    for count, payload in enumerate(records.iter_records(path), start=1):
-      index = count - 1
+    for payload in records.iter_records(path, bad_data):
+      index = count
+      count += 1
       try:
         features = records.parse_example(payload)
       except records.RecordProblem as e:
