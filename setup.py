@@ -13,6 +13,8 @@ setuptools.setup(
     packages=setuptools.find_packages(
         include=["ctx_jax*", "meta_dataset_pipeline*", "experiments*",
                  "launch*"]),
+    # md-convert's ILSVRC split DAGs and duplicate list (official data).
+    package_data={"meta_dataset_pipeline.conversion": ["data/*"]},
     install_requires=[
         "jax>=0.10,<0.11",
         "jaxlib>=0.10,<0.11",

@@ -16,6 +16,7 @@ import os
 import sys
 
 from meta_dataset_pipeline.conversion import common
+from meta_dataset_pipeline.conversion import ilsvrc
 from meta_dataset_pipeline.conversion import image_folders
 from meta_dataset_pipeline.conversion import listed_images
 from meta_dataset_pipeline.conversion import mscoco
@@ -26,6 +27,8 @@ from meta_dataset_pipeline.conversion import verify
 
 # Source name -> function(data_root, splits_root) -> Plan.
 PLANNERS = {
+    "ilsvrc_2012": ilsvrc.plan,
+    "ilsvrc_2012_v2": ilsvrc.plan_v2,
     "omniglot": omniglot.plan,
     "aircraft": listed_images.plan_aircraft,
     "cu_birds": image_folders.plan_cu_birds,
@@ -36,7 +39,6 @@ PLANNERS = {
     "traffic_sign": image_folders.plan_traffic_sign,
     "mscoco": mscoco.plan,
 }
-NOT_YET = ("ilsvrc_2012", "ilsvrc_2012_v2")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
       description="Convert a raw Meta-Dataset download into the official "
       "record format (or --verify converted records).")
   p.add_argument("--dataset", required=True,
-                 choices=sorted(PLANNERS) + list(NOT_YET))
+                 choices=sorted(PLANNERS))
   p.add_argument("--data_root", help="the raw download of the dataset")
   p.add_argument("--records_root", required=True,
                  help="records go to <records_root>/<dataset>/")
@@ -76,10 +78,6 @@ def main(argv=None) -> int:
     print(f"md-convert --verify {records_dir}: "
           + (f"{len(problems)} problem(s)" if problems else "OK"))
     return 1 if problems else 0
-  if args.dataset in NOT_YET:
-    raise common.ConversionError(
-        f"{args.dataset} is not supported by md-convert yet; use the "
-        f"official converter")
   if not args.data_root:
     parser.error("--data_root is required to convert")
   if args.workers < 1:

@@ -42,11 +42,13 @@ class Plan:
   """A source's conversion: its class jobs and how to build its spec.
 
   `spec_fn(counts, path)` returns the spec dict given the number of records
-  written for every class id and the records folder.
+  written for every class id and the records folder. `prepare_fn(path)`, if
+  any, runs on the records folder before any class is written.
   """
   name: str
   jobs: Sequence[ClassJob]
   spec_fn: Callable[[Mapping[int, int], str], dict]
+  prepare_fn: Callable[[str], None] | None = None
 
 
 def require_dir(path: str, what: str) -> str:

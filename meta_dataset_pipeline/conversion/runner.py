@@ -134,6 +134,8 @@ def convert(plan: common.Plan, records_dir: str, workers: int = 1,
   """
   os.makedirs(records_dir, exist_ok=True)
   remove_temporary_files(records_dir)
+  if plan.prepare_fn is not None:
+    plan.prepare_fn(records_dir)
   counts, pending = {}, []
   for job in plan.jobs:
     path = records_writer.class_records_path(records_dir, job.class_id)

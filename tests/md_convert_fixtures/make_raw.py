@@ -8,8 +8,10 @@ Images are tiny (a few hundred bytes) and seeded, but they are committed:
 a different Pillow could encode them differently, and the official records
 in `official/` were made from these exact bytes.
 
-Run from the repository root: `python tests/md_convert_fixtures/make_raw.py`
-(it refuses to overwrite an existing `raw/`).
+Run from the repository root: `python tests/md_convert_fixtures/make_raw.py
+[source ...]` (it refuses to overwrite an existing `raw/<source>`);
+`--materialize_ilsvrc DEST` writes the full ILSVRC tree (see
+`materialize_ilsvrc`).
 """
 
 import io
@@ -240,6 +242,72 @@ def mscoco(root, rng, splits):
                "test": ["thing11"]})
 
 
+def ilsvrc_2012(root, rng):
+  """Images of 4 of the 1000 classes; `materialize_ilsvrc` adds the rest."""
+  classes = {
+      "n01440764": 3,  # train (tench)
+      "n01531178": 2,  # train; holds a CUB duplicate, which is skipped
+      "n02085620": 2,  # valid (Chihuahua, below "carnivore")
+      "n02666196": 2,  # test (abacus, below "device")
+  }
+  for wn_id, num in classes.items():
+    for i in range(num):
+      _save(os.path.join(root, wn_id, f"{wn_id}_{10 + i}.JPEG"),
+            _pixels(rng, 9 + i, 12), "JPEG")
+  # Listed in ImageNet_CUBirds_duplicates.txt: left out of counts and records.
+  _save(os.path.join(root, "n01531178", "n01531178_12730.JPEG"),
+        _pixels(rng, 8, 8), "JPEG")
+  # Re-encoded: greyscale JPEG; PNG bytes under a .JPEG name (as some
+  # real ILSVRC files); CMYK JPEG.
+  _save(os.path.join(root, "n01440764", "n01440764_20.JPEG"),
+        _pixels(rng, 10, 10, channels=1), "JPEG")
+  _save(os.path.join(root, "n02085620", "n02085620_20.JPEG"),
+        _pixels(rng, 10, 11), "PNG")
+  _save(os.path.join(root, "n02666196", "n02666196_20.JPEG"),
+        _pixels(rng, 11, 10), "JPEG", mode="CMYK")
+  # Unreadable: counted (its name ends in JPEG) but skipped when writing.
+  with open(os.path.join(root, "n02666196", "n02666196_30.JPEG"), "wb") as f:
+    f.write(b"not an image")
+
+
+def materialize_ilsvrc(committed, dest):
+  """The whole raw ILSVRC-2012 tree the converters read, in `dest`.
+
+  The committed images plus an empty folder for each other class, and
+  `words.txt` / `wordnet.is_a.txt` (which only the official converter
+  reads) holding the official sampling DAG: the nodes and edges of the
+  official ilsvrc_2012_v2 spec, from md-convert's package data (taken from
+  the official specs), plus two extra synsets (below). Git keeps no empty
+  folders, hence this step.
+  """
+  import gzip  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  from meta_dataset_pipeline.conversion import ilsvrc  # pylint: disable=g-import-not-at-top
+  with gzip.open(os.path.join(ilsvrc._DATA,  # pylint: disable=protected-access
+                              "ilsvrc_2012_splits.json.gz")) as f:
+    graph = json.load(f)["ilsvrc_2012_v2"]["TRAIN"]
+  shutil.copytree(committed, dest)
+  words = {w: text for w, text, _ in graph}
+  edges = [(w, c) for w, _, children in sorted(graph) for c in children]
+  # Two nodes of the official DAG keep a single child: in WordNet they
+  # reach it along two paths, and the official collapse of single-child
+  # nodes leaves the child listed twice. An extra synset on a second path
+  # reproduces that (and is itself collapsed away).
+  for k, (w, _, children) in enumerate(sorted(graph)):
+    if len(children) == 1:
+      extra = f"n9999999{k % 10}"
+      assert extra not in words
+      words[extra] = f"second path from {w} to {children[0]}"
+      edges += [(w, extra), (extra, children[0])]
+  with open(os.path.join(dest, "words.txt"), "w") as f:
+    f.writelines(f"{w}\t{words[w]}\n" for w in sorted(words))
+  with open(os.path.join(dest, "wordnet.is_a.txt"), "w") as f:
+    f.writelines(f"{p} {c}\n" for p, c in sorted(edges))
+  for wn_id, _, children in graph:
+    if not children:
+      os.makedirs(os.path.join(dest, wn_id), exist_ok=True)
+
+
 def _mkdir(path):
   os.makedirs(path, exist_ok=True)
   return path
@@ -248,17 +316,24 @@ def _mkdir(path):
 SOURCES = {"omniglot": omniglot, "dtd": dtd, "vgg_flower": vgg_flower,
            "aircraft": aircraft, "cu_birds": cu_birds,
            "traffic_sign": traffic_sign, "fungi": fungi,
-           "quickdraw": quickdraw, "mscoco": mscoco}
+           "quickdraw": quickdraw, "mscoco": mscoco,
+           "ilsvrc_2012": ilsvrc_2012}
 
 
 def main():
+  if sys.argv[1:2] == ["--materialize_ilsvrc"]:
+    materialize_ilsvrc(os.path.join(HERE, "raw", "ilsvrc_2012"), sys.argv[2])
+    return
   raw = os.path.join(HERE, "raw")
   splits = os.path.join(HERE, "splits")
-  if os.path.exists(raw):
-    sys.exit(f"{raw} exists; remove it first to regenerate")
+  only = sys.argv[1:]
   for k, (name, make) in enumerate(SOURCES.items()):
+    if only and name not in only:
+      continue
+    if os.path.exists(os.path.join(raw, name)):
+      sys.exit(f"{raw}/{name} exists; remove it first to regenerate")
     rng = np.random.default_rng(1000 + k)
-    if name == "omniglot":
+    if name in ("omniglot", "ilsvrc_2012"):
       make(os.path.join(raw, name), rng)
     else:
       make(os.path.join(raw, name), rng, splits)
