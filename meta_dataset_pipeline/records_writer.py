@@ -86,12 +86,14 @@ def _crc32c_tables() -> tuple[tuple[int, ...], ...]:
 
 _CRC_TABLES = _crc32c_tables()
 
+try:
+  import google_crc32c as _google_crc32c  # pylint: disable=g-import-not-at-top
+except ImportError:
+  _google_crc32c = None
 
-def crc32c(data: bytes) -> int:
-  """CRC-32C of `data`, as TFRecord framing uses it.
 
-  Slicing-by-8 (eight bytes per Python step) keeps pure Python at about
-  5 MB/s, a few seconds for the whole demo dataset.
+def _crc32c_python(data: bytes) -> int:
+  """CRC-32C of `data` in pure Python (slicing-by-8, about 5 MB/s).
 
   Args:
     data: the bytes to checksum.
@@ -110,6 +112,23 @@ def crc32c(data: bytes) -> int:
   for b in data[n8:]:
     crc = t0[(crc ^ b) & 0xFF] ^ (crc >> 8)
   return crc ^ 0xFFFFFFFF
+
+
+def crc32c(data: bytes) -> int:
+  """CRC-32C of `data`, as TFRecord framing uses it.
+
+  Uses the C library of `google-crc32c` (GB/s) when installed; the pure
+  Python fallback (about 5 MB/s) would take hours on ILSVRC's 140 GB.
+
+  Args:
+    data: the bytes to checksum.
+
+  Returns:
+    The unsigned 32-bit CRC.
+  """
+  if _google_crc32c is not None:
+    return _google_crc32c.value(bytes(data))
+  return _crc32c_python(data)
 
 
 def _masked_crc(data: bytes) -> bytes:

@@ -476,3 +476,13 @@ def test_converter_imports_neither_tensorflow_nor_jax():
   proc = subprocess.run([sys.executable, "-c", code], env=ENV,
                         capture_output=True, text=True, check=True)
   assert proc.stdout.split() == ["False", "False"]
+
+
+def test_python_crc32c_fallback_equals_the_c_library():
+  # pylint: disable=protected-access
+  rng = np.random.default_rng(0)
+  for size in (0, 1, 7, 8, 9, 1000, 4099):
+    data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+    assert (records_writer._crc32c_python(data) ==
+            records_writer.crc32c(data))
+  assert records_writer._crc32c_python(b"123456789") == 0xE3069283
