@@ -394,8 +394,9 @@ def test_verify_lists_every_problem(tmp_path):
   problems = verify.verify(str(out))
   assert any("truncated" in p for p in problems), problems
   assert f"{out / '1.tfrecords'}: missing (class 1)" in problems
+  assert verify.verify(str(out), workers=2) == problems
   proc = _md_convert("--dataset", "traffic_sign", "--records_root",
-                     tmp_path / "records", "--verify")
+                     tmp_path / "records", "--verify", "--workers", "2")
   assert proc.returncode == 1
   assert "missing (class 1)" in proc.stdout
   assert proc.stdout.strip().endswith("problem(s)")

@@ -55,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
                  help="folder of <dataset>_splits.json files (read if "
                  "present, else written); default <records_root>/splits")
   p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                 help="processes writing class files (default: all CPUs)")
+                 help="processes writing (or verifying) class files "
+                 "(default: all CPUs)")
   p.add_argument("--verify", action="store_true",
                  help="check <records_root>/<dataset> against its spec "
                  "instead of converting")
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
     if not os.path.isdir(records_dir):
       raise common.ConversionError(
           f"expected a records folder at {records_dir} (no such folder)")
-    problems = verify.verify(records_dir)
+    problems = verify.verify(records_dir, workers=args.workers)
     for problem in problems:
       print(problem)
     print(f"md-convert --verify {records_dir}: "

@@ -9,7 +9,7 @@ left empty by the clipping is skipped. The 80 categories are split 0/40/40
 in the annotation file's category order; a class's records follow the
 annotation order. As the official converter, a file is written for each of
 the 80 class ids, and `images_per_class` lists only classes with images,
-in the order of their first annotation.
+in the order of their first kept crop.
 """
 
 import dataclasses
@@ -38,22 +38,29 @@ def crop_box(bbox, image_w, image_h, scale=BOX_SCALE):
           min(int(round(y + h - 0.5)) + 1, image_h))
 
 
+def _crop(path, bbox):
+  """The RGB crop of an annotation, or None when it is dropped."""
+  try:
+    with open(path, "rb") as f:
+      image = Image.open(f)
+      image = image.convert(mode="RGB")
+  except FileNotFoundError:
+    raise common.ConversionError(
+        f"expected the MSCOCO image {path} (no such file)") from None
+  except OSError:
+    return None  # Unreadable images are skipped, as the official converter.
+  left, top, right, bottom = crop_box(bbox, *image.size)
+  if right - left <= 0 or bottom - top <= 0:
+    return None
+  return image.crop((left, top, right, bottom))
+
+
 def images_from_boxes(items):
-  """Yields the JPEG crop of every (image path, COCO box) that is not empty."""
-  for path, bbox in items:
-    try:
-      with open(path, "rb") as f:
-        image = Image.open(f)
-        image = image.convert(mode="RGB")
-    except FileNotFoundError:
-      raise common.ConversionError(
-          f"expected the MSCOCO image {path} (no such file)") from None
-    except OSError:
-      continue  # Unreadable images are skipped, as the official converter.
-    left, top, right, bottom = crop_box(bbox, *image.size)
-    if right - left <= 0 or bottom - top <= 0:
-      continue
-    yield common.to_jpeg(image.crop((left, top, right, bottom)))
+  """Yields the JPEG crop of every (index, image path, COCO box) kept."""
+  for _, path, bbox in items:
+    crop = _crop(path, bbox)
+    if crop is not None:
+      yield common.to_jpeg(crop)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,15 +68,24 @@ class _Spec:
   """Flat spec with the official key order of `images_per_class`."""
   classes_per_split: dict
   class_names: tuple
-  first_seen: tuple  # class ids in the order of their first annotation
+  items: tuple  # per class id: its (annotation index, path, box)
 
   def __call__(self, counts, path):
     spec = records_writer.dataset_spec_dict(
         "mscoco", self.classes_per_split,
         [counts[i] for i in range(len(self.class_names))], self.class_names,
         path)
-    spec["images_per_class"] = {str(i): counts[i] for i in self.first_seen
-                                if counts[i]}
+    # The official converter adds a class to `images_per_class` when it
+    # writes the class's first crop: order the classes by the annotation
+    # index of their first kept crop (usually their first annotation).
+    first_kept = {}
+    for class_id in range(len(self.class_names)):
+      if counts[class_id]:
+        first_kept[class_id] = next(
+            index for index, image, box in self.items[class_id]
+            if _crop(image, box) is not None)
+    spec["images_per_class"] = {
+        str(i): counts[i] for i in sorted(first_kept, key=first_kept.get)}
     return spec
 
 
@@ -105,21 +121,19 @@ def plan(data_root: str, splits_root: str) -> common.Plan:
         f"instances_train2017.json lacks: {unknown[:3]}")
   class_of_coco_id = {id_of_name[n]: i for i, n in enumerate(class_names)}
   items = [[] for _ in range(max(NUM_CLASSES, len(class_names)))]
-  first_seen = []
-  for annotation in coco["annotations"]:
+  for index, annotation in enumerate(coco["annotations"]):
     class_id = class_of_coco_id.get(annotation["category_id"])
     if class_id is None:
       raise common.ConversionError(
           f"MSCOCO category {annotation['category_id']} is in no split of "
           f"the mscoco split file")
-    if not items[class_id]:
-      first_seen.append(class_id)
     items[class_id].append((
-        os.path.join(image_dir, "%012d.jpg" % annotation["image_id"]),
+        index, os.path.join(image_dir, "%012d.jpg" % annotation["image_id"]),
         tuple(annotation["bbox"])))
   jobs = [common.ClassJob(i, class_names[i] if i < len(class_names) else "",
                           images_from_boxes, (tuple(it),), len(it))
           for i, it in enumerate(items)]
   per_split = {k.upper(): len(splits[k]) for k in common.SPLIT_KEYS}
   return common.Plan("mscoco", jobs,
-                     _Spec(per_split, tuple(class_names), tuple(first_seen)))
+                     _Spec(per_split, tuple(class_names),
+                           tuple(tuple(it) for it in items)))

@@ -7,7 +7,9 @@ that are not the file's class id, images that do not decode, and files a
 killed conversion left behind.
 """
 
+import concurrent.futures
 import io
+import multiprocessing
 import os
 import re
 
@@ -74,33 +76,46 @@ def check_class_file(path: str, class_id: int) -> tuple[int, list[str]]:
   return count, problems
 
 
-def verify(records_dir: str) -> list[str]:
+def verify(records_dir: str, workers: int = 1) -> list[str]:
   """All problems of a records folder (empty if it matches its spec).
 
   Args:
     records_dir: a converted source: `dataset_spec.json` and the class
       files.
+    workers: processes reading class files (decoding every image is the
+      slow part).
 
   Returns:
-    One line per problem, naming the file.
+    One line per problem, naming the file, in class order.
   """
   try:
     spec = spec_lib.load_dataset_spec(records_dir)
   except (spec_lib.SpecError, OSError, ValueError) as e:
     return [f"{records_dir}: cannot load the dataset spec: {e}"]
   problems = []
-  for class_id in range(spec.num_classes):
-    path = os.path.join(records_dir, spec.file_pattern.format(class_id))
+  paths = [os.path.join(records_dir, spec.file_pattern.format(c))
+           for c in range(spec.num_classes)]
+  present = [c for c, p in enumerate(paths) if os.path.isfile(p)]
+  if workers > 1 and len(present) > 1:
+    with concurrent.futures.ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn")) as pool:
+      checked = dict(zip(present, pool.map(
+          check_class_file, [paths[c] for c in present], present,
+          chunksize=max(1, len(present) // (8 * workers)))))
+  else:
+    checked = {c: check_class_file(paths[c], c) for c in present}
+  for class_id, path in enumerate(paths):
     try:
       expected = spec.get_total_images_per_class(class_id)
     except (ValueError, KeyError):
       problems.append(f"{path}: the spec lists no image count for class "
                       f"{class_id}")
       expected = None
-    if not os.path.isfile(path):
+    if class_id not in checked:
       problems.append(f"{path}: missing (class {class_id})")
       continue
-    count, file_problems = check_class_file(path, class_id)
+    count, file_problems = checked[class_id]
     problems.extend(f"{path}: {p}" for p in file_problems)
     if expected is not None and count != expected:
       problems.append(f"{path}: {count} records, the spec lists {expected}")

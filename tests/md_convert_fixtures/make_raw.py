@@ -14,9 +14,11 @@ Run from the repository root: `python tests/md_convert_fixtures/make_raw.py
 `materialize_ilsvrc`).
 """
 
+import gzip
 import io
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -218,11 +220,14 @@ def mscoco(root, rng, splits):
     _save(path, _pixels(rng, h, w, channels=1 if grey else 3), "JPEG")
     images[image_id] = (h, w)
   annotations = [
+      # Past the right edge of the 24-px-wide image: an empty crop, dropped
+      # (and thing03 is listed in images_per_class after thing11).
+      (9, 4, [30.0, 2.0, 2.0, 3.0]),
       (9, 13, [2.5, 3.25, 10.0, 8.5]),
       (139, 4, [0.0, 0.0, 6.4, 7.9]),
       (25, 13, [5.0, 4.0, 14.0, 20.0]),  # grows past the border: clipped
       (9, 47, [1.7, 10.2, 3.3, 4.4]),
-      (139, 13, [19.6, 3.0, 4.0, 5.0]),  # starts past the right edge: dropped
+      (139, 13, [19.6, 3.0, 4.0, 5.0]),  # clipped to 1 pixel wide
       (25, 4, [7.5, 7.5, 0.6, 0.6]),
       (9, 4, [12.0, 2.0, 11.0, 15.0]),
   ]
@@ -280,9 +285,9 @@ def materialize_ilsvrc(committed, dest):
   the official specs), plus two extra synsets (below). Git keeps no empty
   folders, hence this step.
   """
-  import gzip  # pylint: disable=g-import-not-at-top
-  import shutil  # pylint: disable=g-import-not-at-top
-  from meta_dataset_pipeline.conversion import ilsvrc  # pylint: disable=g-import-not-at-top
+  # Here, not at the top: only this step needs the package installed.
+  # pylint: disable-next=g-import-not-at-top
+  from meta_dataset_pipeline.conversion import ilsvrc
   with gzip.open(os.path.join(ilsvrc._DATA,  # pylint: disable=protected-access
                               "ilsvrc_2012_splits.json.gz")) as f:
     graph = json.load(f)["ilsvrc_2012_v2"]["TRAIN"]
