@@ -453,6 +453,27 @@ def test_cli_bad_input_is_one_line(tmp_path):
   assert not (tmp_path / "records" / "dtd").exists()
 
 
+def test_cli_usage_and_output_errors_are_one_line(tmp_path):
+  proc = _md_convert("--dataset", "imagenet", "--records_root", tmp_path)
+  assert proc.returncode == 1
+  assert proc.stderr.startswith("md-convert: error: argument --dataset: "
+                                "invalid choice: 'imagenet'")
+  assert len(proc.stderr.splitlines()) == 1
+  proc = _md_convert("--dataset", "dtd", "--records_root", tmp_path)
+  assert proc.returncode == 1
+  assert proc.stderr == ("md-convert: error: --data_root is required to "
+                         "convert\n")
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a folder")
+  proc = _md_convert("--dataset", "dtd", "--data_root",
+                     FIXTURES / "raw" / "dtd", "--records_root", blocker,
+                     "--splits_root", FIXTURES / "splits")
+  assert proc.returncode == 1
+  assert proc.stderr.startswith("md-convert: error: ")
+  assert str(blocker) in proc.stderr
+  assert len(proc.stderr.splitlines()) == 1
+
+
 def test_unreadable_image_stops_without_a_spec(tmp_path):
   raw = tmp_path / "raw"
   shutil.copytree(FIXTURES / "raw" / "dtd", raw)

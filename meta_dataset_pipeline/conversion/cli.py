@@ -41,8 +41,15 @@ PLANNERS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+  """Usage errors as every other bad input: one line, exit status 1."""
+
+  def error(self, message):
+    raise common.ConversionError(message)
+
+
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
+  p = _Parser(
       prog="md-convert",
       description="Convert a raw Meta-Dataset download into the official "
       "record format (or --verify converted records).")
