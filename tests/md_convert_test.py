@@ -246,6 +246,17 @@ def _plan_only_tree(source, root, names):
     _touch(root / "train.json", json.dumps(data).encode())
     _touch(root / "val.json", json.dumps(
         dict(data, images=[], annotations=[])).encode())
+  elif source == "mscoco":
+    # The official split draws over the categories in the annotation file's
+    # order (COCO's, by id), which the split file does not record.
+    assert sorted(COCO_CATEGORIES) == sorted(names)
+    (root / "train2017").mkdir(parents=True)
+    ids = [i + 1 + i // 12 for i in range(80)]  # non-contiguous, as COCO's
+    _touch(root / "instances_train2017.json", json.dumps({
+        "categories": [{"id": i, "name": n, "supercategory": "x"}
+                       for i, n in zip(ids, COCO_CATEGORIES)],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1,
+                         "bbox": [0, 0, 1, 1]}]}).encode())
   elif source == "quickdraw":
     root.mkdir(parents=True)
     for n in names:
@@ -254,8 +265,22 @@ def _plan_only_tree(source, root, names):
     raise ValueError(source)
 
 
+COCO_CATEGORIES = (
+    "person, bicycle, car, motorcycle, airplane, bus, train, truck, boat, "
+    "traffic light, fire hydrant, stop sign, parking meter, bench, bird, cat, "
+    "dog, horse, sheep, cow, elephant, bear, zebra, giraffe, backpack, "
+    "umbrella, handbag, tie, suitcase, frisbee, skis, snowboard, sports ball, "
+    "kite, baseball bat, baseball glove, skateboard, surfboard, "
+    "tennis racket, bottle, wine glass, cup, fork, knife, spoon, bowl, "
+    "banana, apple, sandwich, orange, broccoli, carrot, hot dog, pizza, "
+    "donut, cake, chair, couch, potted plant, bed, dining table, toilet, tv, "
+    "laptop, mouse, remote, keyboard, cell phone, microwave, oven, toaster, "
+    "sink, refrigerator, book, clock, vase, scissors, teddy bear, "
+    "hair drier, toothbrush").split(", ")
+
+
 @pytest.mark.parametrize("source", ["aircraft", "cu_birds", "dtd", "fungi",
-                                    "quickdraw", "traffic_sign",
+                                    "mscoco", "quickdraw", "traffic_sign",
                                     "vgg_flower"])
 def test_drawn_splits_equal_official_split_files(source, tmp_path):
   # No split file given: the splits are drawn with the official seed and
