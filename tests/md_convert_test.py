@@ -380,6 +380,10 @@ def test_verify_accepts_official_and_converted_records(tmp_path):
   assert not verify.verify(str(ours))
   for source in FLAT_SOURCES:
     assert not verify.verify(str(FIXTURES / "official" / source)), source
+  # A bigger official conversion (1450 images, both map-entry orders).
+  shared_dtd = SHARED_SPECS.parent / "md_records" / "dtd"
+  if shared_dtd.is_dir():
+    assert not verify.verify(str(shared_dtd), workers=2)
   proc = _md_convert("--dataset", "omniglot", "--records_root",
                      tmp_path / "records", "--verify")
   assert proc.returncode == 0
