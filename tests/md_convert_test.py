@@ -503,20 +503,22 @@ def test_cli_usage_and_output_errors_are_one_line(tmp_path):
   assert len(proc.stderr.splitlines()) == 1
 
 
-def test_unreadable_image_stops_without_a_spec(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_unreadable_image_stops_without_a_spec(workers, tmp_path):
   raw = tmp_path / "raw"
   shutil.copytree(FIXTURES / "raw" / "dtd", raw)
   bad = raw / "images" / "cracked" / "cracked_0002.jpg"
   bad.write_bytes(b"truncated")
   proc = _md_convert("--dataset", "dtd", "--data_root", raw,
                      "--records_root", tmp_path / "records", "--splits_root",
-                     FIXTURES / "splits", "--workers", "1")
+                     FIXTURES / "splits", "--workers", workers)
   assert proc.returncode == 1
   assert proc.stderr.splitlines()[-1].startswith(
       f"md-convert: error: cannot read image {bad}")
   assert "Traceback" not in proc.stderr
   out = tmp_path / "records" / "dtd"
-  # Classes before it are complete; its own file was never renamed.
+  # The other classes are complete (one process writes them before the bad
+  # class 3); the bad class's file was never renamed; no spec.
   assert sorted(os.listdir(out)) == ["0.tfrecords", "1.tfrecords",
                                      "2.tfrecords"]
 
@@ -537,3 +539,32 @@ def test_python_crc32c_fallback_equals_the_c_library():
     assert (records_writer._crc32c_python(data) ==
             records_writer.crc32c(data))
   assert records_writer._crc32c_python(b"123456789") == 0xE3069283
+
+
+class _Terminal(io.StringIO):
+
+  def isatty(self):
+    return True
+
+
+def test_progress_line():
+  log = io.StringIO()
+  progress = runner.Progress("dtd", num_classes=4, num_images=100,
+                             num_skipped=1, stream=log, log_every_s=3600)
+  progress.start -= 10  # 10 s in
+  progress.update(25, 1)
+  progress.update(30, 1)  # throttled: within log_every_s of the last line
+  progress.update(40, 2, final=True)
+  lines = log.getvalue().splitlines()
+  assert len(lines) == 2
+  # 25 images in 10 s: 2 images/s, 75 left: 30 s.
+  assert lines[0] == ("md-convert dtd: 1/4 classes (1 already done), "
+                      "25/100 images, 2 images/s, ETA 0:00:30")
+  assert lines[1].startswith("md-convert dtd: 2/4 classes")
+  terminal = _Terminal()
+  progress = runner.Progress("dtd", 4, 100, 0, terminal)
+  progress.update(0, 0)
+  progress.update(100, 4, final=True)
+  assert terminal.getvalue().startswith("\rmd-convert dtd: 0/4 classes")
+  assert "ETA ?" in terminal.getvalue()  # no rate yet
+  assert terminal.getvalue().endswith("ETA 0:00:00\n")
