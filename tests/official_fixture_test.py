@@ -100,7 +100,10 @@ print(json.dumps({'errors': errors, 'dtype': str(out['logits_train'].dtype)}))
 
 def test_float64_matches_official_float64(fixture_dir):
   # x64 is process-wide, so this runs in a subprocess.
-  env = dict(os.environ, JAX_ENABLE_X64='1', JAX_PLATFORMS='cpu')
+  # XLA:CPU's Eigen convolutions (ctx_jax's default, for float32 speed) are
+  # about 8x slower than its YNNPACK ones in float64: use jaxlib's default.
+  env = dict(os.environ, JAX_ENABLE_X64='1', JAX_PLATFORMS='cpu',
+             CTX_JAX_XLA_DEFAULTS='0')
   result = subprocess.run(
       [sys.executable, '-c', _FLOAT64_SCRIPT, str(fixture_dir)], env=env,
       capture_output=True, text=True, timeout=600, check=False)

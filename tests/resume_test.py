@@ -46,8 +46,11 @@ def _start(records_root, workdir, **extra):
   flags = [f"--config.{k}={v}" for k, v in {
       **OVERRIDES, "data.records_root": records_root, "train.valid_every": 0,
       **extra}.items()]
+  # 8 host devices as in this process (conftest), of which the run uses 2:
+  # XLA:CPU's Eigen convolutions split their work by the client's device
+  # count, so a 2-device client rounds differently from an 8-device one.
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             XLA_FLAGS="--xla_force_host_platform_device_count=8",
              PYTHONPATH=str(REPO))
   return subprocess.Popen(
       [sys.executable, "-m", "ctx_jax.main", "--config",
