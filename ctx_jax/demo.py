@@ -44,7 +44,8 @@ def demo_config(head: str, data_dir: pathlib.Path, steps, eval_episodes):
   config.data.test_sources = source
   if steps is not None:
     config.train.num_steps = steps
-    config.train.valid_every = config.train.checkpoint_every = max(1, steps)
+    config.train.valid_every = min(config.train.valid_every, max(1, steps))
+    config.train.checkpoint_every = max(1, steps)
   if eval_episodes is not None:
     config.eval.num_episodes = eval_episodes
   config.lock()
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
     print(f"generating the demo dataset in {data_dir} ...", flush=True)
     demo_data.generate_dataset(str(data_dir), log=print)
   methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-  rows, timings = {}, {}
+  rows, timings, selected = {}, {}, {}
   for head in ("ctx", "protonet"):
     if head not in methods:
       continue
@@ -80,7 +81,13 @@ def main(argv=None) -> int:
       print(f"== training {head} in {run_dir}", flush=True)
       results = train.train_and_evaluate(config, str(run_dir))
     timings[head] = time.time() - t0
+    # The best-validation model's figure (official model selection), and
+    # the final model's beside it when it is another model.
     rows[head] = results["test"][data_dir.name]
+    selected[head] = results.get("selected", {}).get("step")
+    final = results.get("final_test", {}).get(data_dir.name)
+    if final is not None and final != rows[head]:
+      rows[f"{head}_final"] = final
   if "pixels" in methods:
     config = demo_config("ctx", data_dir, args.steps, args.eval_episodes)
     mesh = mesh_lib.make_mesh(1)
@@ -92,11 +99,26 @@ def main(argv=None) -> int:
   shots = config.data.eval_episode.num_support
   print(f"\nDemo: {ways}-way {shots}-shot test episodes of {data_dir} "
         f"(chance {100 / ways:.1f}%)")
-  print(eval_main.format_table(
-      {{"ctx": "CTX", "protonet": "ProtoNet", "pixels": "pixel 1-NN"}[k]: v
-       for k, v in rows.items()}, first_column="method", average=False))
+  names = {"ctx": "CTX", "protonet": "ProtoNet", "pixels": "pixel 1-NN"}
+
+  def label(key):
+    head, _, final = key.partition("_")
+    if final:
+      return f"{names[head]} final"
+    return names[head] + (f" (step {selected[head]})"
+                          if selected.get(head) is not None else "")
+
+  print(eval_main.format_table({label(k): v for k, v in rows.items()},
+                               first_column="method", average=False))
+  print("CTX and ProtoNet rows: the best-validation checkpoint (its step in "
+        "brackets), as the official protocol; 'final': the last step's "
+        "model, when it differs.")
   (workdir / "demo_results.json").write_text(json.dumps(
-      {"ways": ways, "shots": shots, "chance": 1 / ways, "test": rows,
+      {"ways": ways, "shots": shots, "chance": 1 / ways,
+       "test": {k: v for k, v in rows.items() if not k.endswith("_final")},
+       "selected_step": selected,
+       "final_test": {k[:-len("_final")]: v for k, v in rows.items()
+                      if k.endswith("_final")},
        "seconds": timings}, indent=2) + "\n")
   return 0
 

@@ -387,21 +387,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   recover_export(export_dir)
   export_atomically(export_dir, model, config.model,
                     {"step.json": {"step": step}})
-  results = {"step": step, "test": {}}
+  # Model selection as the official (`analysis/select_best_model.py`): the
+  # reported test figure is that of the best validation checkpoint; the final
+  # model's is kept beside it, labelled.
+  final_test = _test_all(model, config, mesh, is_chief, "final")
+  results = {"step": step, "test": final_test, "final_test": final_test,
+             "selected": {"model": EXPORT_DIR, "step": step,
+                          "reason": "no validation (train.valid_every=0)"}}
   if best.record is not None:
-    results["best_valid"] = {"step": best.record["step"],
+    best_step = best.record["step"]
+    results["best_valid"] = {"step": best_step,
                              "accuracy": best.record["accuracy"]}
-  for source in config.data.test_sources:
-    summary = evaluate.evaluate_split(model, config, mesh, "TEST", source,
-                             config.eval.num_episodes, seed=config.eval.seed)
-    results["test"][source] = summary.as_dict()
-    writer.write_scalars(step, {f"test/{source}/accuracy": summary.mean})
-    if is_chief:
-      print(f"test {source}: {summary} over {summary.num_episodes} episodes",
-            flush=True)
+    results["selected"] = {"model": BEST_DIR, "step": best_step,
+                           "reason": "best validation accuracy"}
+    if best_step != step:
+      best_model, _ = checkpoint_lib.load_exported_model(best.directory,
+                                                         mesh=mesh)
+      results["test"] = _test_all(best_model, config, mesh, is_chief,
+                                  f"best-validation (step {best_step})")
+  writer.write_scalars(step, {
+      f"test/{s}/accuracy": r["mean"] for s, r in results["test"].items()}
+                       | {f"test_final/{s}/accuracy": r["mean"]
+                          for s, r in final_test.items()})
   if is_chief:
+    print(f"reported: the model of step {results['selected']['step']} "
+          f"({results['selected']['reason']})", flush=True)
     (workdir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
   return results
+
+
+def _test_all(model, config, mesh, is_chief, label: str) -> dict[str, Any]:
+  """Test figures of `model` on every test source (same episodes each call)."""
+  out = {}
+  for source in config.data.test_sources:
+    summary = evaluate.evaluate_split(model, config, mesh, "TEST", source,
+                                      config.eval.num_episodes,
+                                      seed=config.eval.seed)
+    out[source] = summary.as_dict()
+    if is_chief:
+      print(f"test {source}, {label} model: {summary} over "
+            f"{summary.num_episodes} episodes", flush=True)
+  return out
 
 
 def _validate(config, model, mesh, step, writer, best, is_chief) -> None:
