@@ -27,6 +27,7 @@ import numpy as np
 from ctx_jax import models
 from ctx_jax.eval import evaluate
 from ctx_jax.training import checkpoint as checkpoint_lib
+from ctx_jax.training import config_checks
 from ctx_jax.training import input_pipeline
 from ctx_jax.training import mesh as mesh_lib
 from ctx_jax.training import optim
@@ -281,12 +282,14 @@ _GUARDED = ("total_loss", "grad_norm", "param_norm")
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Trains per `config`, writing to `workdir`; returns the test results."""
-  workdir = prepare_workdir(workdir)
-  is_chief = jax.process_index() == 0
-  # Fail on missing or malformed data before any compilation.
+  # Fail on a bad config or missing or malformed data before the work dir
+  # is created or anything is compiled.
+  config_checks.check_config(config)
   for split in ("train", "valid", "test"):
     input_pipeline.load_specs(config.data.records_root,
                               config.data[f"{split}_sources"])
+  workdir = prepare_workdir(workdir)
+  is_chief = jax.process_index() == 0
   if is_chief:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 

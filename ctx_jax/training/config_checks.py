@@ -1,0 +1,56 @@
+"""Start-up checks of a config that the official trainer also refuses.
+
+Run before the work dir is created or anything is compiled, so a bad config
+costs nothing and leaves nothing behind.
+"""
+
+import ml_collections
+
+# The only official source with a class hierarchy that episodes can ignore
+# (the ImageNet DAG; Omniglot's alphabets are the bilevel ontology, which
+# `ignore_hierarchy_probability` does not touch).
+HIERARCHY_SOURCE = "ilsvrc_2012"
+
+
+def check_hierarchy(episode: ml_collections.ConfigDict, sources,
+                    what: str) -> None:
+  """`ignore_hierarchy_probability` only for episodes of ILSVRC alone.
+
+  The official trainer (`trainer.py`, `_create_episodic_pipeline`) raises
+  "ignore_hierarchy_probability not supported with multisource pipelines"
+  when several sources are given; with one source the setting only matters
+  for ILSVRC (the sampler's DAG branch), so for any other source it would be
+  silently ignored: we refuse that too.
+
+  Args:
+    episode: an episode description config.
+    sources: the sources its episodes come from (one pipeline).
+    what: the config path of `episode`, for the message.
+
+  Raises:
+    ValueError: naming the key and the sources.
+  """
+  p = float(episode.ignore_hierarchy_probability or 0.0)
+  if not p:
+    return
+  sources = tuple(sources)
+  if len(sources) > 1:
+    raise ValueError(
+        f"{what}.ignore_hierarchy_probability={p:g} with {len(sources)} "
+        f"sources ({', '.join(sources)}): the official trainer does not "
+        "support it with multisource pipelines; set it to 0")
+  if sources != (HIERARCHY_SOURCE,):
+    raise ValueError(
+        f"{what}.ignore_hierarchy_probability={p:g} for source "
+        f"{sources[0]!r}: only {HIERARCHY_SOURCE} has a hierarchy to ignore; "
+        "set it to 0")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Every start-up check of a training config; raises ValueError."""
+  data = config.data
+  check_hierarchy(data.train_episode, data.train_sources,
+                  "config.data.train_episode")
+  # Evaluation builds one pipeline per source.
+  for source in tuple(data.valid_sources) + tuple(data.test_sources):
+    check_hierarchy(data.eval_episode, (source,), "config.data.eval_episode")
