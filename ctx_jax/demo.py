@@ -13,17 +13,22 @@ Each run resumes from its work dir, so an interrupted demo picks up where it
 stopped. Runs already finished are not retrained.
 """
 
-import argparse
 import json
 import pathlib
 import sys
 import time
 
+from meta_dataset_pipeline import cli
+
+
+METHODS = ("ctx", "protonet", "pixels")
+
 
 def parse_args(argv):
-  parser = argparse.ArgumentParser(prog="ctx-demo", description=__doc__,
-                                   formatter_class=argparse.RawTextHelpFormatter)
-  parser.add_argument("--workdir", default="runs/demo")
+  parser = cli.ArgumentParser(prog="ctx-demo", description=__doc__.strip())
+  parser.add_argument("--workdir", default="runs/demo",
+                      help="where the runs, their results and "
+                      "demo_results.json go")
   parser.add_argument("--data_dir", default="demo_data/glyphs",
                       help="demo records (generated here if absent)")
   parser.add_argument("--steps", type=int, default=None,
@@ -32,7 +37,17 @@ def parse_args(argv):
                       help="test episodes per method (default: config)")
   parser.add_argument("--methods", default="ctx,protonet,pixels",
                       help="comma list of ctx, protonet, pixels")
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+  unknown = sorted(set(args.methods) - set(METHODS))
+  if unknown or not args.methods:
+    parser.error(f"--methods: unknown {unknown or 'empty list'}; known: "
+                 f"{', '.join(METHODS)}")
+  for name in ("steps", "eval_episodes"):
+    value = getattr(args, name)
+    if value is not None and value < 1:
+      parser.error(f"--{name} must be at least 1, got {value}")
+  return args
 
 
 def demo_config(head: str, data_dir: pathlib.Path, steps, eval_episodes):
@@ -54,6 +69,12 @@ def demo_config(head: str, data_dir: pathlib.Path, steps, eval_episodes):
 
 def main(argv=None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
+  return cli.guarded("ctx-demo", lambda: _demo(args), args.verbose)
+
+
+def _demo(args) -> int:
+  """The demo proper; user errors end it through `cli.guarded`."""
+  from ctx_jax.eval import episodic  # pylint: disable=g-import-not-at-top
   from ctx_jax.eval import evaluate  # pylint: disable=g-import-not-at-top
   from ctx_jax.eval import main as eval_main  # pylint: disable=g-import-not-at-top
   from ctx_jax.training import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
@@ -61,11 +82,11 @@ def main(argv=None) -> int:
   from meta_dataset_pipeline import demo_data  # pylint: disable=g-import-not-at-top
 
   data_dir = pathlib.Path(args.data_dir)
-  workdir = train.prepare_workdir(args.workdir)
   if not (data_dir / "dataset_spec.json").is_file():
     print(f"generating the demo dataset in {data_dir} ...", flush=True)
     demo_data.generate_dataset(str(data_dir), log=print)
-  methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+  workdir = train.prepare_workdir(args.workdir)
+  methods = args.methods
   rows, timings, selected = {}, {}, {}
   for head in ("ctx", "protonet"):
     if head not in methods:
@@ -91,10 +112,20 @@ def main(argv=None) -> int:
   if "pixels" in methods:
     config = demo_config("ctx", data_dir, args.steps, args.eval_episodes)
     mesh = mesh_lib.make_mesh(1)
-    summary = evaluate.evaluate_split(None, config, mesh, "TEST",
-                                      data_dir.name, config.eval.num_episodes,
-                                      seed=config.eval.seed)
-    rows["pixels"] = summary.as_dict()
+    num = config.eval.num_episodes
+    print(f"== pixel 1-NN baseline on {num} test episodes", flush=True)
+    progress = episodic.RateLogger("pixel 1-NN", num,
+                                   log=lambda s: print(s, flush=True))
+    done = []
+
+    def on_chunk(values):
+      done.extend(values)
+      progress(len(done))
+
+    accuracies = evaluate.source_accuracies(
+        None, config, mesh, "TEST", data_dir.name, num, config.eval.seed,
+        chunk_size=max(1, num // 10), on_chunk=on_chunk)
+    rows["pixels"] = episodic.summarize(accuracies).as_dict()
   ways = config.data.eval_episode.num_ways
   shots = config.data.eval_episode.num_support
   print(f"\nDemo: {ways}-way {shots}-shot test episodes of {data_dir} "
@@ -124,6 +155,7 @@ def main(argv=None) -> int:
 
 
 def run():
+  cli.quiet_tensorflow()
   sys.exit(main())
 
 
