@@ -74,17 +74,26 @@ def main(argv=None) -> int:
 
 def _demo(args) -> int:
   """The demo proper; user errors end it through `cli.guarded`."""
+  from ctx_jax.training import config_checks  # pylint: disable=g-import-not-at-top
+  from meta_dataset_pipeline import demo_data  # pylint: disable=g-import-not-at-top
+
+  # Start-up checks (and the data) before JAX and TF are imported; the work
+  # dir is created only once they pass.
+  config_checks.check_workdir(args.workdir)
+  data_dir = pathlib.Path(args.data_dir)
+  if not (data_dir / "dataset_spec.json").is_file():
+    print(f"generating the demo dataset in {data_dir} ...", flush=True)
+    demo_data.generate_dataset(str(data_dir), log=print)
+  for head in ("ctx", "protonet"):
+    if head in args.methods:
+      config_checks.check_start_up(
+          demo_config(head, data_dir, args.steps, args.eval_episodes),
+          str(pathlib.Path(args.workdir) / head))
   from ctx_jax.eval import episodic  # pylint: disable=g-import-not-at-top
   from ctx_jax.eval import evaluate  # pylint: disable=g-import-not-at-top
   from ctx_jax.eval import main as eval_main  # pylint: disable=g-import-not-at-top
   from ctx_jax.training import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from ctx_jax.training import train  # pylint: disable=g-import-not-at-top
-  from meta_dataset_pipeline import demo_data  # pylint: disable=g-import-not-at-top
-
-  data_dir = pathlib.Path(args.data_dir)
-  if not (data_dir / "dataset_spec.json").is_file():
-    print(f"generating the demo dataset in {data_dir} ...", flush=True)
-    demo_data.generate_dataset(str(data_dir), log=print)
   workdir = train.prepare_workdir(args.workdir)
   methods = args.methods
   rows, timings, selected = {}, {}, {}

@@ -14,25 +14,46 @@ See `pipeline.py` for the episode dict, `sampling.py` for the sampler,
 `simclr.py` for SimCLR episodes and augmentations.
 """
 
-from meta_dataset_pipeline.dataset_spec import BiLevelDatasetSpecification
-from meta_dataset_pipeline.dataset_spec import DatasetSpecification
-from meta_dataset_pipeline.dataset_spec import HierarchicalDatasetSpecification
-from meta_dataset_pipeline.dataset_spec import load_dataset_spec
-from meta_dataset_pipeline.dataset_spec import Split
-from meta_dataset_pipeline.dataset_spec import SpecError
-from meta_dataset_pipeline.decoder import DataAugmentation
-from meta_dataset_pipeline.padding import EpisodeBuckets
-from meta_dataset_pipeline.pipeline import episode_buckets
-from meta_dataset_pipeline.pipeline import EPISODE_KEYS
-from meta_dataset_pipeline.pipeline import make_batch_dataset
-from meta_dataset_pipeline.pipeline import make_multisource_episode_dataset
-from meta_dataset_pipeline.pipeline import make_one_source_episode_dataset
-from meta_dataset_pipeline.reader import RecordError
-from meta_dataset_pipeline.sampling import EpisodeDescription
-from meta_dataset_pipeline.sampling import EpisodeDescriptionConfig
-from meta_dataset_pipeline.sampling import EpisodeDescriptionSampler
-from meta_dataset_pipeline.sampling import max_ways
-from meta_dataset_pipeline.simclr import augmentation_by_name
-from meta_dataset_pipeline.simclr import BOHB_AUGMENTATION
-from meta_dataset_pipeline.simclr import SIMCLR_AUGMENTATION
-from meta_dataset_pipeline.simclr import SimCLRAugmentation
+import importlib
+
+# Public name -> defining module. Loaded on first use (PEP 562), so that
+# importing a light submodule (e.g. `meta_dataset_pipeline.cli`, which every
+# command imports before parsing its flags) does not import TensorFlow.
+_EXPORTS = {
+    'BiLevelDatasetSpecification': 'dataset_spec',
+    'DatasetSpecification': 'dataset_spec',
+    'HierarchicalDatasetSpecification': 'dataset_spec',
+    'load_dataset_spec': 'dataset_spec',
+    'Split': 'dataset_spec',
+    'SpecError': 'dataset_spec',
+    'DataAugmentation': 'decoder',
+    'EpisodeBuckets': 'padding',
+    'episode_buckets': 'pipeline',
+    'EPISODE_KEYS': 'pipeline',
+    'make_batch_dataset': 'pipeline',
+    'make_multisource_episode_dataset': 'pipeline',
+    'make_one_source_episode_dataset': 'pipeline',
+    'RecordError': 'reader',
+    'EpisodeDescription': 'sampling',
+    'EpisodeDescriptionConfig': 'sampling',
+    'EpisodeDescriptionSampler': 'sampling',
+    'max_ways': 'sampling',
+    'augmentation_by_name': 'simclr',
+    'BOHB_AUGMENTATION': 'simclr',
+    'SIMCLR_AUGMENTATION': 'simclr',
+    'SimCLRAugmentation': 'simclr',
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+  if name in _EXPORTS:
+    value = getattr(importlib.import_module(
+        f"meta_dataset_pipeline.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_EXPORTS))

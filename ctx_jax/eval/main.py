@@ -384,15 +384,15 @@ def resolve_model_dir(model_dir: str) -> tuple[str, dict[str, Any]]:
     The export folder and what it is: {"selected": "best"|"export"|"given",
     "step": int|None, "imported": bool}.
   """
-  from ctx_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
+  config_file = "model_config.json"  # checkpoint.MODEL_CONFIG_FILE (no JAX yet)
   path = pathlib.Path(model_dir)
   info = {"selected": "given", "step": None,
           "imported": (path / IMPORTED_FILE).is_file()}
   if not path.exists():
     raise FileNotFoundError(f"--model_dir {path} does not exist")
-  if not (path / checkpoint.MODEL_CONFIG_FILE).is_file():
+  if not (path / config_file).is_file():
     for name, record in (("best", "valid.json"), ("export", "step.json")):
-      if (path / name / checkpoint.MODEL_CONFIG_FILE).is_file():
+      if (path / name / config_file).is_file():
         saved = path / name / record
         step = (json.loads(saved.read_text()).get("step")
                 if saved.is_file() else None)
@@ -400,7 +400,7 @@ def resolve_model_dir(model_dir: str) -> tuple[str, dict[str, Any]]:
                                   "imported": False}
     raise FileNotFoundError(
         f"--model_dir {path} is neither an export (no "
-        f"{checkpoint.MODEL_CONFIG_FILE}) nor a ctx-train work dir (no best/ "
+        f"{config_file}) nor a ctx-train work dir (no best/ "
         "or export/)")
   return str(path), info
 
@@ -423,15 +423,9 @@ def main(argv):
 
 def _evaluate():
   """The evaluation proper; user errors propagate to `cli.guarded`."""
-  distributed.maybe_initialize()
-  import jax  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  # tf.data runs on the host only; keep TF off the accelerators.
-  tf.config.set_visible_devices([], "GPU")
+  # Start-up checks first: a bad model dir or config costs no JAX start-up.
   from ctx_jax.training import config_checks  # pylint: disable=g-import-not-at-top
-  from ctx_jax.training import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
-  is_chief = jax.process_index() == 0
   model_dir, model_info = None, {"selected": "pixels", "step": None,
                                  "imported": False}
   if _MODEL.value == "exported":
@@ -442,6 +436,13 @@ def _evaluate():
                                   "config.data.eval_episode")
   reference = references.choose(_REFERENCE.value, config,
                                 imported=model_info["imported"])
+  distributed.maybe_initialize()
+  import jax  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  # tf.data runs on the host only; keep TF off the accelerators.
+  tf.config.set_visible_devices([], "GPU")
+  from ctx_jax.training import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  is_chief = jax.process_index() == 0
   mesh = mesh_lib.make_mesh(config.num_devices or None)
   model = None
   if model_dir is not None:

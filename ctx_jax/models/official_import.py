@@ -292,11 +292,17 @@ def run(argv: Sequence[str] | None = None) -> None:
                       help='default: from the variable names')
   parser.add_argument('--max_stride', type=int, default=16,
                       help='not stored in checkpoints; official CTX: 16')
-  parser.add_argument('--query_dim', type=int, default=None)
-  parser.add_argument('--val_dim', type=int, default=None)
-  parser.add_argument('--query_chunk_size', type=int, default=None)
+  parser.add_argument('--query_dim', type=int, default=None,
+                      help='CTX query/key width (default: from the '
+                      'checkpoint)')
+  parser.add_argument('--val_dim', type=int, default=None,
+                      help='CTX value width (default: from the checkpoint)')
+  parser.add_argument('--query_chunk_size', type=int, default=None,
+                      help='queries per rematerialised chunk of the CTX '
+                      'head (default: the model default)')
   parser.add_argument('--dtype', default=None, choices=('float32',
-                                                        'bfloat16'))
+                                                        'bfloat16'),
+                      help='compute dtype (default: float32)')
   args = parser.parse_args(argv)
   cli.guarded('ctx-import-official', lambda: _import(args), args.verbose)
 
@@ -327,7 +333,9 @@ def run_episode_main(argv: Sequence[str] | None = None) -> None:
       prog='ctx-run-episode',
       description='Run an exported model on one episode in train and eval '
       "mode and write the keys of the official fixture's expected.npz.")
-  parser.add_argument('--model_dir', required=True)
+  parser.add_argument('--model_dir', required=True,
+                      help='exported model (ctx-import-official or '
+                      'ctx-train output)')
   parser.add_argument('--episode', required=True,
                       help='npz with support_images, support_labels, '
                       'query_images, query_labels')

@@ -4,6 +4,9 @@ Run before the work dir is created or anything is compiled, so a bad config
 costs nothing and leaves nothing behind.
 """
 
+import os
+import pathlib
+
 import ml_collections
 
 # The only official source with a class hierarchy that episodes can ignore
@@ -54,3 +57,54 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   # Evaluation builds one pipeline per source.
   for source in tuple(data.valid_sources) + tuple(data.test_sources):
     check_hierarchy(data.eval_episode, (source,), "config.data.eval_episode")
+
+
+def check_data(config: ml_collections.ConfigDict) -> None:
+  """Every source's records folder exists and holds a readable spec.
+
+  Raises:
+    FileNotFoundError: naming the missing folder or spec.
+    ValueError: naming a malformed `dataset_spec.json`.
+  """
+  from meta_dataset_pipeline import dataset_spec  # pylint: disable=g-import-not-at-top
+  root = config.data.records_root
+  if not root:
+    raise FileNotFoundError(
+        "config.data.records_root is empty: set it to the folder holding one "
+        "folder of Meta-Dataset records per source")
+  sources = dict.fromkeys(tuple(config.data.train_sources)
+                          + tuple(config.data.valid_sources)
+                          + tuple(config.data.test_sources))
+  for source in sources:
+    path = pathlib.Path(root) / source
+    if not path.is_dir():
+      raise FileNotFoundError(
+          f"records of source '{source}' not found: {os.path.abspath(path)} "
+          "is not a directory (check config.data.records_root and the "
+          "sources)")
+    dataset_spec.load_dataset_spec(str(path))
+
+
+def check_workdir(workdir: str) -> None:
+  """`workdir` can be created or written, checked without creating it.
+
+  Raises:
+    PermissionError: naming the work dir and the reason.
+  """
+  path = pathlib.Path(workdir).absolute()
+  ancestor = path
+  while not ancestor.exists():
+    ancestor = ancestor.parent
+  if not ancestor.is_dir():
+    raise PermissionError(f"work dir {path} is not writable: {ancestor} is "
+                          "not a directory")
+  if not os.access(ancestor, os.W_OK | os.X_OK):
+    raise PermissionError(f"work dir {path} is not writable: no write "
+                          f"permission in {ancestor}")
+
+
+def check_start_up(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """The checks `ctx-train` makes before it creates or compiles anything."""
+  check_config(config)
+  check_data(config)
+  check_workdir(workdir)

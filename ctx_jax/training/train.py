@@ -284,10 +284,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   """Trains per `config`, writing to `workdir`; returns the test results."""
   # Fail on a bad config or missing or malformed data before the work dir
   # is created or anything is compiled.
-  config_checks.check_config(config)
-  for split in ("train", "valid", "test"):
-    input_pipeline.load_specs(config.data.records_root,
-                              config.data[f"{split}_sources"])
+  config_checks.check_start_up(config, workdir)
   workdir = prepare_workdir(workdir)
   is_chief = jax.process_index() == 0
   if is_chief:
