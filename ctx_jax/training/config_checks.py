@@ -105,6 +105,6 @@ def check_workdir(workdir: str) -> None:
 
 def check_start_up(config: ml_collections.ConfigDict, workdir: str) -> None:
   """The checks `ctx-train` makes before it creates or compiles anything."""
+  check_workdir(workdir)
   check_config(config)
   check_data(config)
-  check_workdir(workdir)
