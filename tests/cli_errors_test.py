@@ -70,6 +70,11 @@ CASES = {
                       "--config.data.records_root={badspec}"],
         ["{badspec}/glyphs/dataset_spec.json", "not valid JSON"],
         ["{tmp}/w7"]),
+    "train_init_from_not_an_export": (
+        "ctx-train", ["--config", SMOKE, "--workdir", "{tmp}/w9",
+                      "--config.data.records_root={data}",
+                      "--config.init_from={empty}"],
+        ["config.init_from={empty}", "not an exported model"], ["{tmp}/w9"]),
     "eval_missing_model_dir": (
         "ctx-eval", ["--config", SMOKE, "--model_dir", "{tmp}/nomodel"],
         ["{tmp}/nomodel"], []),

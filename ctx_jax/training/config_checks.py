@@ -103,8 +103,19 @@ def check_workdir(workdir: str) -> None:
                           f"permission in {ancestor}")
 
 
+def check_init_from(config: ml_collections.ConfigDict) -> None:
+  """`config.init_from`, if set, is a complete exported model."""
+  if config.get("init_from") and not (
+      pathlib.Path(config.init_from) / "model_config.json").is_file():
+    raise FileNotFoundError(
+        f"config.init_from={config.init_from} is not an exported model (no "
+        "model_config.json): give a ctx-import-official output or a run's "
+        "export/ or best/")
+
+
 def check_start_up(config: ml_collections.ConfigDict, workdir: str) -> None:
   """The checks `ctx-train` makes before it creates or compiles anything."""
   check_workdir(workdir)
   check_config(config)
   check_data(config)
+  check_init_from(config)

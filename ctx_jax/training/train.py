@@ -94,7 +94,8 @@ def init_backbone_from(model: nnx.Module, export_dir: str,
   Returns:
     The number of arrays copied.
   """
-  source, _ = checkpoint_lib.load_exported_model(export_dir, mesh=mesh)
+  source, _ = checkpoint_lib.load_exported_model_or_explain(export_dir,
+                                                          mesh=mesh)
   src = nnx.to_flat_state(nnx.state(source))
   src = {path: var for path, var in src}
   state = nnx.state(model)
