@@ -56,6 +56,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # initialises this run, as the official `checkpoint_to_restore` does
   # (backbone and its batch-norm statistics; not the transformer head).
   config.init_from = ""
+  # JAX's persistent compilation cache: "" = ~/.cache/ctx_jax/jax_cache
+  # (ctx_jax/xla_config.py), a folder, or "none" to compile every run.
+  config.compilation_cache_dir = ""
 
   config.data = ml_collections.ConfigDict()
   # Folder holding one folder of records per source (`<root>/<source>/`).
@@ -69,6 +72,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.train_episode = episode_config(ignore_hierarchy_probability=0.5)
   config.data.eval_episode = episode_config()
   config.data.shuffle_buffer_size = 1000
+  # Padding of variable-size episodes: at most this many support sizes and
+  # as many query sizes, fitted to the sampler's distribution of set sizes
+  # (meta_dataset_pipeline/padding.py; one compiled step per pair that
+  # occurs); 0 = geometric buckets (growth 1.5). Padded-FLOPs overhead over
+  # the official ILSVRC training episodes: benchmarks/padding_flops_bench.py.
+  config.data.num_buckets = 10
   # Memory (MiB) for an exact cache of decoded, resized images (per process;
   # 0: off). Worth it for small sources at small image sizes, e.g. all of
   # DTD at 84x84 takes 477 MB; see benchmarks/RESULTS.md.

@@ -7,10 +7,18 @@ padding to the exact size would compile a new program for almost every
 episode. The policy here:
 
 - Support and query sizes are padded independently, each to the smallest
-  bucket that fits. Buckets are geometric: starting at `min_size`, each is
+  bucket that fits.
+- Fitted buckets (`num_buckets` > 0, the default of the experiment configs:
+  `config.data.num_buckets`): at most `num_buckets` sizes per set, chosen by
+  an exact dynamic programme (`fitted_buckets`) to minimise the mean
+  relative padding (padded rows / real rows) over episodes sampled from the
+  samplers themselves (copies, with their own seed), so the buckets follow
+  each source's and split's distribution and no episode size is padded to
+  many times itself; the last bucket is the largest size the config can
+  produce.
+- Geometric buckets (`num_buckets` = 0): starting at `min_size`, each is
   `growth` times the previous (rounded up), and the last one is the largest
-  size the episode config can produce for the sources and split (computed
-  from the samplers, e.g. `max_support_set_size` or `max_ways * max shots`).
+  size the episode config can produce.
 - Every bucket is a multiple of `pad_multiple` (e.g. the device count), so an
   episode's support and query sets split evenly across devices.
 - Fixed-shape configs (fixed `num_ways`, an int `num_support` and fixed
@@ -32,8 +40,11 @@ is the bound S-buckets x Q-buckets; "seen" is how many shapes occurred.
 | 8 MD train sources | 42.5%      | 17.2% [17.7%] | 11.4% [11.9%]        |
 | programs (seen)    | 1          | 49 (19-35)    | 121 [100] (38-81)    |
 
-Growth 1.25 brings waste to 6-11% but allows 361 [225] programs.
-Reproduce with `python -m meta_dataset_pipeline.padding`.
+Growth 1.25 brings waste to 6-11% but allows 361 [225] programs. Fitted
+buckets: see `benchmarks/padding_flops_bench.py` and benchmarks/RESULTS.md
+("Padding") for their padded rows, programs and the FLOPs of the ResNet-34
+CTX train step over the official ILSVRC training episodes.
+Reproduce the geometric table with `python -m meta_dataset_pipeline.padding`.
 """
 
 import dataclasses
@@ -113,30 +124,139 @@ def _smallest_fit(buckets, size, what):
   return buckets[i]
 
 
+def fitted_buckets(sizes: Sequence[int], num_buckets: int, max_size: int,
+                   multiple: int = 1, relative: bool = False
+                   ) -> tuple[int, ...]:
+  """The `num_buckets` sizes that minimise the padded rows of `sizes`.
+
+  Exact 1-D optimal quantisation by dynamic programming: every size is
+  padded to the smallest bucket that holds it, and the total padding over
+  `sizes` (a sample of the sizes an episode config produces) is minimal
+  among all choices of at most `num_buckets` buckets that are multiples of
+  `multiple` and whose largest is `max_size` rounded up to `multiple` (so
+  that every producible size fits, sampled or not).
+
+  Args:
+    sizes: observed set sizes (e.g. support sizes of sampled episodes).
+    num_buckets: at most this many buckets (>= 1).
+    max_size: the largest size that must fit.
+    multiple: every bucket is a multiple of this.
+    relative: minimise the sum of padding / size (each episode's relative
+      overhead) instead of the total padded rows.
+
+  Returns:
+    Increasing bucket sizes, the last one `max_size` rounded up.
+  """
+  if num_buckets < 1:
+    raise ValueError(f"num_buckets must be >= 1, got {num_buckets}")
+  top = round_up(max(max_size, 1), multiple)
+  rounded = np.array([round_up(max(n, 1), multiple) for n in sizes],
+                     np.int64)
+  if rounded.size and rounded.max() > top:
+    raise ValueError(f"a size of {rounded.max()} exceeds max_size {top}")
+  # Candidate buckets: the distinct (rounded) sizes seen, and the top.
+  values, counts = np.unique(np.append(rounded, top), return_counts=True)
+  counts[-1] -= 1  # The appended top is a candidate, not an observation.
+  n = len(values)
+  weights = counts / values if relative else counts.astype(np.float64)
+  cum_weight = np.concatenate([[0], np.cumsum(weights)])
+  cum_rows = np.concatenate([[0], np.cumsum(weights * values)])
+
+  def cost(i, j):
+    """Padding of candidates i..j (arrays i <= j) all padded to values[j]."""
+    return (values[j] * (cum_weight[j + 1] - cum_weight[i]) -
+            (cum_rows[j + 1] - cum_rows[i]))
+
+  # best[j]: least padding of candidates 0..j when values[j] is the largest
+  # bucket; after layer k, with at most k buckets. back[k][j]: the previous
+  # bucket's index, -1 if values[j] is the only bucket, -2 if layer k did
+  # not improve on layer k-1 at j (same buckets).
+  best = cost(np.zeros(n, np.int64), np.arange(n)).astype(np.float64)
+  back = [np.full(n, -1)]
+  for _ in range(1, min(num_buckets, n)):
+    layer_best, layer_back = best.copy(), np.full(n, -2)
+    for j in range(1, n):
+      prev = np.arange(j)
+      total = best[prev] + cost(prev + 1, np.full(j, j))
+      k = int(np.argmin(total))
+      if total[k] < layer_best[j]:
+        layer_best[j], layer_back[j] = total[k], k
+    best = layer_best
+    back.append(layer_back)
+  buckets, j = [], n - 1
+  for layer_back in reversed(back):
+    if layer_back[j] == -2:
+      continue
+    buckets.append(int(values[j]))
+    if layer_back[j] == -1:
+      break
+    j = layer_back[j]
+  return tuple(sorted(buckets))
+
+
+def sampled_set_sizes(samplers: Sequence, num_episodes: int, seed: int = 0
+                      ) -> tuple[np.ndarray, np.ndarray]:
+  """Support and query sizes of `num_episodes` sampled descriptions.
+
+  Copies of the samplers (same spec, split, config and hierarchy choice)
+  with their own seeds are used, so the callers' episode streams are not
+  advanced. Sources are picked uniformly, as the multi-source pipeline does.
+  """
+  rng = np.random.default_rng(seed)
+  copies = [sampling.EpisodeDescriptionSampler(
+      s.dataset_spec, s.split, s.config, seed=(seed, i),
+      use_dag_hierarchy=s.use_dag_hierarchy,
+      use_bilevel_hierarchy=s.use_bilevel_hierarchy)
+            for i, s in enumerate(samplers)]
+  sizes = np.zeros((num_episodes, 2), np.int64)
+  for e in range(num_episodes):
+    d = copies[rng.integers(len(copies))].sample_episode_description()
+    sizes[e] = d.num_support.sum(), d.num_query.sum()
+  return sizes[:, 0], sizes[:, 1]
+
+
+# Episodes sampled to fit buckets: the fitted buckets' padding is within
+# 0.1% of that of buckets fitted on 10x more (ILSVRC, 12 buckets).
+FIT_SAMPLES = 20000
+
+
 def buckets_for_samplers(samplers: Sequence, pad_multiple: int = 1,
                          growth: float = DEFAULT_GROWTH,
-                         min_size: int = DEFAULT_MIN_SIZE) -> EpisodeBuckets:
+                         min_size: int = DEFAULT_MIN_SIZE,
+                         num_buckets: int = 0) -> EpisodeBuckets:
   """Buckets covering every episode the given samplers can produce.
 
   Args:
     samplers: `EpisodeDescriptionSampler`s (one per source).
     pad_multiple: every padded size is a multiple of this.
-    growth: geometric ratio between buckets.
-    min_size: smallest bucket for variable sizes.
+    growth: geometric ratio between buckets (when `num_buckets` is 0).
+    min_size: smallest bucket for variable sizes (when `num_buckets` is 0).
+    num_buckets: if > 0, at most this many buckets per set, fitted to the
+      samplers' distribution of set sizes (`fitted_buckets` on
+      `FIT_SAMPLES` sampled descriptions, least mean relative padding, so
+      that small episodes are not padded to many times their size); 0
+      means geometric buckets.
 
   Returns:
     `EpisodeBuckets`; a single bucket per set when all samplers produce one
     fixed size.
   """
-  def make(max_fn, fixed_fn):
+  sampled = None
+  if num_buckets:
+    sampled = sampled_set_sizes(samplers, FIT_SAMPLES)
+
+  def make(index, max_fn, fixed_fn):
     fixed = {fixed_fn(s) for s in samplers}
     if len(fixed) == 1 and None not in fixed:
       return (round_up(fixed.pop(), pad_multiple),)
-    return geometric_buckets(max(max_fn(s) for s in samplers), min_size,
-                             growth, pad_multiple)
+    top = max(max_fn(s) for s in samplers)
+    if num_buckets:
+      return fitted_buckets(sampled[index], num_buckets, top, pad_multiple,
+                            relative=True)
+    return geometric_buckets(top, min_size, growth, pad_multiple)
   return EpisodeBuckets(
-      support=make(lambda s: s.max_support_size(), _fixed_support_size),
-      query=make(lambda s: s.max_query_size(), _fixed_query_size))
+      support=make(0, lambda s: s.max_support_size(), _fixed_support_size),
+      query=make(1, lambda s: s.max_query_size(), _fixed_query_size))
 
 
 def _fixed_support_size(sampler):

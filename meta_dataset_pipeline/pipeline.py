@@ -177,8 +177,8 @@ def _make_sources(specs, split, episode_config, seed, use_dag_ontology,
 def episode_buckets(dataset_specs, split, episode_config, pad_multiple=1,
                     bucket_growth=padding.DEFAULT_GROWTH,
                     min_bucket_size=padding.DEFAULT_MIN_SIZE,
-                    use_dag_ontology=None, use_bilevel_ontology=None
-                    ) -> padding.EpisodeBuckets:
+                    use_dag_ontology=None, use_bilevel_ontology=None,
+                    num_buckets=0) -> padding.EpisodeBuckets:
   """The padded (support, query) sizes the episode pipelines can emit.
 
   Args:
@@ -190,6 +190,8 @@ def episode_buckets(dataset_specs, split, episode_config, pad_multiple=1,
     min_bucket_size: smallest bucket of a variable size.
     use_dag_ontology: as in `EpisodeDescriptionSampler`.
     use_bilevel_ontology: as in `EpisodeDescriptionSampler`.
+    num_buckets: > 0: at most this many buckets per set, fitted to the
+      sampled size distribution (`padding.fitted_buckets`); 0: geometric.
 
   Returns:
     `padding.EpisodeBuckets`; `num_programs` bounds the compiled shapes.
@@ -199,7 +201,7 @@ def episode_buckets(dataset_specs, split, episode_config, pad_multiple=1,
                           use_bilevel_ontology)
   return padding.buckets_for_samplers([s.sampler for s in sources],
                                       pad_multiple, bucket_growth,
-                                      min_bucket_size)
+                                      min_bucket_size, num_buckets)
 
 
 def _pack(images: Sequence[bytes]) -> tuple[bytes, np.ndarray]:
@@ -405,6 +407,7 @@ def _episode_fn(image_size, support_augmentation, query_augmentation,
 
 def _episode_dataset(specs, split, episode_config, image_size, seed, *,
                      pad_multiple, bucket_growth, min_bucket_size,
+                     num_buckets,
                      shuffle_buffer_size, support_augmentation,
                      query_augmentation, use_dag_ontology,
                      use_bilevel_ontology, process_index, process_count,
@@ -424,7 +427,7 @@ def _episode_dataset(specs, split, episode_config, image_size, seed, *,
     reader.check_class_files(source.spec, source.split)
   buckets = padding.buckets_for_samplers(
       [s.sampler for s in sources], pad_multiple, bucket_growth,
-      min_bucket_size)
+      min_bucket_size, num_buckets)
   if start_episode < 0:
     raise ValueError(f"start_episode={start_episode} must be >= 0")
   if row_block is not None:
@@ -459,6 +462,7 @@ def make_one_source_episode_dataset(
     image_size: int, seed: int = 0, *, pad_multiple: int = 1,
     bucket_growth: float = padding.DEFAULT_GROWTH,
     min_bucket_size: int = padding.DEFAULT_MIN_SIZE,
+    num_buckets: int = 0,
     shuffle_buffer_size: int = reader.DEFAULT_SHUFFLE_BUFFER_SIZE,
     support_augmentation: decoder.DataAugmentation | None = None,
     query_augmentation: decoder.DataAugmentation | None = None,
@@ -486,6 +490,10 @@ def make_one_source_episode_dataset(
     pad_multiple: padded support/query sizes are multiples of this.
     bucket_growth: ratio between padding buckets (see `padding.py`).
     min_bucket_size: smallest padding bucket of a variable size.
+    num_buckets: > 0: at most this many buckets for the support set and
+      for the query set, fitted to the sampler's size distribution for the
+      least expected padding (`padding.fitted_buckets`); 0: geometric
+      buckets (`bucket_growth`, `min_bucket_size`).
     shuffle_buffer_size: per-class shuffle buffer bound (upstream: 1000).
     support_augmentation: `DataAugmentation` for support images, or None.
     query_augmentation: `DataAugmentation` for query images, or None.
@@ -522,7 +530,7 @@ def make_one_source_episode_dataset(
   return _episode_dataset(
       [dataset_spec], split, episode_config, image_size, seed,
       pad_multiple=pad_multiple, bucket_growth=bucket_growth,
-      min_bucket_size=min_bucket_size,
+      min_bucket_size=min_bucket_size, num_buckets=num_buckets,
       shuffle_buffer_size=shuffle_buffer_size,
       support_augmentation=support_augmentation,
       query_augmentation=query_augmentation,
@@ -554,7 +562,7 @@ def make_multisource_episode_dataset(
   """
   options = dict(
       pad_multiple=1, bucket_growth=padding.DEFAULT_GROWTH,
-      min_bucket_size=padding.DEFAULT_MIN_SIZE,
+      min_bucket_size=padding.DEFAULT_MIN_SIZE, num_buckets=0,
       shuffle_buffer_size=reader.DEFAULT_SHUFFLE_BUFFER_SIZE,
       support_augmentation=None,
       query_augmentation=None, use_dag_ontology=None,

@@ -41,6 +41,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from ctx_jax import distributed
+from ctx_jax import xla_config
 from ctx_jax.eval import references
 from meta_dataset_pipeline import cli
 
@@ -442,6 +443,7 @@ def _evaluate():
   # tf.data runs on the host only; keep TF off the accelerators.
   tf.config.set_visible_devices([], "GPU")
   from ctx_jax.training import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  xla_config.enable_compilation_cache(config.get("compilation_cache_dir", ""))
   is_chief = jax.process_index() == 0
   mesh = mesh_lib.make_mesh(config.num_devices or None)
   model = None

@@ -19,6 +19,7 @@ of a query image, D key/query channels, C value channels, E embedding
 channels.
 """
 
+import functools
 import math
 
 from flax import nnx
@@ -35,9 +36,29 @@ ABSENT_CLASS_LOGIT = -1e9
 
 def class_onehot(labels: jax.Array, mask: jax.Array,
                  num_ways: int) -> jax.Array:
-  """[S,W] float32 one-hot of labels with padded rows (mask False) zeroed."""
+  """[S,W] float32 one-hot of labels with padded rows (mask False) zeroed.
+
+  For tests and reference implementations: the heads aggregate classes with
+  segment sums (`class_sum`), whose cost does not grow with `num_ways`.
+  """
   onehot = jax.nn.one_hot(labels, num_ways, dtype=jnp.float32)
   return onehot * mask.astype(jnp.float32)[:, None]
+
+
+def class_sum(x: jax.Array, labels: jax.Array, num_ways: int) -> jax.Array:
+  """Sums the rows of x [S,...] by class: [W,...], `W = num_ways`.
+
+  A scatter-add of each row onto its class (`jax.ops.segment_sum`): S row
+  additions, whatever `num_ways` is, where a one-hot matmul would cost S*W.
+  Its gradient is a gather of the class rows. Labels must be in
+  [0, num_ways); rows that must not count should be zero.
+  """
+  return jax.ops.segment_sum(x, labels, num_segments=num_ways)
+
+
+def class_max(x: jax.Array, labels: jax.Array, num_ways: int) -> jax.Array:
+  """Maximum of the rows of x [S,...] by class: [W,...]; -inf if empty."""
+  return jax.ops.segment_max(x, labels, num_segments=num_ways)
 
 
 def _einsum(spec: str, a: jax.Array, b: jax.Array, acc: jnp.dtype):
@@ -52,47 +73,52 @@ def _einsum(spec: str, a: jax.Array, b: jax.Array, acc: jnp.dtype):
 
 
 def _chunk_distances(queries, query_values, keys, values, labels, mask,
-                     onehot):
+                     num_ways):
   """Distances [B,W] of a chunk of B queries to their aligned prototypes.
+
+  Classes are aggregated with segment sums over the support rows
+  (`class_sum`), so the cost is that of the S*J attention plus O(W) per
+  query position, whatever the padded `num_ways` (a one-hot matmul would
+  cost S*W per position and channel).
 
   Args:
     queries: [B,P,D] projected query features (the key projection).
     query_values: [B,P,C].
     keys: [S,J,D].
     values: [S,J,C].
-    labels: [S] int32.
+    labels: [S] int32 in [0, num_ways).
     mask: [S] bool, False for padded support rows.
-    onehot: [S,W] masked one-hot labels.
+    num_ways: static number of classes W.
 
   Returns:
     [B,W] float32 distances.
   """
   # Softmax and distances in at least float32, whatever the compute dtype.
+  # Support rows lead every intermediate: the class sums scatter whole
+  # [B,P,...] slabs of one support image at a time.
   acc = jnp.promote_types(queries.dtype, jnp.float32)
   scale = 1.0 / math.sqrt(keys.shape[-1])
-  logits = _einsum('bpd,sjd->bpsj', queries, keys, acc) * scale
+  logits = _einsum('bpd,sjd->sbpj', queries, keys, acc) * scale
   # -inf *before* exp: exp(-inf) = 0 with a zero gradient, whereas masking
   # exp(logits) afterwards would let an overflowing padded row produce NaN
   # gradients (0 * inf).
-  logits = jnp.where(mask[:, None], logits, -jnp.inf)
+  logits = jnp.where(mask[:, None, None, None], logits, -jnp.inf)
   # Per-class max over all positions of all images of the class, as the
   # official stabiliser. It cancels exactly in the softmax, so it carries no
   # gradient. Classes without support give -inf; use 0 there so that padded
   # rows (logit -inf) give exp(-inf - 0) = 0, never NaN.
-  image_max = jnp.max(lax.stop_gradient(logits), axis=-1)  # [B,P,S]
-  class_max = jnp.max(jnp.where(onehot > 0, image_max[..., None], -jnp.inf),
-                      axis=2)  # [B,P,W]
-  class_max = jnp.where(jnp.isfinite(class_max), class_max, 0.0)
-  shift = jnp.take(class_max, labels, axis=-1, mode='clip')  # [B,P,S]
-  exp_logits = jnp.exp(logits - shift[..., None])
+  image_max = jnp.max(lax.stop_gradient(logits), axis=-1)  # [S,B,P]
+  shift = class_max(image_max, labels, num_ways)  # [W,B,P]
+  shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+  exp_logits = jnp.exp(logits - shift[labels][..., None])
   # Softmax denominator of each class: sum over its images and positions.
-  denom = jnp.einsum('bps,sw->bpw', jnp.sum(exp_logits, axis=-1), onehot)
+  denom = class_sum(jnp.sum(exp_logits, axis=-1), labels, num_ways)
   denom = jnp.where(denom > 0, denom, 1.0)  # Empty classes: avoid 0/0.
-  per_image = _einsum('bpsj,sjc->bpsc', exp_logits.astype(values.dtype),
+  per_image = _einsum('sbpj,sjc->sbpc', exp_logits.astype(values.dtype),
                       values, acc)
-  prototypes = jnp.einsum('bpsc,sw->bpwc', per_image, onehot) / denom[..., None]
-  diff = query_values.astype(acc)[:, :, None, :] - prototypes
-  return jnp.sum(jnp.square(diff), axis=(1, 3)) / queries.shape[1]
+  prototypes = class_sum(per_image, labels, num_ways) / denom[..., None]
+  diff = query_values.astype(acc)[None] - prototypes  # [W,B,P,C]
+  return jnp.sum(jnp.square(diff), axis=(2, 3)).T / queries.shape[1]
 
 
 def _check_head_inputs(queries, query_values, keys, values, labels, mask):
@@ -126,6 +152,11 @@ def _sanitise_padding(keys, values, labels, mask):
   return keys, values, jnp.where(mask, labels, 0)
 
 
+def _present(labels, mask, num_ways):
+  """[W] bool: the classes with at least one real support image."""
+  return class_sum(mask.astype(jnp.int32), labels, num_ways) > 0
+
+
 def crosstransformer_logits(queries, query_values, keys, values, labels,
                             mask, *, num_ways: int, chunk_size: int):
   """CTX logits, computed in rematerialised chunks of queries.
@@ -150,19 +181,20 @@ def crosstransformer_logits(queries, query_values, keys, values, labels,
   chunk_size = min(chunk_size, num_queries)
   num_chunks = -(-num_queries // chunk_size)
   pad = num_chunks * chunk_size - num_queries
-  onehot = class_onehot(labels, mask, num_ways)
   keys, values, labels = _sanitise_padding(keys, values, labels, mask)
 
   def chunked(x):
     x = jnp.pad(x, ((0, pad), (0, 0), (0, 0)))
     return x.reshape((num_chunks, chunk_size) + x.shape[1:])
 
-  dist_fn = jax.checkpoint(_chunk_distances, prevent_cse=False)
-  body = lambda qs: dist_fn(qs[0], qs[1], keys, values, labels, mask, onehot)
+  dist_fn = jax.checkpoint(
+      functools.partial(_chunk_distances, num_ways=num_ways),
+      prevent_cse=False)
+  body = lambda qs: dist_fn(qs[0], qs[1], keys, values, labels, mask)
   dist = lax.map(body, (chunked(queries), chunked(query_values)))
   dist = dist.reshape((-1, num_ways))[:num_queries]
-  present = jnp.sum(onehot, axis=0) > 0
-  return jnp.where(present, -dist, ABSENT_CLASS_LOGIT)
+  return jnp.where(_present(labels, mask, num_ways), -dist,
+                   ABSENT_CLASS_LOGIT)
 
 
 def crosstransformer_logits_naive(queries, query_values, keys, values,
@@ -173,12 +205,11 @@ def crosstransformer_logits_naive(queries, query_values, keys, values,
   the memory benchmark, not for training.
   """
   _check_head_inputs(queries, query_values, keys, values, labels, mask)
-  onehot = class_onehot(labels, mask, num_ways)
   keys, values, labels = _sanitise_padding(keys, values, labels, mask)
   dist = _chunk_distances(queries, query_values, keys, values, labels, mask,
-                          onehot)
-  present = jnp.sum(onehot, axis=0) > 0
-  return jnp.where(present, -dist, ABSENT_CLASS_LOGIT)
+                          num_ways)
+  return jnp.where(_present(labels, mask, num_ways), -dist,
+                   ABSENT_CLASS_LOGIT)
 
 
 class PointwiseConv(nnx.Module):

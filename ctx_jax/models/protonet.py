@@ -51,13 +51,14 @@ def protonet_logits(support_emb: jax.Array, support_labels: jax.Array,
       support_mask.shape != support_emb.shape[:1]):
     raise ValueError(f'labels {support_labels.shape} and mask '
                      f'{support_mask.shape} must be [{support_emb.shape[0]}]')
-  onehot = crosstransformer.class_onehot(support_labels, support_mask,
-                                         num_ways)  # [S,W]
   support_emb = jnp.where(support_mask[:, None],
                           support_emb.astype(jnp.float32), 0.0)
   query_emb = query_emb.astype(jnp.float32)
-  counts = jnp.sum(onehot, axis=0)  # [W]
-  prototypes = jnp.einsum('sw,se->we', onehot, support_emb)
+  # Class sums by segment sums: S row additions, whatever num_ways is.
+  labels = jnp.where(support_mask, support_labels, 0)
+  counts = crosstransformer.class_sum(support_mask.astype(jnp.float32),
+                                      labels, num_ways)  # [W]
+  prototypes = crosstransformer.class_sum(support_emb, labels, num_ways)
   prototypes /= jnp.maximum(counts, 1.0)[:, None]
   if distance == 'cosine':
     logits = jnp.einsum('qe,we->qw', _l2_normalize(query_emb),

@@ -100,6 +100,7 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, episode: Episode,
   """
   episode = _model_inputs(episode)
   _check_episode(episode, mesh)
+  num_ways = step_lib.logit_width(num_ways, episode)
   graphdef, state = nnx.split((model, optimizer))
 
   def step(state, local_episode):
@@ -131,6 +132,7 @@ def loss_and_grads(model: nnx.Module, episode: Episode, num_ways: int,
   """
   episode = _model_inputs(episode)
   _check_episode(episode, mesh)
+  num_ways = step_lib.logit_width(num_ways, episode)
   graphdef, state = nnx.split(model)
 
   def step(state, local_episode):
@@ -154,6 +156,7 @@ def eval_step(model: nnx.Module, episode: Episode, num_ways: int, *,
   """
   episode = _model_inputs(episode)
   _check_episode(episode, mesh)
+  num_ways = step_lib.logit_width(num_ways, episode)
   graphdef, state = nnx.split(model)
 
   def step(state, local_episode):

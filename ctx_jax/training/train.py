@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from ctx_jax import models
+from ctx_jax import xla_config
 from ctx_jax.eval import evaluate
 from ctx_jax.training import checkpoint as checkpoint_lib
 from ctx_jax.training import config_checks
@@ -291,6 +292,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if is_chief:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
+  # Compiled steps are kept on disk: a restarted run does not compile again.
+  cache_dir = xla_config.enable_compilation_cache(
+      config.get("compilation_cache_dir", ""))
+  logging.info("persistent compilation cache: %s", cache_dir)
   mesh = mesh_lib.make_mesh(config.num_devices or None)
   train_fn, _ = sharded_step.select_steps(config.train.parallelism, mesh)
   logging.info("process %d/%d, %d local / %d global devices, mesh %s",
