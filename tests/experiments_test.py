@@ -67,6 +67,9 @@ def test_paper_configs_use_the_official_recipe():
         0.0 if name == "ctx_all" else 0.5)
     assert eval_ep.ignore_hierarchy_probability == 0.0
     assert len(config.data.test_sources) == 10
+    # Official trainer_config.gin: validate every 500 updates, 600 episodes.
+    assert (config.train.valid_every, config.train.num_valid_episodes) == (
+        500, 600)
   get = lambda n, a=None: importlib.import_module(
       f"experiments.{n}").get_config(a)
   assert get("protonet_ilsvrc").model.head == "protonet"
