@@ -106,7 +106,8 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter,
 
   def _get_help_string(self, action):
     text = action.help or ""
-    if ("%(default)" not in text and action.default is not argparse.SUPPRESS
+    # Not when the help already says what the default is.
+    if ("default" not in text and action.default is not argparse.SUPPRESS
         and action.option_strings and not isinstance(
             action, (argparse._StoreTrueAction, argparse._HelpAction))):  # pylint: disable=protected-access
       text += " (default: %(default)s)"

@@ -294,4 +294,4 @@ def test_argparse_help_lists_every_flag_with_its_default(module, entry, flags,
     assert described, block
     takes_value = signature.split(",")[-1].strip().count(" ") > 0
     if takes_value:
-      assert "(default:" in described, block
+      assert "default" in described, block
