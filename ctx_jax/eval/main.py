@@ -435,8 +435,10 @@ def _evaluate():
   for source in sources:
     config_checks.check_hierarchy(config.data.eval_episode, (source,),
                                   "config.data.eval_episode")
-  reference = references.choose(_REFERENCE.value, config,
-                                imported=model_info["imported"])
+  # The raw-pixel baseline is no trained config: no reference unless asked.
+  reference = (None if _MODEL.value == "pixels" and _REFERENCE.value == "auto"
+               else references.choose(_REFERENCE.value, config,
+                                      imported=model_info["imported"]))
   distributed.maybe_initialize()
   import jax  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
