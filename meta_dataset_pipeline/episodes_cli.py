@@ -28,7 +28,6 @@ import numpy as np
 
 from meta_dataset_pipeline import cli
 from meta_dataset_pipeline import dataset_spec as spec_lib
-from meta_dataset_pipeline import reader
 from meta_dataset_pipeline import sampling
 
 
@@ -217,6 +216,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(args) -> int:
   try:
     spec = spec_lib.load_dataset_spec(args.path)
+    # The seeding helpers live with the reader, which imports TensorFlow:
+    # loaded once the spec is known to be good.
+    from meta_dataset_pipeline import reader  # pylint: disable=g-import-not-at-top
     split = spec_lib.Split[args.split]
     cfg = sampling.EpisodeDescriptionConfig(**{
         f.name: getattr(args, f.name)
