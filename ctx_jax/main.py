@@ -1,7 +1,15 @@
-r"""`ctx-train`: trains (and then evaluates) a few-shot model from a config.
+r"""ctx-train: trains a few-shot model (CTX or ProtoNet) from an experiment
+config, validates it every `train.valid_every` steps, keeps the best model on
+validation in <workdir>/best, exports the final one to <workdir>/export, and
+writes <workdir>/results.json with the test accuracy of the best-validation
+model (and the final model's beside it).
 
   ctx-train --config experiments/demo.py --workdir runs/demo_ctx \
       [--config.optimizer.learning_rate=1e-3 ...]
+
+Every config field can be overridden with --config.<path>=<value>; the config
+is locked, so a mistyped key is an error. Rerunning the same command resumes
+from the last checkpoint in the work dir.
 
 Multi-host runs add `--distributed` (or set CTX_JAX_DISTRIBUTED=1, as the
 launchers in `launch/` do): `jax.distributed.initialize` then runs before any
@@ -19,27 +27,33 @@ from absl import logging
 from ml_collections import config_flags
 
 from ctx_jax import distributed
+from meta_dataset_pipeline import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (experiments/<name>.py[:arg]).",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, "
                                "summaries and results are written.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the Python traceback of "
+                             "an error.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-# Errors of the user's making: print the message, no traceback, exit 1.
-USER_ERRORS = (FileNotFoundError, FileExistsError, PermissionError,
-               ValueError, KeyError, FloatingPointError)
+PROG = "ctx-train"
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.fail(PROG, f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     # Orbax and JAX log a lot at INFO; `--verbosity=0` brings it back.
     logging.set_verbosity(logging.WARNING)
+  cli.guarded(PROG, _train, _VERBOSE.value)
+
+
+def _train():
+  # Bad config, data or work dir: one line, before JAX or TF start.
+  from ctx_jax.training import config_checks  # pylint: disable=g-import-not-at-top
+  config_checks.check_start_up(_CONFIG.value, _WORKDIR.value)
   distributed.maybe_initialize()
-  import jax  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   # tf.data runs on the host only; keep TF off the accelerators.
   tf.config.set_visible_devices([], "GPU")
@@ -48,17 +62,14 @@ def main(argv):
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except train.Preempted as e:
-    print(f"ctx-train: {e}", file=sys.stderr)
+    print(f"{PROG}: {e}", file=sys.stderr)
     sys.exit(train.PREEMPTED_EXIT_CODE)
-  except USER_ERRORS as e:
-    logging.exception("%s", type(e).__name__)
-    print(f"ctx-train: error: {e}", file=sys.stderr)
-    sys.exit(1)
-  del jax
 
 
 def run():
-  app.run(main)
+  cli.quiet_tensorflow()
+  app.run(main, flags_parser=cli.absl_flags_parser(
+      PROG, __doc__, ["ctx_jax.main", "ctx_jax.distributed"]))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ r"""Gathers the results of a sweep's runs into one table.
 Runs are the entries of `<root>/sweep.json` (written by `launch.sweep
 --run`), else every folder under `<root>` holding a `results.json`. From each
 run it reads `results.json` (written by `ctx-train`: the final step, `test`
-accuracies per source and, when present, `valid` ones) and any `ctx-eval`
+accuracies per source of the best-validation model and the step it came
+from, `selected_step`, and, when present, `valid` ones) and any `ctx-eval`
 output `eval_*.json` in the run folder. Prints a table (one row per run,
 mean accuracy in % per source and their average per kind) and writes
 `<output>.csv` and `<output>.json` (default `<root>/collected`). A run without
@@ -49,6 +50,8 @@ def run_row(run: dict) -> dict:
   data = json.loads(results.read_text())
   row["status"] = "done"
   row["step"] = data.get("step")
+  # The reported test figures are the best-validation model's.
+  row["selected_step"] = (data.get("selected") or {}).get("step")
   for kind in ("valid", "test"):
     means = _means(data.get(kind) or {})
     row.update({f"{kind}/{s}": v for s, v in means.items()})

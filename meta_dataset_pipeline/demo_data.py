@@ -72,6 +72,7 @@ from PIL import Image
 from PIL import ImageDraw
 from PIL import ImageFilter
 
+from meta_dataset_pipeline import cli
 from meta_dataset_pipeline import records_writer
 
 # Strokes are drawn on a canvas this many times larger than the image and
@@ -566,7 +567,7 @@ def class_name(class_id: int) -> str:
   return f"glyph_{class_id:04d}"
 
 
-class OutputDirError(Exception):
+class OutputDirError(cli.UserError):
   """The output folder cannot be used; the message names it."""
 
 
@@ -946,7 +947,7 @@ def shape_feature_nn_accuracy(
 
 
 def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
+  parser = cli.ArgumentParser(
       prog="ctx-make-demo-data",
       description="Write the procedural-glyph demo dataset in the official "
       "Meta-Dataset record format (no download needed).")
@@ -954,21 +955,23 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument("--output_dir", required=True,
                       help="dataset folder to create, e.g. demo_data/glyphs "
                       "(<records_root>/<source name>)")
-  parser.add_argument("--num_classes", type=int, default=d.num_classes)
+  parser.add_argument("--num_classes", type=int, default=d.num_classes,
+                      help="glyph classes in all")
   parser.add_argument("--num_valid_classes", type=int, default=None,
                       help="default: 16%% of --num_classes")
   parser.add_argument("--num_test_classes", type=int, default=None,
                       help="default: 20%% of --num_classes")
   parser.add_argument("--images_per_class", type=int,
-                      default=d.images_per_class)
+                      default=d.images_per_class, help="images per class")
   parser.add_argument("--image_size", type=int, default=d.image_size,
                       help="side of the stored images, pixels")
-  parser.add_argument("--seed", type=int, default=d.seed)
+  parser.add_argument("--seed", type=int, default=d.seed,
+                      help="the same flags give byte-identical files")
   parser.add_argument("--family_size", type=int, default=d.family_size,
                       help="classes per family of look-alike glyphs that "
                       "share strokes (1: all classes unrelated)")
   parser.add_argument("--image_format", choices=("jpeg", "png"),
-                      default=d.image_format)
+                      default=d.image_format, help="encoding of the images")
   parser.add_argument("--name", default=None,
                       help="dataset name in the spec; default: the "
                       "basename of --output_dir")
@@ -988,6 +991,10 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str]) -> int:
   """Command-line entry point; returns the exit status."""
   args = _parse_args(argv)
+  return cli.guarded("ctx-make-demo-data", lambda: _main(args), args.verbose)
+
+
+def _main(args) -> int:
   config = DemoConfig(
       num_classes=args.num_classes,
       num_valid_classes=args.num_valid_classes,
@@ -995,19 +1002,13 @@ def main(argv: Sequence[str]) -> int:
       images_per_class=args.images_per_class, image_size=args.image_size,
       seed=args.seed, family_size=args.family_size,
       image_format=args.image_format)
-  try:
-    config.validate()
-  except ValueError as e:
-    raise SystemExit(f"ctx-make-demo-data: error: {e}") from e
+  config.validate()
   start = time.time()
   print(f"Writing {config.num_classes} classes x {config.images_per_class} "
         f"images ({config.split_sizes()}) to {args.output_dir}", flush=True)
-  try:
-    spec = generate_dataset(args.output_dir, config, name=args.name,
-                            overwrite=args.overwrite,
-                            log=lambda s: print(s, flush=True))
-  except OutputDirError as e:
-    raise SystemExit(f"ctx-make-demo-data: error: {e}") from e
+  spec = generate_dataset(args.output_dir, config, name=args.name,
+                          overwrite=args.overwrite,
+                          log=lambda s: print(s, flush=True))
   size = sum(os.path.getsize(os.path.join(args.output_dir, f))
              for f in os.listdir(args.output_dir))
   print(f"Done in {time.time() - start:.1f} s: {size / 1e6:.1f} MB, dataset "

@@ -21,6 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
+from meta_dataset_pipeline import cli
 from meta_dataset_pipeline import dataset_spec as spec_lib
 from meta_dataset_pipeline import pipeline
 from meta_dataset_pipeline import sampling
@@ -28,26 +29,31 @@ from meta_dataset_pipeline import simclr
 
 
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-      prog="md-episode-grid", description=__doc__.split("\n\n")[0],
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  parser = cli.ArgumentParser(
+      prog="md-episode-grid", description=__doc__.strip())
   parser.add_argument("path", help="records folder (with dataset_spec.json)")
   parser.add_argument("--output", required=True, help="PNG file to write")
   parser.add_argument("--split", default="TRAIN", type=str.upper,
-                      choices=[s.name for s in spec_lib.Split])
-  parser.add_argument("--seed", type=int, default=0)
+                      choices=[s.name for s in spec_lib.Split],
+                      help="split whose classes are sampled")
+  parser.add_argument("--seed", type=int, default=0,
+                      help="episode stream seed (as the pipeline's)")
   parser.add_argument("--episode", type=int, default=0,
                       help="which episode of the seeded stream to draw")
-  parser.add_argument("--image_size", type=int, default=84)
+  parser.add_argument("--image_size", type=int, default=84,
+                      help="image side, pixels")
   parser.add_argument("--num_ways", type=int, default=5,
                       help="0: variable (official sampler)")
   parser.add_argument("--num_support", type=int, default=2,
                       help="0: variable")
   parser.add_argument("--num_query", type=int, default=2, help="0: variable")
-  parser.add_argument("--max_images", type=int, default=16)
-  parser.add_argument("--color_jitter_strength", type=float, default=1.0)
+  parser.add_argument("--max_images", type=int, default=16,
+                      help="images drawn per row (longer rows are cut)")
+  parser.add_argument("--color_jitter_strength", type=float, default=1.0,
+                      help="SimCLR colour jitter strength")
   parser.add_argument("--md_augmentation", default="none",
-                      choices=simclr.MD_AUGMENTATIONS)
+                      choices=simclr.MD_AUGMENTATIONS,
+                      help="augmentation of the ordinary (MD) episode")
   return parser
 
 
@@ -98,18 +104,19 @@ def draw(path: str, md_episode, simclr_episode, title: str,
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs the command; returns the exit status."""
   args = _parser().parse_args(argv)
-  try:
-    spec = spec_lib.load_dataset_spec(args.path)
-    split = spec_lib.Split[args.split]
-    cfg = sampling.EpisodeDescriptionConfig(
-        num_ways=args.num_ways or None, num_support=args.num_support or None,
-        num_query=args.num_query or None)
-    md = simclr.augmentation_by_name(args.md_augmentation)
-    md_episode = _episode(spec, split, cfg, args, 0.0, md)
-    simclr_episode = _episode(spec, split, cfg, args, 1.0, md)
-  except (OSError, ValueError) as e:
-    print(f"md-episode-grid: error: {e}", file=sys.stderr)
-    return 2
+  return cli.guarded("md-episode-grid", lambda: _main(args), args.verbose)
+
+
+def _main(args) -> int:
+  """The command proper; user errors end it through `cli.guarded`."""
+  spec = spec_lib.load_dataset_spec(args.path)
+  split = spec_lib.Split[args.split]
+  cfg = sampling.EpisodeDescriptionConfig(
+      num_ways=args.num_ways or None, num_support=args.num_support or None,
+      num_query=args.num_query or None)
+  md = simclr.augmentation_by_name(args.md_augmentation)
+  md_episode = _episode(spec, split, cfg, args, 0.0, md)
+  simclr_episode = _episode(spec, split, cfg, args, 1.0, md)
   draw(args.output, md_episode, simclr_episode,
        f"{spec.name} {split.name} episode {args.episode} (seed {args.seed}):"
        " as an MD episode, then as a SimCLR episode; titles are labels",

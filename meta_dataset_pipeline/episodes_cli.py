@@ -26,8 +26,8 @@ from typing import Sequence
 
 import numpy as np
 
+from meta_dataset_pipeline import cli
 from meta_dataset_pipeline import dataset_spec as spec_lib
-from meta_dataset_pipeline import reader
 from meta_dataset_pipeline import sampling
 
 
@@ -47,19 +47,53 @@ def _num_support(text: str):
   raise argparse.ArgumentTypeError("expected N or LOW,HIGH")
 
 
+# What each official `EpisodeDescriptionConfig` field does (None: variable).
+FIELD_HELP = {
+    "num_ways": "fixed number of classes per episode (unset: variable way)",
+    "num_support": "fixed shots per class, or LOW,HIGH sampled per episode "
+                   "(unset: variable shot)",
+    "num_query": "fixed queries per class (unset: variable)",
+    "min_ways": "fewest classes in a variable-way episode",
+    "max_ways_upper_bound": "most classes in a variable-way episode",
+    "max_num_query": "most queries per class (variable query count)",
+    "max_support_set_size": "most support images in an episode",
+    "max_support_size_contrib_per_class": "most support images per class",
+    "min_log_weight": "log of the smallest class-size weight of the "
+                      "variable-shot sampler",
+    "max_log_weight": "log of the largest class-size weight of the "
+                      "variable-shot sampler",
+    "ignore_dag_ontology": "sample ILSVRC classes uniformly, not from a "
+                           "node of the ImageNet DAG",
+    "ignore_bilevel_ontology": "sample Omniglot classes across alphabets",
+    "ignore_hierarchy_probability": "probability that an episode of a "
+                                    "hierarchical source ignores the "
+                                    "hierarchy",
+    "simclr_episode_fraction": "fraction of episodes turned into SimCLR "
+                               "episodes (recorded, not applied here)",
+    "min_examples_in_class": "classes with fewer images are never sampled",
+    "num_unique_descriptions": "if > 0, cycle through this many distinct "
+                               "episode descriptions",
+    "episode_description_switch_frequency": "episodes that share one "
+                                            "description before the next",
+}
+
+
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-      prog="md-episodes", description=__doc__.split("\n\n")[0],
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  parser = cli.ArgumentParser(
+      prog="md-episodes", description=__doc__.strip())
   parser.add_argument("path", help="records folder or dataset spec file")
   parser.add_argument("--split", default="TRAIN",
                       choices=[s.name for s in spec_lib.Split],
-                      type=str.upper)
-  parser.add_argument("--num_episodes", type=int, default=1000)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--output", help="JSON file to write")
+                      type=str.upper, help="split whose classes are sampled")
+  parser.add_argument("--num_episodes", type=int, default=1000,
+                      help="episode descriptions to sample")
+  parser.add_argument("--seed", type=int, default=0,
+                      help="seed, as the pipelines' (source 0, process 0)")
+  parser.add_argument("--output", help="JSON file to write (descriptions "
+                      "and summary)")
   parser.add_argument("--png", help="PNG of episode 0 (needs records)")
-  parser.add_argument("--image_size", type=int, default=84)
+  parser.add_argument("--image_size", type=int, default=84,
+                      help="image side for --png, pixels")
   parser.add_argument("--use_dag_ontology", type=_bool, default=None,
                       help="default: from the spec type and config")
   parser.add_argument("--use_bilevel_ontology", type=_bool, default=None,
@@ -75,7 +109,8 @@ def _parser() -> argparse.ArgumentParser:
       kind = float
     else:
       kind = int
-    config.add_argument(f"--{field.name}", type=kind, default=default)
+    config.add_argument(f"--{field.name}", type=kind, default=default,
+                        help=FIELD_HELP.get(field.name, ""))
   return parser
 
 
@@ -175,8 +210,15 @@ def _write_png(path, spec, split, cfg, args):
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs the command; returns the exit status."""
   args = _parser().parse_args(argv)
+  return cli.guarded("md-episodes", lambda: _main(args), args.verbose)
+
+
+def _main(args) -> int:
   try:
     spec = spec_lib.load_dataset_spec(args.path)
+    # The seeding helpers live with the reader, which imports TensorFlow:
+    # loaded once the spec is known to be good.
+    from meta_dataset_pipeline import reader  # pylint: disable=g-import-not-at-top
     split = spec_lib.Split[args.split]
     cfg = sampling.EpisodeDescriptionConfig(**{
         f.name: getattr(args, f.name)
@@ -188,8 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         use_dag_hierarchy=args.use_dag_ontology,
         use_bilevel_hierarchy=args.use_bilevel_ontology)
   except (OSError, ValueError, NotImplementedError) as e:
-    print(f"md-episodes: error: {e}", file=sys.stderr)
-    return 2
+    cli.fail("md-episodes", e, args.verbose)
   stream = sampling.description_stream(sampler, np.random.default_rng(
       reader.derive_seeds([args.seed, 0], 1, count=2)))
   descriptions = [next(stream) for _ in range(args.num_episodes)]
@@ -212,9 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
       _write_png(args.png, spec, split, cfg, args)
     except (OSError, ValueError) as e:
-      print(f"md-episodes: error: cannot draw an episode: {e}",
-            file=sys.stderr)
-      return 2
+      cli.fail("md-episodes", e, args.verbose,
+               f"cannot draw an episode: {cli.one_line(e)}")
     print(f"wrote {args.png}")
   return 0
 

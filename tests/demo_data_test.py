@@ -49,6 +49,14 @@ def tiny_dir(tmp_path_factory):
   return out
 
 
+def _err(e, capsys):
+  """A user error: exit status 1 and one `error:` line on stderr."""
+  assert e.value.code == 1
+  err = capsys.readouterr().err
+  assert err.startswith("ctx-make-demo-data: error: ") and err.count("\n") == 1
+  return err
+
+
 def test_tiny_dataset_records(tiny_dir):
   assert sorted(os.listdir(tiny_dir)) == sorted(
       [f"{i}.tfrecords" for i in range(9)] + ["dataset_spec.json"])
@@ -205,22 +213,23 @@ def test_refuses_non_empty_dir_without_overwrite(tmp_path, capsys):
   (out / "keep.txt").write_text("precious")
   with pytest.raises(SystemExit) as e:
     demo_data.main(["--output_dir", str(out)] + TINY_ARGS)
-  assert str(out) in str(e.value.code) and "not empty" in str(e.value.code)
-  assert e.value.code != 0
+  err = _err(e, capsys)
+  assert str(out) in err and "not empty" in err
   assert os.listdir(out) == ["keep.txt"]
   assert (out / "keep.txt").read_text() == "precious"
   assert sorted(os.listdir(tmp_path)) == ["glyphs"]  # No leftovers.
   capsys.readouterr()
 
 
-def test_overwrite_replaces_only_a_generated_dataset(tmp_path):
+def test_overwrite_replaces_only_a_generated_dataset(tmp_path, capsys):
   out = tmp_path / "glyphs"
   demo_data.main(["--output_dir", str(out)] + TINY_ARGS)
   before = _read_dir(out)
   # Without --overwrite: error, old dataset untouched.
   with pytest.raises(SystemExit) as e:
     demo_data.main(["--output_dir", str(out), "--seed", "1"] + TINY_ARGS[:6])
-  assert str(out) in str(e.value.code)
+  err = _err(e, capsys)
+  assert str(out) in err
   assert _read_dir(out) == before
   # With --overwrite: replaced.
   assert demo_data.main(["--output_dir", str(out), "--overwrite", "--seed",
@@ -231,36 +240,40 @@ def test_overwrite_replaces_only_a_generated_dataset(tmp_path):
   (out / "notes.txt").write_text("mine")
   with pytest.raises(SystemExit) as e:
     demo_data.main(["--output_dir", str(out), "--overwrite"] + TINY_ARGS)
-  assert str(out) in str(e.value.code) and "notes.txt" in str(e.value.code)
+  err = _err(e, capsys)
+  assert str(out) in err and "notes.txt" in err
   assert (out / "notes.txt").read_text() == "mine"
   assert {k: v for k, v in _read_dir(out).items()
           if k != "notes.txt"} == after
   assert sorted(os.listdir(tmp_path)) == ["glyphs"]
 
 
-def test_unwritable_output(tmp_path):
+def test_unwritable_output(tmp_path, capsys):
   blocker = tmp_path / "a_file"
   blocker.write_text("x")
   out = blocker / "glyphs"
   with pytest.raises(SystemExit) as e:
     demo_data.main(["--output_dir", str(out)] + TINY_ARGS)
-  assert str(out) in str(e.value.code)
+  err = _err(e, capsys)
+  assert str(out) in err
   assert blocker.read_text() == "x"
   with pytest.raises(SystemExit) as e:
     demo_data.main(["--output_dir", str(blocker)] + TINY_ARGS)
-  assert str(blocker) in str(e.value.code)
+  err = _err(e, capsys)
+  assert str(blocker) in err
   assert blocker.read_text() == "x"
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permissions")
-def test_read_only_parent(tmp_path):
+def test_read_only_parent(tmp_path, capsys):
   parent = tmp_path / "ro"
   parent.mkdir()
   parent.chmod(0o555)
   try:
     with pytest.raises(SystemExit) as e:
       demo_data.main(["--output_dir", str(parent / "glyphs")] + TINY_ARGS)
-    assert str(parent / "glyphs") in str(e.value.code)
+    err = _err(e, capsys)
+    assert str(parent / "glyphs") in err
   finally:
     parent.chmod(0o755)
 
@@ -297,11 +310,11 @@ def test_atomic_output_path_keeps_old_file_on_error(tmp_path):
   assert os.listdir(tmp_path) == ["f.json"]
 
 
-def test_bad_config_exits():
+def test_bad_config_exits(capsys):
   with pytest.raises(SystemExit) as e:
     demo_data.main(["--output_dir", "unused", "--num_classes", "2"])
-  assert "num_classes" in str(e.value.code) or "2 classes" in str(
-      e.value.code)
+  err = _err(e, capsys)
+  assert "num_classes" in err or "2 classes" in err
   assert not os.path.exists("unused")
 
 

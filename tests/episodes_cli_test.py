@@ -10,7 +10,10 @@ from meta_dataset_pipeline import episodes_cli
 
 
 def _run(capsys, *argv):
-  status = episodes_cli.main([str(a) for a in argv])
+  try:
+    status = episodes_cli.main([str(a) for a in argv])
+  except SystemExit as e:  # A user error: one line, exit status 1.
+    status = e.code
   return status, capsys.readouterr()
 
 
@@ -83,8 +86,9 @@ def test_errors(shared_dir, tmp_path, capsys, argv, message):
   argv = [a.format(missing=tmp_path / "nope", spec=spec) for a in argv]
   argv += ["--split", "TEST"]
   status, printed = _run(capsys, *argv)
-  assert status == 2
+  assert status == 1
   assert message in printed.err
+  assert printed.err.count("\n") == 1  # One line.
 
 
 def test_png_needs_records(shared_dir, tmp_path, capsys):
@@ -92,5 +96,5 @@ def test_png_needs_records(shared_dir, tmp_path, capsys):
       "dtd_dataset_spec.json")
   status, printed = _run(capsys, spec, "--num_episodes", 2, "--png",
                          tmp_path / "x.png")
-  assert status == 2 and "cannot draw" in printed.err
+  assert status == 1 and "cannot draw" in printed.err
   assert np.isfinite(status)

@@ -116,7 +116,8 @@ def test_ctx_eval_end_to_end_resume_and_missing_domain(tiny, tmp_path):
   out = tmp_path / "a" / "eval.json"
   args = ["--config", DEMO_SMOKE, f"--config.data.records_root={records_root}",
           "--model_dir", str(export), "--sources", "glyphs,omniglot",
-          "--num_episodes", "6", "--chunk_size", "4"]
+          "--num_episodes", "6", "--chunk_size", "4",
+          "--reference", "ctx_simclr_eps_aug"]
   proc = _eval(*args, "--output", str(out))
   # omniglot has no records here: reported (path named), glyphs still done.
   assert proc.returncode == 1, proc.stderr[-3000:]
@@ -127,7 +128,10 @@ def test_ctx_eval_end_to_end_resume_and_missing_domain(tiny, tmp_path):
   glyphs = result["results"]["glyphs"]
   assert glyphs["num_episodes"] == 6 and 0 <= glyphs["mean"] <= 1
   assert "not found" in result["results"]["omniglot"]["error"]
-  assert result["paper_ctx"] == {"omniglot": 82.21}
+  assert result["reference"]["accuracy"] == {"omniglot": 82.21}
+  assert result["reference"]["ci95"] == {"omniglot": 1.0}
+  assert "Leaderboard" in result["reference"]["source"]
+  assert "ref. = CTX+SimCLR Eps+Aug (paper); source: " in proc.stdout
   csv_text = out.with_suffix(".csv").read_text()
   assert csv_text.startswith("source,accuracy_pct,ci95_pct")
   assert "omniglot,,,,82.21,records of source 'omniglot' not found" in (
@@ -144,7 +148,7 @@ def test_ctx_eval_end_to_end_resume_and_missing_domain(tiny, tmp_path):
   out_b.parent.mkdir()
   episodes["sources"]["glyphs"]["accuracies"] = accs[:4]
   out_b.with_suffix(".episodes.json").write_text(json.dumps(episodes))
-  proc = _eval(*args[:-6], "--sources", "glyphs", "--num_episodes", "6",
+  proc = _eval(*args[:-8], "--sources", "glyphs", "--num_episodes", "6",
                "--output", str(out_b))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "resuming, 4/6 episodes already done" in proc.stdout
@@ -176,3 +180,50 @@ def test_test_split_too_small_is_reported(shared_dir):
   with pytest.raises(ValueError, match="min_ways=8.*has only 7 classes"):
     evaluate.source_accuracies(None, config, mesh_lib.make_mesh(1), "TEST",
                                "dtd", 2, seed=0)
+
+
+def test_reference_row_matches_the_config():
+  import importlib  # pylint: disable=g-import-not-at-top
+  from ctx_jax.eval import references  # pylint: disable=g-import-not-at-top
+  get = lambda name, arg=None: importlib.import_module(
+      f"experiments.{name}").get_config(arg)
+  pick = lambda config, **kw: getattr(
+      references.for_config(config, **kw), "name", None)
+  assert pick(get("ctx_ilsvrc")) == "ctx"
+  assert pick(get("protonet_ilsvrc")) == "protonet_large"
+  assert pick(get("ctx_simclr")) == "ctx_simclr_eps"
+  assert pick(get("ctx_simclr", "bohb")) == "ctx_simclr_eps_aug"
+  assert pick(get("ctx_all")) is None  # No train-on-all row for CTX.
+  assert pick(get("demo")) is None
+  assert pick(get("demo"), imported=True) == "leaderboard"
+  # Every row states its source; rows without numbers say why.
+  for ref in references.REFERENCES.values():
+    assert ref.source
+    if ref.available:
+      assert set(ref.accuracy) == set(ref.ci95) == set(eval_main.ALL_SOURCES)
+    else:
+      assert "not available" in ref.source
+  assert references.REFERENCES["leaderboard"].accuracy == eval_main.PAPER_CTX
+  assert references.choose("none", get("ctx_ilsvrc")) is None
+  with pytest.raises(ValueError, match="unknown --reference"):
+    references.choose("ctx_typo", get("ctx_ilsvrc"))
+
+
+def test_ctx_eval_of_a_run_dir_uses_its_best_model(tmp_path, tiny):
+  _, export = tiny
+  run = tmp_path / "run"
+  (run / "best").mkdir(parents=True)
+  for f in export.iterdir():
+    target = run / "best" / f.name
+    if f.is_dir():
+      import shutil  # pylint: disable=g-import-not-at-top
+      shutil.copytree(f, target)
+    else:
+      target.write_bytes(f.read_bytes())
+  (run / "best" / "valid.json").write_text('{"step": 7, "accuracy": 0.5}')
+  model_dir, info = eval_main.resolve_model_dir(str(run))
+  assert model_dir == str(run / "best")
+  assert info == {"selected": "best", "step": 7, "imported": False}
+  assert eval_main.resolve_model_dir(str(export))[1]["selected"] == "given"
+  with pytest.raises(FileNotFoundError, match="neither an export"):
+    eval_main.resolve_model_dir(str(tmp_path))

@@ -185,7 +185,8 @@ def test_sweep_runs_in_sequence_and_collect_gathers(tmp_path, capsys):
       "workdir.mkdir(parents=True)\n"
       "res = {'step': 3, 'valid': {'glyphs': {'mean': lr * 1000}},\n"
       "       'test': {'a': {'mean': lr * 1000, 'ci95': 0.01},\n"
-      "                'b': {'mean': 0.5, 'ci95': 0.01}}}\n"
+      "                'b': {'mean': 0.5, 'ci95': 0.01}},\n"
+      "       'selected': {'model': 'best', 'step': 2}}\n"
       "(workdir / 'results.json').write_text(json.dumps(res))\n")
   root = tmp_path / "s"
   args = ["--config", DEMO_SMOKE, "--root", str(root), "--grid",
@@ -208,6 +209,7 @@ def test_sweep_runs_in_sequence_and_collect_gathers(tmp_path, capsys):
   assert rows[1]["test/a"] == pytest.approx(30.0)
   assert rows[1]["valid/glyphs"] == pytest.approx(30.0)
   assert rows[1]["test/average"] == pytest.approx(40.0)
+  assert rows[1]["selected_step"] == 2
   assert rows[2]["status"].startswith("missing")
   assert (root / "collected.csv").read_text().startswith("run,")
 

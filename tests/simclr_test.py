@@ -326,8 +326,9 @@ def test_episode_grid_png(shared_dir, tmp_path, capsys):
                             "--image_size", "16", "--num_ways", "3"]) == 0
   assert png.read_bytes()[:4] == b"\x89PNG"
   assert f"wrote {png}" in capsys.readouterr().out
-  assert episode_grid.main([str(tmp_path / "nope"), "--output",
-                            str(png)]) == 2
+  with pytest.raises(SystemExit) as e:
+    episode_grid.main([str(tmp_path / "nope"), "--output", str(png)])
+  assert e.value.code == 1
   assert "md-episode-grid: error" in capsys.readouterr().err
 
 

@@ -9,10 +9,10 @@ to [0, 1], and a Gaussian blur for query images; images in and out in
 accelerator inside `jit`, one key per image.
 
 Not bit-identical to the TF version (different random streams, and small
-op differences): the crop draws 10 (area, aspect ratio) candidates and keeps
-the first that fits, else the whole image, as `sample_distorted_bounding_box`
-does (whose `min_object_covered=0.1` makes the smallest area 0.1 rather than
-0.08; here the configured area range is used as is); the resize is
+op differences), but the crop box has the same distribution as TF's
+`sample_distorted_bounding_box` with the arguments `simclr.py` passes
+(`sample_crop_box`: the kernel's algorithm, checked statistically against TF
+in tests/augment_crop_test.py); the resize is
 `jax.image.scale_and_translate` with a cubic kernel (half-pixel centres);
 hue goes through HSV as `tf.image.adjust_hue` does, saturation uses the
 closed form of `meta_dataset_pipeline.simclr.adjust_saturation`.
@@ -23,7 +23,9 @@ import dataclasses
 import jax
 from jax import numpy as jnp
 
-_CROP_ATTEMPTS = 10
+# `sample_distorted_bounding_box` as `simclr.py` calls it.
+CROP_MAX_ATTEMPTS = 100
+CROP_MIN_OBJECT_COVERED = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,26 +42,92 @@ class AugmentParams:
   blur_sigma_range: tuple[float, float] = (0.1, 2.0)
 
 
+def sample_crop_box(key: jax.Array, h: int, w: int,
+                    area_range: tuple[float, float],
+                    aspect_ratio_range: tuple[float, float],
+                    max_attempts: int = CROP_MAX_ATTEMPTS,
+                    min_object_covered: float = CROP_MIN_OBJECT_COVERED):
+  """A crop box distributed as TF's `sample_distorted_bounding_box`'s.
+
+  The TF kernel (`core/kernels/image/sample_distorted_bounding_box_op.cc`,
+  with no boxes and `use_image_if_no_bounding_boxes`): each attempt draws an
+  aspect ratio (width / height) uniformly in `aspect_ratio_range`; the
+  height is uniform over the integers from round(sqrt(min_area / ratio)) to
+  round(sqrt(max_area / ratio)) (capped so that the width and height fit),
+  width = round(height * ratio), nudged by one row if rounding left the area
+  outside the range; the attempt fails if the box still does not fit or
+  covers less than `min_object_covered` of the image. Offsets are uniform
+  in [0, H - height) and [0, W - width) (0 when the box spans the image).
+  The first of `max_attempts` successes is used, else the whole image. All
+  attempts are drawn at once and the first success picked, which gives the
+  same distribution as TF's sequential loop.
+
+  Args:
+    key: a PRNG key.
+    h: image height.
+    w: image width.
+    area_range: (min, max) fraction of the image area.
+    aspect_ratio_range: (min, max) width / height of the box.
+    max_attempts: attempts before falling back to the whole image.
+    min_object_covered: smallest fraction of the image the box must cover.
+
+  Returns:
+    (y, x, height, width) as int32 scalars.
+  """
+  k_ratio, k_height, k_y, k_x = jax.random.split(key, 4)
+  f32 = jnp.float32
+  r_lo, r_hi = aspect_ratio_range
+  ratio = (jax.random.uniform(k_ratio, (max_attempts,), f32) * (r_hi - r_lo)
+           + r_lo).astype(f32)
+  min_area = f32(area_range[0]) * f32(w) * f32(h)
+  max_area = f32(area_range[1]) * f32(w) * f32(h)
+  rint = lambda v: jnp.rint(v).astype(jnp.int32)  # lrintf: half to even.
+  height = rint(jnp.sqrt(min_area / ratio))
+  max_height = rint(jnp.sqrt(max_area / ratio))
+  too_wide = rint(max_height * ratio) > w
+  capped = jnp.floor((f32(w) + f32(0.5) - f32(1e-7)) / ratio).astype(
+      jnp.int32)
+  capped = jnp.where(rint(capped * ratio) > w, capped - 1, capped)
+  max_height = jnp.minimum(jnp.where(too_wide, capped, max_height), h)
+  height = jnp.minimum(height, max_height)
+  # Uniform integer in the closed range [0, max_height - height].
+  span = jnp.maximum(max_height - height + 1, 1)
+  u = jax.random.uniform(k_height, (max_attempts,), f32)
+  height = height + jnp.minimum(jnp.floor(u * span).astype(jnp.int32),
+                                span - 1)
+  width = rint(height * ratio)
+  area = (width * height).astype(f32)
+  grow = area < min_area
+  height = jnp.where(grow, height + 1, height)
+  width = jnp.where(grow, rint(height * ratio), width)
+  area = (width * height).astype(f32)
+  shrink = area > max_area
+  height = jnp.where(shrink, height - 1, height)
+  width = jnp.where(shrink, rint(height * ratio), width)
+  area = (width * height).astype(f32)
+  ok = ((area >= min_area) & (area <= max_area) & (width <= w) & (height <= h)
+        & (width > 0) & (height > 0) & (area >= 1)
+        & (area / f32(w * h) >= f32(min_object_covered)))
+  first = jnp.argmax(ok)
+  found = ok[first]
+  ch = jnp.where(found, height[first], h)
+  cw = jnp.where(found, width[first], w)
+
+  def offset(k, size, full):  # Uniform in [0, full - size), 0 if none.
+    n = jnp.maximum(full - size, 1)
+    v = jnp.floor(jax.random.uniform(k, (), f32) * n).astype(jnp.int32)
+    return jnp.where(size < full, jnp.minimum(v, n - 1), 0)
+
+  return offset(k_y, ch, h), offset(k_x, cw, w), ch, cw
+
+
 def _crop_resize(image, key, params: AugmentParams):
   """Random resized crop of one [H, W, C] image, back to [H, W, C]."""
   h, w = image.shape[0], image.shape[1]
-  k_area, k_ratio, k_y, k_x = jax.random.split(key, 4)
-  lo, hi = params.crop_area_range
-  area = jax.random.uniform(k_area, (_CROP_ATTEMPTS,), minval=lo, maxval=hi)
   r_lo, r_hi = params.crop_aspect_ratio_range
-  log_ratio = jax.random.uniform(k_ratio, (_CROP_ATTEMPTS,),
-                                 minval=jnp.log(r_lo * w / h),
-                                 maxval=jnp.log(r_hi * w / h))
-  ratio = jnp.exp(log_ratio)  # width / height
-  ch = jnp.round(jnp.sqrt(area * h * w / ratio))
-  cw = jnp.round(jnp.sqrt(area * h * w * ratio))
-  fits = (ch >= 1) & (cw >= 1) & (ch <= h) & (cw <= w)
-  first = jnp.argmax(fits)
-  ok = fits[first]
-  ch = jnp.where(ok, ch[first], h)
-  cw = jnp.where(ok, cw[first], w)
-  y0 = jnp.floor(jax.random.uniform(k_y) * (h - ch + 1))
-  x0 = jnp.floor(jax.random.uniform(k_x) * (w - cw + 1))
+  y0, x0, ch, cw = sample_crop_box(key, h, w, params.crop_area_range,
+                                   (r_lo * w / h, r_hi * w / h))
+  y0, x0, ch, cw = (v.astype(jnp.float32) for v in (y0, x0, ch, cw))
   scale = jnp.stack([h / ch, w / cw])
   translation = -jnp.stack([y0, x0]) * scale
   return jax.image.scale_and_translate(

@@ -1,8 +1,8 @@
-r"""`ctx-eval`: episodic evaluation of a model on Meta-Dataset domains.
+r"""ctx-eval: episodic evaluation of a model on Meta-Dataset domains.
 
   ctx-eval --config experiments/ctx_ilsvrc.py --model_dir runs/ctx/export \
       --sources=all --config.data.records_root=/data/records
-  ctx-eval --config experiments/demo.py --model_dir runs/demo_ctx/export
+  ctx-eval --config experiments/demo.py --model_dir runs/demo_ctx
   ctx-eval --config experiments/demo.py --model pixels   # raw-pixel 1-NN
 
 The official protocol: the test classes of each domain, the config's episode
@@ -12,9 +12,14 @@ description (variable way and shot by default), 600 episodes per domain
 means the ten Meta-Dataset domains.
 
 Every episode is split over all devices (of all processes, with
-`--distributed`). Prints a table of mean accuracy and 95% CI per domain, their
-average and the published CTX numbers, and writes `<output>.json`, `.csv` and
-a `.png` bar chart against the paper. Per-episode accuracies are saved to
+`--distributed`). `--model_dir` is an export, or the work dir of a ctx-train
+run: then its best-validation model (`<workdir>/best`) is evaluated, as the
+official model selection. Prints a table of mean accuracy and 95% CI per
+domain, their average and the published row that matches the config
+(`--reference`: CTX, CTX+SimCLR Eps, CTX+SimCLR Eps+Aug or ProtoNet large
+from the CTX paper, the official leaderboard row for an imported official
+checkpoint; its source is printed and saved), and writes `<output>.json`,
+`.csv` and a `.png` bar chart against that row. Per-episode accuracies are saved to
 `<output>.episodes.json` every `--chunk_size` episodes; a rerun with the same
 model, data and episode settings resumes from there (a changed setting starts
 that domain afresh). A domain whose records are missing (or cannot give the
@@ -37,18 +42,12 @@ from ml_collections import config_flags
 
 from ctx_jax import distributed
 from ctx_jax import xla_config
+from ctx_jax.eval import references
+from meta_dataset_pipeline import cli
 
-# The ten Meta-Dataset domains, official source names, in the paper's order.
-ALL_SOURCES = ("ilsvrc_2012", "omniglot", "aircraft", "cu_birds", "dtd",
-               "quickdraw", "fungi", "vgg_flower", "traffic_sign", "mscoco")
-# CrossTransformers (Doersch et al., 2020), CTX + SimCLR Eps + Aug, trained on
-# ImageNet only: test accuracy (%) per domain, 600 episodes each.
-PAPER_CTX = {
-    "ilsvrc_2012": 62.76, "omniglot": 82.21, "aircraft": 79.49,
-    "cu_birds": 80.63, "dtd": 75.57, "quickdraw": 72.68, "fungi": 51.58,
-    "vgg_flower": 95.34, "traffic_sign": 82.65, "mscoco": 59.90,
-}
-PAPER_LABEL = "CTX+SimCLR Eps+Aug (paper)"
+ALL_SOURCES = references.ALL_SOURCES
+# CTX+SimCLR Eps+Aug as the official leaderboard lists it (see references.py).
+PAPER_CTX = references.REFERENCES["ctx_simclr_eps_aug"].accuracy
 EPISODES_SUFFIX = ".episodes.json"
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -78,7 +77,19 @@ _CHUNK_SIZE = flags.DEFINE_integer(
 _RESUME = flags.DEFINE_bool("resume", True, "Reuse finished episodes from "
                             "<output>.episodes.json when their key matches.")
 _CHART = flags.DEFINE_bool("chart", True, "Write the PNG bar chart.")
+_REFERENCE = flags.DEFINE_enum(
+    "reference", "auto", list(references.NAMES),
+    "Published row shown beside ours: 'auto' picks the one matching the "
+    "config (CTX, CTX+SimCLR Eps, CTX+SimCLR Eps+Aug, ProtoNet large; the "
+    "official leaderboard row for an imported official checkpoint), 'none' "
+    "shows none. Each number's source is printed and saved.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the Python traceback of "
+                             "an error.")
 flags.mark_flag_as_required("config")
+PROG = "ctx-eval"
+# Written by ctx-import-official into its export: the model is a released
+# official checkpoint (compared with the official leaderboard row).
+IMPORTED_FILE = "imported_from.json"
 
 
 def expand_sources(sources: list[str]) -> list[str]:
@@ -100,12 +111,13 @@ def format_table(rows: dict[str, dict], first_column: str = "source",
     rows: name -> {mean, ci95, num_episodes} (fractions) or {error}.
     first_column: header of the name column.
     average: add the mean over the rows that did not fail.
-    reference: optional name -> published accuracy (%), shown as a column.
+    reference: optional name -> published accuracy (%), shown as a column
+      ("ref."); say which row and its source beside the table.
 
   Returns:
     The table as text.
   """
-  ref_header = f" {'paper':>7}" if reference else ""
+  ref_header = f" {'ref.':>7}" if reference else ""
   lines = [f"{first_column:<16} {'accuracy':>9} {'95% CI':>8} "
            f"{'episodes':>9}{ref_header}"]
 
@@ -229,11 +241,13 @@ class EpisodeCache:
       write_atomic(self.path, json.dumps(self.data) + "\n")
 
 
-def write_csv(path: pathlib.Path, rows: dict[str, dict]) -> None:
+def write_csv(path: pathlib.Path, rows: dict[str, dict],
+              reference: dict[str, float] | None = None) -> None:
+  """Per-domain rows (%), with the reference's accuracy when there is one."""
   lines = [["source", "accuracy_pct", "ci95_pct", "num_episodes",
-            "paper_ctx_pct", "error"]]
+            "reference_pct", "error"]]
   for source, row in rows.items():
-    paper = PAPER_CTX.get(source, "")
+    paper = (reference or {}).get(source, "")
     if "error" in row:
       lines.append([source, "", "", "", paper, row["error"]])
     else:
@@ -249,8 +263,9 @@ def write_csv(path: pathlib.Path, rows: dict[str, dict]) -> None:
   os.replace(tmp, path)
 
 
-def write_chart(path: pathlib.Path, rows: dict[str, dict], label: str) -> None:
-  """Bar chart: our accuracy (95% CI whiskers) next to the paper's CTX."""
+def write_chart(path: pathlib.Path, rows: dict[str, dict], label: str,
+                reference: references.Reference | None = None) -> None:
+  """Bar chart: our accuracy (95% CI whiskers) next to the reference's."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -261,13 +276,15 @@ def write_chart(path: pathlib.Path, rows: dict[str, dict], label: str) -> None:
           for n in names]
   err = [100 * rows[n]["ci95"] if "error" not in rows[n] else 0.0
          for n in names]
-  paper = [PAPER_CTX.get(n, np.nan) for n in names]
+  ref_acc = reference.accuracy if reference is not None else {}
+  paper = [ref_acc.get(n, np.nan) for n in names]
   fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names) + 2), 4.5))
   width = 0.4
   ax.bar(x - width / 2, ours, width, yerr=err, capsize=3, label=label,
          color="tab:blue")
   if not all(np.isnan(paper)):
-    ax.bar(x + width / 2, paper, width, label=PAPER_LABEL, color="tab:gray")
+    ax.bar(x + width / 2, paper, width, label=reference.label,
+           color="tab:gray")
   for i, n in enumerate(names):
     if "error" in rows[n]:
       ax.text(x[i] - width / 2, 1, "failed", rotation=90, ha="center",
@@ -292,7 +309,7 @@ def load_model(model_dir: str, mesh):
   wrote it).
   """
   from ctx_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
-  model, _ = checkpoint.load_exported_model(model_dir, mesh=mesh)
+  model, _ = checkpoint.load_exported_model_or_explain(model_dir, mesh=mesh)
   return model
 
 
@@ -357,47 +374,99 @@ def evaluate_sources(model, model_dir, config, mesh, split, sources,
   return rows
 
 
+def resolve_model_dir(model_dir: str) -> tuple[str, dict[str, Any]]:
+  """An export, or a training run's work dir -> its best-validation model.
+
+  Given a work dir of `ctx-train` (no export of its own), the model reported
+  for the run is `<workdir>/best` (official model selection), else
+  `<workdir>/export` when the run did not validate.
+
+  Returns:
+    The export folder and what it is: {"selected": "best"|"export"|"given",
+    "step": int|None, "imported": bool}.
+  """
+  config_file = "model_config.json"  # checkpoint.MODEL_CONFIG_FILE (no JAX yet)
+  path = pathlib.Path(model_dir)
+  info = {"selected": "given", "step": None,
+          "imported": (path / IMPORTED_FILE).is_file()}
+  if not path.exists():
+    raise FileNotFoundError(f"--model_dir {path} does not exist")
+  if not (path / config_file).is_file():
+    for name, record in (("best", "valid.json"), ("export", "step.json")):
+      if (path / name / config_file).is_file():
+        saved = path / name / record
+        step = (json.loads(saved.read_text()).get("step")
+                if saved.is_file() else None)
+        return str(path / name), {"selected": name, "step": step,
+                                  "imported": False}
+    raise FileNotFoundError(
+        f"--model_dir {path} is neither an export (no "
+        f"{config_file}) nor a ctx-train work dir (no best/ "
+        "or export/)")
+  return str(path), info
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.fail(PROG, f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     # Orbax and JAX log a lot at INFO; `--verbosity=0` brings it back.
     logging.set_verbosity(logging.WARNING)
   if _MODEL.value == "exported" and not _MODEL_DIR.value:
-    raise app.UsageError("--model_dir is required (or --model=pixels)")
+    cli.fail(PROG, "--model_dir is required (or --model=pixels)")
   if _CHUNK_SIZE.value < 1:
-    raise app.UsageError("--chunk_size must be at least 1")
+    cli.fail(PROG, "--chunk_size must be at least 1")
+  output = _OUTPUT.value
+  if output is not None and not output.endswith(".json"):
+    cli.fail(PROG, f"--output must end in .json: {output}")
+  cli.guarded(PROG, _evaluate, _VERBOSE.value)
+
+
+def _evaluate():
+  """The evaluation proper; user errors propagate to `cli.guarded`."""
+  # Start-up checks first: a bad model dir or config costs no JAX start-up.
+  from ctx_jax.training import config_checks  # pylint: disable=g-import-not-at-top
+  config = _CONFIG.value
+  model_dir, model_info = None, {"selected": "pixels", "step": None,
+                                 "imported": False}
+  if _MODEL.value == "exported":
+    model_dir, model_info = resolve_model_dir(_MODEL_DIR.value)
+  sources = expand_sources(_SOURCES.value or list(config.data.test_sources))
+  for source in sources:
+    config_checks.check_hierarchy(config.data.eval_episode, (source,),
+                                  "config.data.eval_episode")
+  # The raw-pixel baseline is no trained config: no reference unless asked.
+  reference = (None if _MODEL.value == "pixels" and _REFERENCE.value == "auto"
+               else references.choose(_REFERENCE.value, config,
+                                      imported=model_info["imported"]))
   distributed.maybe_initialize()
   import jax  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   # tf.data runs on the host only; keep TF off the accelerators.
   tf.config.set_visible_devices([], "GPU")
   from ctx_jax.training import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  config = _CONFIG.value
   xla_config.enable_compilation_cache(config.get("compilation_cache_dir", ""))
   is_chief = jax.process_index() == 0
-  model_dir = _MODEL_DIR.value if _MODEL.value == "exported" else None
   mesh = mesh_lib.make_mesh(config.num_devices or None)
   model = None
   if model_dir is not None:
-    try:
-      model = load_model(model_dir, mesh)
-    except FileNotFoundError as e:
-      print(f"ctx-eval: error: {e}", file=sys.stderr)
-      sys.exit(1)
-  sources = expand_sources(_SOURCES.value or list(config.data.test_sources))
+    model = load_model(model_dir, mesh)
+    if is_chief and model_info["selected"] != "given":
+      what = ("best-validation model" if model_info["selected"] == "best"
+              else "final model (the run has no best/)")
+      print(f"{PROG}: evaluating the run's {what}, {model_dir}"
+            + (f" (step {model_info['step']})"
+               if model_info["step"] is not None else ""), flush=True)
   num_episodes = _NUM_EPISODES.value or config.eval.num_episodes
   seed = config.eval.seed if _SEED.value is None else _SEED.value
   split = _SPLIT.value
   output = pathlib.Path(_OUTPUT.value or default_output(model_dir, split))
-  if output.suffix != ".json":
-    raise app.UsageError(f"--output must end in .json: {output}")
   if is_chief:
     output.parent.mkdir(parents=True, exist_ok=True)
   cache = EpisodeCache(output.with_suffix(EPISODES_SUFFIX), _RESUME.value,
                        write=is_chief)
   if is_chief:
-    print(f"ctx-eval: {len(sources)} domain(s), {num_episodes} {split} "
+    print(f"{PROG}: {len(sources)} domain(s), {num_episodes} {split} "
           f"episodes each, seed {seed}, {mesh.size} device(s) over "
           f"{jax.process_count()} process(es)", flush=True)
   rows = evaluate_sources(model, model_dir, config, mesh, split, sources,
@@ -405,27 +474,52 @@ def main(argv):
                           is_chief)
   if not is_chief:
     sys.exit(1 if any("error" in r for r in rows.values()) else 0)
-  print(format_table(rows, reference=PAPER_CTX
-                     if any(s in PAPER_CTX for s in rows) else None))
+  ref_acc = {}
+  if reference is not None:
+    ref_acc = {s: reference.accuracy[s] for s in rows
+               if s in reference.accuracy}
+  print(format_table(rows, reference=ref_acc or None))
+  print(describe_reference(reference, rows))
   label = "pixel 1-NN" if model is None else "ours"
   results = {"split": split, "model": model_dir or _MODEL.value,
+             "model_selected": model_info["selected"],
+             "model_step": model_info["step"],
              "num_episodes": num_episodes, "seed": seed,
              "records_root": config.data.records_root,
              "results": rows, "average": average_row(rows),
-             "paper_ctx": {s: PAPER_CTX[s] for s in rows if s in PAPER_CTX}}
+             "reference": (None if reference is None else
+                           dict(reference.as_dict(), accuracy=ref_acc,
+                                ci95={s: reference.ci95[s] for s in ref_acc}))}
   write_atomic(output, json.dumps(results, indent=2) + "\n")
-  write_csv(output.with_suffix(".csv"), rows)
+  write_csv(output.with_suffix(".csv"), rows, ref_acc)
   written = [output, output.with_suffix(".csv")]
   if _CHART.value:
-    write_chart(output.with_suffix(".png"), rows, label)
+    write_chart(output.with_suffix(".png"), rows, label,
+                reference if ref_acc else None)
     written.append(output.with_suffix(".png"))
   print("wrote " + ", ".join(map(str, written)))
   if any("error" in r for r in rows.values()):
     sys.exit(1)
 
 
+def describe_reference(reference: references.Reference | None,
+                       rows: dict[str, dict]) -> str:
+  """One line under the table: which published row "ref." is, and whence."""
+  if reference is None:
+    return ("reference: none (no published row matches this config; "
+            "--reference <name> picks one)")
+  if not reference.available:
+    return f"reference: {reference.label}: {reference.source}"
+  if not any(s in reference.accuracy for s in rows):
+    return (f"reference: {reference.label} has no number for these "
+            "domains")
+  return f"ref. = {reference.label}; source: {reference.source}"
+
+
 def run():
-  app.run(main)
+  cli.quiet_tensorflow()
+  app.run(main, flags_parser=cli.absl_flags_parser(
+      PROG, __doc__, ["ctx_jax.eval.main", "ctx_jax.distributed"]))
 
 
 if __name__ == "__main__":

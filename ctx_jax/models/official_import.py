@@ -14,8 +14,9 @@ conversion can be checked against outputs of the official code.
 TensorFlow is imported only inside `read_official_checkpoint`.
 """
 
-import argparse
 from collections.abc import Mapping, Sequence
+import json
+import pathlib
 import re
 
 from flax import nnx
@@ -25,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from ctx_jax.models import learner
+from meta_dataset_pipeline import cli
 
 # Names (or name parts) of optimizer and bookkeeping variables: TF1 Adam
 # slots and powers, Keras optimizer variables and slots, the step counter.
@@ -93,7 +95,12 @@ def read_official_checkpoint(prefix: str) -> dict[str, np.ndarray]:
     Keras slot variables `<var>/m`, `<var>/v`.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  reader = tf.train.load_checkpoint(prefix)
+  try:
+    reader = tf.train.load_checkpoint(prefix)
+  except (tf.errors.OpError, ValueError) as e:
+    raise cli.UserError(
+        f'cannot read a TF checkpoint at {prefix} (give the prefix, e.g. '
+        f'.../model.ckpt-NNN): {cli.one_line(e)}') from e
   names = set(reader.get_variable_to_shape_map())
   variables = {}
   for name in sorted(names):
@@ -275,7 +282,7 @@ def episode_outputs(model: learner.EpisodicModel,
 
 def run(argv: Sequence[str] | None = None) -> None:
   """`ctx-import-official CKPT_PREFIX OUTDIR`: converts and exports a model."""
-  parser = argparse.ArgumentParser(
+  parser = cli.ArgumentParser(
       prog='ctx-import-official',
       description='Convert an official TF CTX checkpoint to a ctx_jax '
       'exported model (orbax state + model_config.json).')
@@ -285,31 +292,50 @@ def run(argv: Sequence[str] | None = None) -> None:
                       help='default: from the variable names')
   parser.add_argument('--max_stride', type=int, default=16,
                       help='not stored in checkpoints; official CTX: 16')
-  parser.add_argument('--query_dim', type=int, default=None)
-  parser.add_argument('--val_dim', type=int, default=None)
-  parser.add_argument('--query_chunk_size', type=int, default=None)
+  parser.add_argument('--query_dim', type=int, default=None,
+                      help='CTX query/key width (default: from the '
+                      'checkpoint)')
+  parser.add_argument('--val_dim', type=int, default=None,
+                      help='CTX value width (default: from the checkpoint)')
+  parser.add_argument('--query_chunk_size', type=int, default=None,
+                      help='queries per rematerialised chunk of the CTX '
+                      'head (default: the model default)')
   parser.add_argument('--dtype', default=None, choices=('float32',
-                                                        'bfloat16'))
+                                                        'bfloat16'),
+                      help='compute dtype (default: float32)')
   args = parser.parse_args(argv)
+  cli.guarded('ctx-import-official', lambda: _import(args), args.verbose)
+
+
+def _import(args) -> None:
   # pylint: disable-next=g-import-not-at-top
   from ctx_jax.training import checkpoint
+  if pathlib.Path(args.outdir).exists():
+    raise FileExistsError(f'{args.outdir} already exists: give a new export '
+                          'folder')
   variables = read_official_checkpoint(args.checkpoint)
   model, config = build_official_model(
       variables, backbone=args.backbone, max_stride=args.max_stride,
       query_dim=args.query_dim, val_dim=args.val_dim,
       query_chunk_size=args.query_chunk_size, dtype=args.dtype)
   path = checkpoint.export_model(args.outdir, model, config)
+  # Marks a released official checkpoint: ctx-eval compares it with the
+  # official leaderboard row.
+  (pathlib.Path(path) / 'imported_from.json').write_text(json.dumps(
+      {'checkpoint': str(args.checkpoint)}) + '\n')
   print(f'imported {len(variables)} variables from {args.checkpoint} '
         f'into {path}')
 
 
 def run_episode_main(argv: Sequence[str] | None = None) -> None:
   """`ctx-run-episode`: writes the fixture's keys for an exported model."""
-  parser = argparse.ArgumentParser(
+  parser = cli.ArgumentParser(
       prog='ctx-run-episode',
       description='Run an exported model on one episode in train and eval '
       "mode and write the keys of the official fixture's expected.npz.")
-  parser.add_argument('--model_dir', required=True)
+  parser.add_argument('--model_dir', required=True,
+                      help='exported model (ctx-import-official or '
+                      'ctx-train output)')
   parser.add_argument('--episode', required=True,
                       help='npz with support_images, support_labels, '
                       'query_images, query_labels')
@@ -318,9 +344,13 @@ def run_episode_main(argv: Sequence[str] | None = None) -> None:
                       help="comma-separated TF names ('/' or '__'); default "
                       'all parameters')
   args = parser.parse_args(argv)
+  cli.guarded('ctx-run-episode', lambda: _run_episode(args), args.verbose)
+
+
+def _run_episode(args) -> None:
   # pylint: disable-next=g-import-not-at-top
   from ctx_jax.training import checkpoint
-  model, _ = checkpoint.load_exported_model(args.model_dir)
+  model, _ = checkpoint.load_exported_model_or_explain(args.model_dir)
   names = None
   if args.gradients:
     names = [n.strip().replace('__', '/') for n in args.gradients.split(',')]

@@ -142,6 +142,24 @@ def load_exported_model(directory: str | os.PathLike[str],
   return model, model_config
 
 
+
+def load_exported_model_or_explain(directory: str | os.PathLike[str],
+                                   mesh=None):
+  """`load_exported_model`, any failure as one clear error naming the export.
+
+  A missing folder or `model_config.json` stays a FileNotFoundError; a
+  truncated or foreign `state/` (orbax raises many kinds of errors) becomes
+  a ValueError that names the folder.
+  """
+  try:
+    return load_exported_model(directory, mesh=mesh)
+  except FileNotFoundError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    message = " ".join(str(e).split())[:300] or type(e).__name__
+    raise ValueError(f"cannot load the exported model in {directory} "
+                     f"({type(e).__name__}: {message})") from e
+
 class TrainCheckpointer:
   """Periodic, resumable training checkpoints in `<workdir>/ckpt`.
 

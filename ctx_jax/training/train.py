@@ -28,6 +28,7 @@ from ctx_jax import models
 from ctx_jax import xla_config
 from ctx_jax.eval import evaluate
 from ctx_jax.training import checkpoint as checkpoint_lib
+from ctx_jax.training import config_checks
 from ctx_jax.training import input_pipeline
 from ctx_jax.training import mesh as mesh_lib
 from ctx_jax.training import optim
@@ -94,7 +95,8 @@ def init_backbone_from(model: nnx.Module, export_dir: str,
   Returns:
     The number of arrays copied.
   """
-  source, _ = checkpoint_lib.load_exported_model(export_dir, mesh=mesh)
+  source, _ = checkpoint_lib.load_exported_model_or_explain(export_dir,
+                                                          mesh=mesh)
   src = nnx.to_flat_state(nnx.state(source))
   src = {path: var for path, var in src}
   state = nnx.state(model)
@@ -282,12 +284,11 @@ _GUARDED = ("total_loss", "grad_norm", "param_norm")
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Trains per `config`, writing to `workdir`; returns the test results."""
+  # Fail on a bad config or missing or malformed data before the work dir
+  # is created or anything is compiled.
+  config_checks.check_start_up(config, workdir)
   workdir = prepare_workdir(workdir)
   is_chief = jax.process_index() == 0
-  # Fail on missing or malformed data before any compilation.
-  for split in ("train", "valid", "test"):
-    input_pipeline.load_specs(config.data.records_root,
-                              config.data[f"{split}_sources"])
   if is_chief:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
@@ -392,21 +393,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   recover_export(export_dir)
   export_atomically(export_dir, model, config.model,
                     {"step.json": {"step": step}})
-  results = {"step": step, "test": {}}
+  # Model selection as the official (`analysis/select_best_model.py`): the
+  # reported test figure is that of the best validation checkpoint; the final
+  # model's is kept beside it, labelled.
+  final_test = _test_all(model, config, mesh, is_chief, "final")
+  results = {"step": step, "test": final_test, "final_test": final_test,
+             "selected": {"model": EXPORT_DIR, "step": step,
+                          "reason": "no validation (train.valid_every=0)"}}
   if best.record is not None:
-    results["best_valid"] = {"step": best.record["step"],
+    best_step = best.record["step"]
+    results["best_valid"] = {"step": best_step,
                              "accuracy": best.record["accuracy"]}
-  for source in config.data.test_sources:
-    summary = evaluate.evaluate_split(model, config, mesh, "TEST", source,
-                             config.eval.num_episodes, seed=config.eval.seed)
-    results["test"][source] = summary.as_dict()
-    writer.write_scalars(step, {f"test/{source}/accuracy": summary.mean})
-    if is_chief:
-      print(f"test {source}: {summary} over {summary.num_episodes} episodes",
-            flush=True)
+    results["selected"] = {"model": BEST_DIR, "step": best_step,
+                           "reason": "best validation accuracy"}
+    if best_step != step:
+      best_model, _ = checkpoint_lib.load_exported_model(best.directory,
+                                                         mesh=mesh)
+      results["test"] = _test_all(best_model, config, mesh, is_chief,
+                                  f"best-validation (step {best_step})")
+  writer.write_scalars(step, {
+      f"test/{s}/accuracy": r["mean"] for s, r in results["test"].items()}
+                       | {f"test_final/{s}/accuracy": r["mean"]
+                          for s, r in final_test.items()})
   if is_chief:
+    print(f"reported: the model of step {results['selected']['step']} "
+          f"({results['selected']['reason']})", flush=True)
     (workdir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
   return results
+
+
+def _test_all(model, config, mesh, is_chief, label: str) -> dict[str, Any]:
+  """Test figures of `model` on every test source (same episodes each call)."""
+  out = {}
+  for source in config.data.test_sources:
+    summary = evaluate.evaluate_split(model, config, mesh, "TEST", source,
+                                      config.eval.num_episodes,
+                                      seed=config.eval.seed)
+    out[source] = summary.as_dict()
+    if is_chief:
+      print(f"test {source}, {label} model: {summary} over "
+            f"{summary.num_episodes} episodes", flush=True)
+  return out
 
 
 def _validate(config, model, mesh, step, writer, best, is_chief) -> None:

@@ -1,0 +1,121 @@
+"""Start-up checks of a config that the official trainer also refuses.
+
+Run before the work dir is created or anything is compiled, so a bad config
+costs nothing and leaves nothing behind.
+"""
+
+import os
+import pathlib
+
+import ml_collections
+
+# The only official source with a class hierarchy that episodes can ignore
+# (the ImageNet DAG; Omniglot's alphabets are the bilevel ontology, which
+# `ignore_hierarchy_probability` does not touch).
+HIERARCHY_SOURCE = "ilsvrc_2012"
+
+
+def check_hierarchy(episode: ml_collections.ConfigDict, sources,
+                    what: str) -> None:
+  """`ignore_hierarchy_probability` only for episodes of ILSVRC alone.
+
+  The official trainer (`trainer.py`, `_create_episodic_pipeline`) raises
+  "ignore_hierarchy_probability not supported with multisource pipelines"
+  when several sources are given; with one source the setting only matters
+  for ILSVRC (the sampler's DAG branch), so for any other source it would be
+  silently ignored: we refuse that too.
+
+  Args:
+    episode: an episode description config.
+    sources: the sources its episodes come from (one pipeline).
+    what: the config path of `episode`, for the message.
+
+  Raises:
+    ValueError: naming the key and the sources.
+  """
+  p = float(episode.ignore_hierarchy_probability or 0.0)
+  if not p:
+    return
+  sources = tuple(sources)
+  if len(sources) > 1:
+    raise ValueError(
+        f"{what}.ignore_hierarchy_probability={p:g} with {len(sources)} "
+        f"sources ({', '.join(sources)}): the official trainer does not "
+        "support it with multisource pipelines; set it to 0")
+  if sources != (HIERARCHY_SOURCE,):
+    raise ValueError(
+        f"{what}.ignore_hierarchy_probability={p:g} for source "
+        f"{sources[0]!r}: only {HIERARCHY_SOURCE} has a hierarchy to ignore; "
+        "set it to 0")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Every start-up check of a training config; raises ValueError."""
+  data = config.data
+  check_hierarchy(data.train_episode, data.train_sources,
+                  "config.data.train_episode")
+  # Evaluation builds one pipeline per source.
+  for source in tuple(data.valid_sources) + tuple(data.test_sources):
+    check_hierarchy(data.eval_episode, (source,), "config.data.eval_episode")
+
+
+def check_data(config: ml_collections.ConfigDict) -> None:
+  """Every source's records folder exists and holds a readable spec.
+
+  Raises:
+    FileNotFoundError: naming the missing folder or spec.
+    ValueError: naming a malformed `dataset_spec.json`.
+  """
+  from meta_dataset_pipeline import dataset_spec  # pylint: disable=g-import-not-at-top
+  root = config.data.records_root
+  if not root:
+    raise FileNotFoundError(
+        "config.data.records_root is empty: set it to the folder holding one "
+        "folder of Meta-Dataset records per source")
+  sources = dict.fromkeys(tuple(config.data.train_sources)
+                          + tuple(config.data.valid_sources)
+                          + tuple(config.data.test_sources))
+  for source in sources:
+    path = pathlib.Path(root) / source
+    if not path.is_dir():
+      raise FileNotFoundError(
+          f"records of source '{source}' not found: {os.path.abspath(path)} "
+          "is not a directory (check config.data.records_root and the "
+          "sources)")
+    dataset_spec.load_dataset_spec(str(path))
+
+
+def check_workdir(workdir: str) -> None:
+  """`workdir` can be created or written, checked without creating it.
+
+  Raises:
+    PermissionError: naming the work dir and the reason.
+  """
+  path = pathlib.Path(workdir).absolute()
+  ancestor = path
+  while not ancestor.exists():
+    ancestor = ancestor.parent
+  if not ancestor.is_dir():
+    raise PermissionError(f"work dir {path} is not writable: {ancestor} is "
+                          "not a directory")
+  if not os.access(ancestor, os.W_OK | os.X_OK):
+    raise PermissionError(f"work dir {path} is not writable: no write "
+                          f"permission in {ancestor}")
+
+
+def check_init_from(config: ml_collections.ConfigDict) -> None:
+  """`config.init_from`, if set, is a complete exported model."""
+  if config.get("init_from") and not (
+      pathlib.Path(config.init_from) / "model_config.json").is_file():
+    raise FileNotFoundError(
+        f"config.init_from={config.init_from} is not an exported model (no "
+        "model_config.json): give a ctx-import-official output or a run's "
+        "export/ or best/")
+
+
+def check_start_up(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """The checks `ctx-train` makes before it creates or compiles anything."""
+  check_workdir(workdir)
+  check_config(config)
+  check_data(config)
+  check_init_from(config)
