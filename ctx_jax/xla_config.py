@@ -26,8 +26,6 @@ compiling them again. JAX writes entries atomically, so several processes
 import importlib.metadata
 import os
 
-import jax
-
 CPU_CONV_FLAG = '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'
 # jaxlib versions (prefixes) whose XLA knows the flag and where it was
 # measured to help.
@@ -84,6 +82,9 @@ def enable_compilation_cache(directory: str | None = None) -> str | None:
   Returns:
     The folder used, or None when the cache is off.
   """
+  # Imported here: `ctx_jax` imports this module before anything else, and
+  # the commands' start-up checks run before JAX is loaded.
+  import jax  # pylint: disable=g-import-not-at-top
   if directory and directory.lower() == 'none':
     return None
   directory = directory or default_cache_dir()

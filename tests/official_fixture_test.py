@@ -17,6 +17,7 @@ import sys
 import numpy as np
 import pytest
 
+from ctx_jax import xla_config
 from ctx_jax.models import official_import
 
 GRADIENT_RTOL = {
@@ -102,8 +103,10 @@ def test_float64_matches_official_float64(fixture_dir):
   # x64 is process-wide, so this runs in a subprocess.
   # XLA:CPU's Eigen convolutions (ctx_jax's default, for float32 speed) are
   # about 8x slower than its YNNPACK ones in float64: use jaxlib's default.
+  # This process's XLA_FLAGS already hold ctx_jax's flag (conftest): drop it.
   env = dict(os.environ, JAX_ENABLE_X64='1', JAX_PLATFORMS='cpu',
-             CTX_JAX_XLA_DEFAULTS='0')
+             CTX_JAX_XLA_DEFAULTS='0', XLA_FLAGS=os.environ.get(
+                 'XLA_FLAGS', '').replace(xla_config.CPU_CONV_FLAG, ''))
   result = subprocess.run(
       [sys.executable, '-c', _FLOAT64_SCRIPT, str(fixture_dir)], env=env,
       capture_output=True, text=True, timeout=600, check=False)
