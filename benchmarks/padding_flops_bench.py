@@ -54,10 +54,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from ctx_jax import models
 from ctx_jax.training import mesh as mesh_lib
-from ctx_jax.training import optim
 from ctx_jax.training import sharded_step
+from ctx_jax.training import state as state_lib
 from experiments import common
 from meta_dataset_pipeline import dataset_spec
 from meta_dataset_pipeline import padding
@@ -80,11 +79,7 @@ def step_flops(config, size, shape):
   mesh = mesh_lib.make_mesh(1)
   train_fn, _ = sharded_step.select_steps('shard_map', mesh)
 
-  def create():
-    model = models.build_model(config.model, rngs=nnx.Rngs(0))
-    return model, nnx.Optimizer(model, optim.make_optimizer(config.optimizer),
-                                wrt=nnx.Param)
-  model, optimizer = nnx.eval_shape(create)
+  model, optimizer = state_lib.abstract_train_state(config)
   graphdef, state = nnx.split((model, optimizer))
   wd = float(config.optimizer.weight_decay)
 

@@ -53,10 +53,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from ctx_jax import models
 from ctx_jax.training import mesh as mesh_lib
-from ctx_jax.training import optim
 from ctx_jax.training import sharded_step
+from ctx_jax.training import state as state_lib
 from ctx_jax.training import train_step as step_lib
 from experiments import common
 from ctx_head_bench import cpu_name  # A sibling script (benchmarks/).
@@ -130,28 +129,11 @@ def make_episode(episode, num_devices: int):
           'query_labels': q_lab, 'query_mask': q_mask}
 
 
-def create_state(config, mesh):
-  """Model and optimiser replicated on `mesh` (no input pipeline needed)."""
-
-  @nnx.jit
-  def create():
-    model = models.build_model(config.model, rngs=nnx.Rngs(config.seed))
-    optimizer = nnx.Optimizer(model, optim.make_optimizer(config.optimizer),
-                              wrt=nnx.Param)
-    for module in (model, optimizer):
-      nnx.update(module, jax.lax.with_sharding_constraint(
-          nnx.state(module), mesh_lib.replicated(mesh)))
-    return model, optimizer
-
-  with jax.set_mesh(mesh):
-    return create()
-
-
 def compile_step(config, mesh, episode, num_ways):
   """AOT-compiled pure step (state, episode) -> (state, metrics) and state."""
 
   train_fn, _ = sharded_step.select_steps(config.train.parallelism, mesh)
-  model, optimizer = create_state(config, mesh)
+  model, optimizer = state_lib.create_train_state(config, mesh)
   model.train()
   graphdef, state = nnx.split((model, optimizer))
   wd = float(config.optimizer.weight_decay)
@@ -224,11 +206,7 @@ def count_flops(args, mesh, episode_spec):
                        chunk_size=local_queries)
   episode = make_episode(episode_spec, mesh.size)
   train_fn, _ = sharded_step.select_steps('shard_map', mesh)
-  def build():
-    model = models.build_model(config.model, rngs=nnx.Rngs(config.seed))
-    return model, nnx.Optimizer(model, optim.make_optimizer(config.optimizer),
-                                wrt=nnx.Param)
-  model, optimizer = nnx.eval_shape(build)
+  model, optimizer = state_lib.abstract_train_state(config)
   graphdef, state = nnx.split((model, optimizer))
   wd = float(config.optimizer.weight_decay)
 

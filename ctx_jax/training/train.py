@@ -24,7 +24,6 @@ import jax
 import ml_collections
 import numpy as np
 
-from ctx_jax import models
 from ctx_jax import xla_config
 from ctx_jax.eval import evaluate
 from ctx_jax.training import checkpoint as checkpoint_lib
@@ -33,6 +32,7 @@ from ctx_jax.training import input_pipeline
 from ctx_jax.training import mesh as mesh_lib
 from ctx_jax.training import optim
 from ctx_jax.training import sharded_step
+from ctx_jax.training.state import create_train_state
 from ctx_jax.training import train_step as step_lib
 
 EXPORT_DIR = "export"
@@ -63,26 +63,6 @@ def prepare_workdir(workdir: str) -> pathlib.Path:
   except OSError as e:
     raise PermissionError(f"work dir {path} is not writable: {e}") from e
   return path
-
-
-def create_train_state(config: ml_collections.ConfigDict,
-                       mesh: jax.sharding.Mesh):
-  """Model and optimiser with every array replicated over `mesh`."""
-
-  @nnx.jit
-  def create():
-    model = models.build_model(config.model, rngs=nnx.Rngs(config.seed))
-    optimizer = nnx.Optimizer(model, optim.make_optimizer(config.optimizer),
-                              wrt=nnx.Param)
-    # Born replicated on the mesh: every process holds the same values.
-    for module in (model, optimizer):
-      state = nnx.state(module)
-      nnx.update(module, jax.lax.with_sharding_constraint(
-          state, mesh_lib.replicated(mesh)))
-    return model, optimizer
-
-  with jax.set_mesh(mesh):
-    return create()
 
 
 def init_backbone_from(model: nnx.Module, export_dir: str,
