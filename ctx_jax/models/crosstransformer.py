@@ -34,17 +34,6 @@ from ctx_jax.models import backbone
 ABSENT_CLASS_LOGIT = -1e9
 
 
-def class_onehot(labels: jax.Array, mask: jax.Array,
-                 num_ways: int) -> jax.Array:
-  """[S,W] float32 one-hot of labels with padded rows (mask False) zeroed.
-
-  For tests and reference implementations: the heads aggregate classes with
-  segment sums (`class_sum`), whose cost does not grow with `num_ways`.
-  """
-  onehot = jax.nn.one_hot(labels, num_ways, dtype=jnp.float32)
-  return onehot * mask.astype(jnp.float32)[:, None]
-
-
 def class_sum(x: jax.Array, labels: jax.Array, num_ways: int) -> jax.Array:
   """Sums the rows of x [S,...] by class: [W,...], `W = num_ways`.
 
