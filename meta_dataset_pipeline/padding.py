@@ -241,9 +241,7 @@ def buckets_for_samplers(samplers: Sequence, pad_multiple: int = 1,
     `EpisodeBuckets`; a single bucket per set when all samplers produce one
     fixed size.
   """
-  sampled = None
-  if num_buckets:
-    sampled = sampled_set_sizes(samplers, FIT_SAMPLES)
+  sampled = []  # Sizes sampled once, only if some set is variable.
 
   def make(index, max_fn, fixed_fn):
     fixed = {fixed_fn(s) for s in samplers}
@@ -251,6 +249,8 @@ def buckets_for_samplers(samplers: Sequence, pad_multiple: int = 1,
       return (round_up(fixed.pop(), pad_multiple),)
     top = max(max_fn(s) for s in samplers)
     if num_buckets:
+      if not sampled:
+        sampled.extend(sampled_set_sizes(samplers, FIT_SAMPLES))
       return fitted_buckets(sampled[index], num_buckets, top, pad_multiple,
                             relative=True)
     return geometric_buckets(top, min_size, growth, pad_multiple)
