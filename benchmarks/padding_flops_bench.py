@@ -46,7 +46,6 @@ import os
 import sys
 import time
 
-from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,12 +54,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from ctx_jax.training import mesh as mesh_lib
-from ctx_jax.training import sharded_step
-from ctx_jax.training import state as state_lib
 from experiments import common
 from meta_dataset_pipeline import dataset_spec
 from meta_dataset_pipeline import padding
 from meta_dataset_pipeline import sampling
+import train_step_bench  # A sibling script (benchmarks/).
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 MD_WAYS, SIMCLR_WAYS = 50, 500
@@ -77,18 +75,6 @@ def step_flops(config, size, shape):
   config = config.copy_and_resolve_references()
   config.model.query_chunk_size = num_query  # One chunk: counted whole.
   mesh = mesh_lib.make_mesh(1)
-  train_fn, _ = sharded_step.select_steps('shard_map', mesh)
-
-  model, optimizer = state_lib.abstract_train_state(config)
-  graphdef, state = nnx.split((model, optimizer))
-  wd = float(config.optimizer.weight_decay)
-
-  def pure(state, episode):
-    model, optimizer = nnx.merge(graphdef, state)
-    model.train()
-    metrics = train_fn(model, optimizer, episode, num_ways, wd)
-    return nnx.state((model, optimizer)), metrics
-
   f32 = lambda n: jax.ShapeDtypeStruct((n, size, size, 3), jnp.float32)
   episode = {'support_images': f32(num_support),
              'support_labels': jax.ShapeDtypeStruct((num_support,), jnp.int32),
@@ -96,11 +82,7 @@ def step_flops(config, size, shape):
              'query_images': f32(num_query),
              'query_labels': jax.ShapeDtypeStruct((num_query,), jnp.int32),
              'query_mask': jax.ShapeDtypeStruct((num_query,), jnp.bool_)}
-  with jax.set_mesh(mesh):
-    analysis = jax.jit(pure).lower(state, episode).cost_analysis()
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0]
-  return float(analysis['flops'])
+  return train_step_bench.lowered_flops(config, mesh, episode, num_ways)
 
 
 def features(shapes):

@@ -129,32 +129,51 @@ def make_episode(episode, num_devices: int):
           'query_labels': q_lab, 'query_mask': q_mask}
 
 
-def compile_step(config, mesh, episode, num_ways):
-  """AOT-compiled pure step (state, episode) -> (state, metrics) and state."""
+def pure_train_step(config, mesh, graphdef, num_ways: int):
+  """(state, episode) -> (state, metrics): the configured step, train mode.
 
+  `state` is `nnx.state((model, optimizer))` of the split `graphdef`.
+  """
   train_fn, _ = sharded_step.select_steps(config.train.parallelism, mesh)
-  model, optimizer = state_lib.create_train_state(config, mesh)
-  model.train()
-  graphdef, state = nnx.split((model, optimizer))
   wd = float(config.optimizer.weight_decay)
 
   def pure(state, episode):
     model, optimizer = nnx.merge(graphdef, state)
+    model.train()
     metrics = train_fn(model, optimizer, episode, num_ways, wd)
     return nnx.state((model, optimizer)), metrics
 
+  return pure
+
+
+def lowered_flops(config, mesh, episode, num_ways: int) -> float | None:
+  """XLA's FLOP count of the lowered (not compiled) train step.
+
+  Lowering needs no memory for the episode or the one-chunk head (the
+  paper's largest episode would not fit), and the state is abstract.
+  `episode`: arrays on `mesh` or `jax.ShapeDtypeStruct`s. Under shard_map
+  the body has per-device shapes, so the count is per device.
+  """
+  graphdef, state = nnx.split(state_lib.abstract_train_state(config))
+  pure = pure_train_step(config, mesh, graphdef, num_ways)
+  with jax.set_mesh(mesh):
+    analysis = jax.jit(pure).lower(state, episode).cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  if not analysis or 'flops' not in analysis:
+    return None
+  return float(analysis['flops'])
+
+
+def compile_step(config, mesh, episode, num_ways):
+  """AOT-compiled pure step (state, episode) -> (state, metrics) and state."""
+  graphdef, state = nnx.split(state_lib.create_train_state(config, mesh))
+  pure = pure_train_step(config, mesh, graphdef, num_ways)
   dev = mesh_lib.shard_episode(episode, mesh, step_lib.MODEL_INPUT_KEYS)
   start = time.perf_counter()
   with jax.set_mesh(mesh):
     compiled = jax.jit(pure, donate_argnums=0).lower(state, dev).compile()
   return compiled, state, dev, time.perf_counter() - start
-
-
-def cost_flops(compiled) -> float | None:
-  analysis = compiled.cost_analysis()
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else None
-  return float(analysis['flops']) if analysis and 'flops' in analysis else None
 
 
 def compiled_memory(compiled) -> int:
@@ -195,36 +214,14 @@ def run_case(args, mesh, episode_spec, parallelism, dtype):
 
 
 def count_flops(args, mesh, episode_spec):
-  """FLOPs per device of the float32 step, CTX head in one chunk.
-
-  From the lowered (not compiled) step: the count needs no memory for the
-  one-chunk head, which the paper's largest episode would not fit.
-  """
-  support, query, ways, size = episode_spec
+  """FLOPs per device of the float32 step, CTX head in one chunk."""
+  _, query, ways, size = episode_spec
   local_queries = -(-query // mesh.size)
   config = make_config(args, size, 'float32', 'shard_map',
                        chunk_size=local_queries)
-  episode = make_episode(episode_spec, mesh.size)
-  train_fn, _ = sharded_step.select_steps('shard_map', mesh)
-  model, optimizer = state_lib.abstract_train_state(config)
-  graphdef, state = nnx.split((model, optimizer))
-  wd = float(config.optimizer.weight_decay)
-
-  def pure(state, episode):
-    model, optimizer = nnx.merge(graphdef, state)
-    model.train()
-    return train_fn(model, optimizer, episode, ways, wd)
-
-  dev = mesh_lib.shard_episode(episode, mesh, step_lib.MODEL_INPUT_KEYS)
-  with jax.set_mesh(mesh):
-    analysis = jax.jit(pure).lower(state, dev).cost_analysis()
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else None
-  if not analysis or 'flops' not in analysis:
-    return None
-  # The lowered module is the whole (global) step: per device under
-  # shard_map, the body is per device already.
-  return float(analysis['flops'])
+  episode = mesh_lib.shard_episode(make_episode(episode_spec, mesh.size),
+                                   mesh, step_lib.MODEL_INPUT_KEYS)
+  return lowered_flops(config, mesh, episode, ways)
 
 
 def parse_episodes(args):
