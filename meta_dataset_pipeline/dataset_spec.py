@@ -40,6 +40,8 @@ import json
 import os
 from typing import Any, Mapping, Sequence
 
+from meta_dataset_pipeline import files
+
 SPEC_FILENAME = "dataset_spec.json"
 # The converter writes this next to ILSVRC records (official default name).
 NUM_LEAF_IMAGES_FILENAME = "num_leaf_images.json"
@@ -102,7 +104,7 @@ class _FlatMixin:
 
   def class_file(self, class_id: int) -> str:
     """Path of the TFRecord file of absolute class `class_id`."""
-    return os.path.join(self.path, self.file_pattern.format(class_id))
+    return files.join(self.path, self.file_pattern.format(class_id))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -440,8 +442,7 @@ def _hierarchical(r: _Reader, dct, path: str,
 
 def _read_json(filename: str):
   try:
-    with open(filename, "r", encoding="utf-8") as f:
-      return json.load(f)
+    return json.loads(files.read_text(filename))
   except json.JSONDecodeError as e:
     raise SpecError(f"{filename}: not valid JSON ({e})") from None
 
@@ -468,12 +469,12 @@ def load_dataset_spec(path, num_leaf_images_path=None) -> AnySpec:
     SpecError: the spec is malformed (the message names file and key).
   """
   path = os.fspath(path)
-  if os.path.isdir(path):
-    filename = os.path.join(path, SPEC_FILENAME)
+  if files.isdir(path):
+    filename = files.join(path, SPEC_FILENAME)
     folder = path
   else:
-    filename, folder = path, os.path.dirname(path)
-  if not os.path.isfile(filename):
+    filename, folder = path, files.dirname(path)
+  if not files.isfile(filename):
     raise FileNotFoundError(
         f"no dataset spec: {filename} does not exist (expected a records "
         f"folder holding {SPEC_FILENAME}, or a spec file)")
@@ -490,11 +491,11 @@ def load_dataset_spec(path, num_leaf_images_path=None) -> AnySpec:
       # Records folders hold `num_leaf_images.json`; the official canonical
       # specs sit next to `<name>_num_leaf_images.json`.
       base = os.path.basename(filename)
-      candidates = [os.path.join(folder, NUM_LEAF_IMAGES_FILENAME)]
+      candidates = [files.join(folder, NUM_LEAF_IMAGES_FILENAME)]
       if base.endswith("_" + SPEC_FILENAME):
-        candidates.append(os.path.join(folder, base[:-len(SPEC_FILENAME)]
+        candidates.append(files.join(folder, base[:-len(SPEC_FILENAME)]
                                        + NUM_LEAF_IMAGES_FILENAME))
-      leaf_file = next((c for c in candidates if os.path.isfile(c)), None)
+      leaf_file = next((c for c in candidates if files.isfile(c)), None)
     leaf_counts = None
     if leaf_file is not None:
       leaf_counts = _read_json(os.fspath(leaf_file))

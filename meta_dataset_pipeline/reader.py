@@ -18,22 +18,26 @@ How it is done differs, for speed and memory: upstream builds one
 `TFRecordDataset` + `shuffle` per class (about 20 ms each to build, so tens
 of seconds for ImageNet, and up to 1000 buffered records per class), reads
 flushed records to throw them away, and pads every episode with placeholder
-pulls. Here every class file of the split is indexed when the pipeline is
-built (record offsets from the 12-byte record headers, so a record count
-that differs from the spec's fails at once), and verified once, when first
-used (one pass of TF's random-access record reader checks every CRC); the
-shuffle is done on record
-*indices* in numpy, and only the records an episode keeps are read, by
-offset, with plain buffered I/O (at most 256 files open at a time).
+pulls. Here start-up does not depend on the number of records: when the
+pipeline is built, every class file of the split is only checked cheaply
+(`check_class_files`: it exists, has room for the spec's count, ends with
+a complete record). A class file is indexed when the class is first
+sampled (record offsets from the 12-byte record headers; a record count
+that differs from the spec's fails then), and every record's CRCs are
+verified when it is read. The shuffle is done on record *indices* in numpy,
+and only the records an episode keeps are read, by offset (at most 256
+files open at a time). Files are opened through `files`, so records may
+sit on any `tf.io.gfile` file system (`gs://`, ...).
 
-Bad data fails loudly, naming the file: a missing class file, a truncated
-file or a record count that differs from the spec's (these three when the
-pipeline is built), a corrupt record, an image that is not one (when read).
-An image whose bytes look fine but fail to decode is named by
-`decoder.decode_rows`.
+Bad data fails loudly, naming the file: a missing class file or one cut
+off at a random byte (when the pipeline is built), a record count that
+differs from the spec's (when the class is first sampled), a corrupt
+record, an image that is not one (when read). An image whose bytes look
+fine but fail to decode is named by `decoder.decode_rows`.
 """
 
 import collections
+import concurrent.futures
 import dataclasses
 import functools
 import os
@@ -45,13 +49,9 @@ import numpy as np
 
 from meta_dataset_pipeline import dataset_spec as spec_lib
 from meta_dataset_pipeline import decoder
+from meta_dataset_pipeline import files
+from meta_dataset_pipeline import records_writer
 from meta_dataset_pipeline import sampling
-
-try:  # TF's random-access reader verifies CRCs; private but stable in 2.x.
-  from tensorflow.python.lib.io import _pywrap_record_io  # pylint: disable=g-import-not-at-top
-  _RandomRecordReader = _pywrap_record_io.RandomRecordReader
-except (ImportError, AttributeError):  # pragma: no cover
-  _RandomRecordReader = None
 
 DEFAULT_SHUFFLE_BUFFER_SIZE = 1000
 # TFRecord framing: uint64 length, uint32 masked CRC of the length, data,
@@ -67,15 +67,27 @@ class RecordError(ValueError):
   """A class record file that does not match its spec or is damaged."""
 
 
-def check_class_files(spec, split) -> list[str]:
-  """Paths of the class files of `split`, checked against the spec.
+# The smallest record (empty data) takes 16 bytes, so a file that holds the
+# spec's count of records has at least 16 bytes per record.
+MIN_RECORD_BYTES = _HEADER_BYTES + _FOOTER_BYTES
+# `check_class_files` reads this much of a file's end first to find its
+# last record, growing the window 8x until it holds the record.
+_TAIL_BYTES = 64 << 10
+_MAX_TAIL_BYTES = 16 << 20
+# Threads that stat class files: on an object store each stat is a request
+# (tens of ms), on a local disk a few microseconds.
+_CHECK_THREADS = 32
 
-  Every file must exist and hold as many records as the spec lists for its
-  class. The record count comes from the record headers only
-  (`index_records`, cached per file, so later checks and readers reuse it):
-  about 0.2 s for 1000 files of 100 records in the page cache (measured on
-  a loaded 2-core machine; see `benchmarks/RESULTS.md`). Record CRCs are
-  checked later, when a class is first read.
+
+def check_class_files(spec, split) -> list[str]:
+  """Paths of the class files of `split`, cheaply checked against the spec.
+
+  Cost independent of the number of records: per file one stat and one
+  read of its last record (in parallel threads, as on an object store each
+  is a request). Every file must exist, have room for the spec's count of
+  records, and end with a complete record (a file cut off at a random byte
+  does not). The exact record count and the CRCs are checked later, when a
+  class is first used (`ClassStream`).
 
   Args:
     spec: a dataset spec.
@@ -87,27 +99,86 @@ def check_class_files(spec, split) -> list[str]:
   Raises:
     FileNotFoundError: the records folder or a class file is missing.
     NotImplementedError: sharded files (`{}_{}.tfrecords`), as upstream.
-    RecordError: a file is truncated or holds a different number of records
-      than the spec lists for its class.
+    RecordError: a file is too small for the spec's count, or truncated.
   """
   if spec.file_pattern not in spec_lib.SUPPORTED_FILE_PATTERNS:
     raise NotImplementedError(
         f"{spec.name}: file_pattern {spec.file_pattern!r} (sharded class "
         "files) is not supported; one file per class is expected")
-  if not os.path.isdir(spec.path):
+  if not files.isdir(spec.path):
     raise FileNotFoundError(
         f"records folder of '{spec.name}' not found: {spec.path}")
-  paths = [spec.class_file(c) for c in spec.get_classes(split)]
-  missing = [p for p in paths if not os.path.isfile(p)]
+  classes = spec.get_classes(split)
+  paths = [spec.class_file(c) for c in classes]
+
+  def check(path_and_class):
+    path, class_id = path_and_class
+    try:
+      _check_file(path, spec.get_total_images_per_class(class_id), class_id)
+    except (FileNotFoundError, RecordError) as e:
+      return e
+    return None
+
+  with concurrent.futures.ThreadPoolExecutor(
+      max(1, min(_CHECK_THREADS, len(paths)))) as pool:
+    problems = list(pool.map(check, zip(paths, classes)))
+  missing = [p for p, e in zip(paths, problems)
+             if isinstance(e, FileNotFoundError)]
   if missing:
     split_name = spec_lib.as_split(split).name
     raise FileNotFoundError(
         f"{len(missing)} class record files of '{spec.name}' ({split_name}) "
         f"are missing, e.g. {', '.join(missing[:3])}")
-  for path, class_id in zip(paths, spec.get_classes(split)):
-    check_record_count(path, spec.get_total_images_per_class(class_id),
-                       class_id)
+  bad = [e for e in problems if e is not None]
+  if bad:
+    raise bad[0]
   return paths
+
+
+def _check_file(path: str, num_records: int, class_id: int):
+  """Size and last-record check of one class file (see check_class_files)."""
+  size = files.stat(path).size
+  if size < num_records * MIN_RECORD_BYTES:
+    raise RecordError(
+        f"{path}: {size} bytes cannot hold the {num_records} records the "
+        f"spec lists for class {class_id} (truncated?)")
+  if not size:
+    return
+  window = min(size, _TAIL_BYTES)
+  with files.open_binary(path) as f:
+    while True:
+      f.seek(size - window)
+      if _last_record_start(f.read(window)) is not None:
+        return
+      if window == size or window >= _MAX_TAIL_BYTES:
+        break
+      window = min(size, window * 8)
+  if window < size:  # A record larger than the window, or damage: exact.
+    index_records(path)
+  raise RecordError(
+      f"{path}: the file of class {class_id} does not end with a complete "
+      "record (truncated or corrupt)")
+
+
+def _last_record_start(tail: bytes) -> "int | None":
+  """Offset in `tail` of a record that ends exactly at its end, if any.
+
+  A record at offset `o` of an `n`-byte tail ends there when its length
+  field equals `n - o - 16`; its masked length CRC confirms the header.
+  """
+  n = len(tail)
+  if n < MIN_RECORD_BYTES:
+    return None
+  b = np.frombuffer(tail, np.uint8).astype(np.uint64)
+  m = n - MIN_RECORD_BYTES + 1  # Candidate offsets 0..m-1.
+  length = np.zeros(m, np.uint64)
+  for k in range(8):
+    length |= b[k:k + m] << np.uint64(8 * k)
+  want = np.arange(n - MIN_RECORD_BYTES, -1, -1, dtype=np.uint64)
+  for o in np.flatnonzero(length == want)[::-1].tolist():
+    if records_writer.masked_crc(tail[o:o + 8]) == tail[o + 8:o + 12]:
+      return o
+  return None
 
 
 def check_record_count(path: str, num_records: int,
@@ -138,8 +209,9 @@ _INDEX_CACHE = {}
 
 def index_records_cached(path: str) -> np.ndarray:
   """`index_records`, remembered per (path, size, modification time)."""
-  st = os.stat(path)
-  key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+  st = files.stat(path)
+  key = (path if files.is_url(path) else os.path.abspath(path), st.size,
+         st.mtime_ns)
   offsets = _INDEX_CACHE.get(key)
   if offsets is None:
     offsets = index_records(path)
@@ -151,7 +223,7 @@ def index_records(path: str) -> np.ndarray:
   """Byte offsets of the records of a TFRecord file (headers only).
 
   Args:
-    path: an uncompressed TFRecord file.
+    path: an uncompressed TFRecord file (local or a `tf.io.gfile` URL).
 
   Returns:
     int64 array of record start offsets.
@@ -160,8 +232,8 @@ def index_records(path: str) -> np.ndarray:
     RecordError: the file is truncated.
   """
   offsets = []
-  size = os.path.getsize(path)
-  with open(path, "rb") as f:
+  size = files.stat(path).size
+  with files.open_binary(path) as f:
     if size <= _READ_WHOLE_BYTES:  # One read beats a seek per record.
       data = f.read()
       header_at = lambda offset: data[offset:offset + _HEADER_BYTES]
@@ -186,12 +258,27 @@ def index_records(path: str) -> np.ndarray:
   return np.array(offsets, dtype=np.int64)
 
 
-def _read_plain(f, offset):
-  """The data of the record at `offset` (CRCs were checked on opening)."""
+def read_record(f, offset: int) -> bytes:
+  """The data of the record at `offset` of file `f`, CRCs verified.
+
+  Raises:
+    ValueError: the record is cut short or a CRC does not match (the
+      caller names file and record).
+  """
   f.seek(offset)
   header = f.read(_HEADER_BYTES)
-  (length,) = struct.unpack("<Q", header[:8])
-  return f.read(length)
+  if len(header) < _HEADER_BYTES:
+    raise ValueError("truncated record header")
+  if records_writer.masked_crc(header[:8]) != header[8:]:
+    raise ValueError("length CRC mismatch")
+  (length,) = _LENGTH.unpack_from(header)
+  data = f.read(length)
+  footer = f.read(_FOOTER_BYTES)
+  if len(footer) < _FOOTER_BYTES:
+    raise ValueError("record cut short by the end of the file")
+  if records_writer.masked_crc(data) != footer:
+    raise ValueError("data CRC mismatch")
+  return data
 
 
 def buffer_shuffle_order(num: int, buffer_size: int,
@@ -277,25 +364,9 @@ class ClassStream:
 
   def ensure_open(self):
     """Indexes the file (once) and checks its record count."""
-    if self._offsets is not None:
-      return
-    offsets = check_record_count(self.path, self.num_records, self.class_id)
-    if _RandomRecordReader is not None:
-      # One sequential pass with TF's reader checks every record's CRCs;
-      # later reads use plain buffered I/O, several times faster than TF's
-      # reader when called from a tf.data generator thread.
-      verifier = _RandomRecordReader(self.path)
-      try:
-        for i, offset in enumerate(offsets):
-          try:
-            verifier.read(int(offset))
-          except Exception as e:  # TF raises DataLossError and friends.
-            raise RecordError(
-                f"{self.path}: record {i} (byte {offset}) of class "
-                f"{self.class_id} is corrupt: {e}") from None
-      finally:
-        verifier.close()
-    self._offsets = offsets
+    if self._offsets is None:
+      self._offsets = check_record_count(self.path, self.num_records,
+                                         self.class_id)
 
   def close(self):
     """Closes the file; the next read reopens it."""
@@ -326,13 +397,19 @@ class ClassStream:
     return picked, flushed
 
   def read(self, index: int) -> bytes:
-    """The serialized record number `index` of the file."""
+    """The serialized record number `index` of the file, CRCs verified."""
     self.ensure_open()
     if self._open_files is not None:
       self._open_files.touch(self)
     if self._reader is None:
-      self._reader = open(self.path, "rb")  # pylint: disable=consider-using-with
-    return _read_plain(self._reader, int(self._offsets[index]))
+      self._reader = files.open_binary(self.path)
+    offset = int(self._offsets[index])
+    try:
+      return read_record(self._reader, offset)
+    except ValueError as e:
+      raise RecordError(
+          f"{self.path}: record {index} (byte {offset}) of class "
+          f"{self.class_id} is corrupt: {e}") from None
 
   def read_image(self, index: int) -> bytes:
     """The encoded image of record `index`, checked (see `decoder`).
@@ -343,8 +420,9 @@ class ClassStream:
     if self.cached is not None and self.cached(self.class_id, index):
       return b""
     where = f"{self.path}: record {index} of class {self.class_id}"
+    record = self.read(index)
     try:
-      image, label = decoder.parse_record(self.read(index))
+      image, label = decoder.parse_record(record)
     except ValueError as e:
       raise RecordError(f"{where}: {e}") from None
     if label != self.class_id:
@@ -523,9 +601,6 @@ class BatchReader:
       raise ValueError(f"split {spec_lib.as_split(split).name} of "
                        f"'{spec.name}' has no images")
     self._buffer = shuffle_buffer_size
-    for s in self._streams:
-      if s.num_records:
-        s.ensure_open()
 
   def epoch(self):
     """(class index, record index) pairs of one epoch, in order."""
@@ -562,3 +637,26 @@ class BatchReader:
       for c, i in self.epoch():
         stream = self._streams[c]
         yield stream.read_image(int(i)), stream.class_id, int(i)
+
+
+def check_sources(specs, splits=("TRAIN", "VALID", "TEST")):
+  """`check_class_files` for every split of every source a run will use.
+
+  Meant for the start of a run, before anything is written: a missing or
+  truncated class file of any split (say a test class, otherwise first
+  read after training) fails at once, naming the file. Costs one stat and
+  one small tail read per class file, whatever the number of records.
+
+  Args:
+    specs: dataset specs (one or a sequence).
+    splits: split names or `Split`s to check.
+
+  Raises:
+    FileNotFoundError: a records folder or class file is missing.
+    RecordError: a class file is too small for its spec or truncated.
+  """
+  if not isinstance(specs, Sequence):
+    specs = [specs]
+  for spec in specs:
+    for split in splits:
+      check_class_files(spec, split)

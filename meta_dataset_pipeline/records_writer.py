@@ -131,7 +131,8 @@ def crc32c(data: bytes) -> int:
   return _crc32c_python(data)
 
 
-def _masked_crc(data: bytes) -> bytes:
+def masked_crc(data: bytes) -> bytes:
+  """The 4 CRC bytes TFRecord framing stores for `data`."""
   # TFRecord stores a rotated, offset CRC (so that CRCs of CRCs are not
   # trivially zero), little-endian.
   crc = crc32c(data)
@@ -142,7 +143,7 @@ def _masked_crc(data: bytes) -> bytes:
 def tfrecord_frame(data: bytes) -> bytes:
   """One TFRecord: length, its masked CRC, the data, the data's CRC."""
   length = struct.pack("<Q", len(data))
-  return length + _masked_crc(length) + data + _masked_crc(data)
+  return length + masked_crc(length) + data + masked_crc(data)
 
 
 def _varint(value: int) -> bytes:
