@@ -35,6 +35,7 @@ _EXPORTS = {
     "make_multisource_episode_dataset": "pipeline",
     "make_one_source_episode_dataset": "pipeline",
     "RecordError": "reader",
+    "check_sources": "reader",
     "EpisodeDescription": "sampling",
     "EpisodeDescriptionConfig": "sampling",
     "EpisodeDescriptionSampler": "sampling",

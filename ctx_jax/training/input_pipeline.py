@@ -7,7 +7,6 @@ TensorFlow); the model and the train step never do.
 import dataclasses
 import functools
 import os
-import pathlib
 from typing import Iterator, Sequence
 
 import jax
@@ -17,22 +16,51 @@ import numpy as np
 import meta_dataset_pipeline as mdp
 from ctx_jax.data import augment
 
-def source_dir(records_root: str, source: str) -> pathlib.Path:
-  """`<records_root>/<source>`, with a clear error when it is missing."""
+def source_dir(records_root: str, source: str) -> str:
+  """`<records_root>/<source>`, with a clear error when it is missing.
+
+  `records_root` may be any path `tf.io.gfile` accepts (`gs://bucket/md`).
+  """
   if not records_root:
     raise FileNotFoundError(
         "config.data.records_root is empty: set it to the folder holding one "
         "folder of Meta-Dataset records per source")
-  path = pathlib.Path(records_root) / source
-  if not path.is_dir():
+  records_root = os.fspath(records_root)
+  path = mdp.files.join(records_root, source)
+  if not mdp.files.isdir(path):
+    shown = path if mdp.files.is_url(path) else os.path.abspath(path)
     raise FileNotFoundError(
-        f"records of source '{source}' not found: {os.path.abspath(path)} is "
+        f"records of source '{source}' not found: {shown} is "
         "not a directory (check config.data.records_root and the sources)")
   return path
 
 
 def load_specs(records_root: str, sources: Sequence[str]):
   return [mdp.load_dataset_spec(source_dir(records_root, s)) for s in sources]
+
+
+def check_records(records_root: str, sources_by_split: dict[str, Sequence[str]]
+                  ) -> None:
+  """Cheap check of every class file a run will read, before it starts.
+
+  Args:
+    records_root: `config.data.records_root`.
+    sources_by_split: split name ("TRAIN", "VALID", "TEST") -> the sources
+      the run reads that split of (e.g. train sources for TRAIN and VALID,
+      test sources for TEST).
+
+  Raises:
+    FileNotFoundError: a source folder, spec or class file is missing.
+    mdp.RecordError: a class file is too small for its spec or truncated.
+    mdp.SpecError: a spec is malformed.
+  """
+  specs = {}
+  for split, sources in sources_by_split.items():
+    for source in sources:
+      if source not in specs:
+        specs[source] = mdp.load_dataset_spec(source_dir(records_root,
+                                                         source))
+      mdp.check_sources([specs[source]], [split])
 
 
 def episode_description_config(cfg: ml_collections.ConfigDict

@@ -1,0 +1,144 @@
+"""Records on non-local file systems, start-up cost, and start-up checks."""
+
+import itertools
+import shutil
+import uuid
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import meta_dataset_pipeline as mdp
+from meta_dataset_pipeline import records_writer
+from meta_dataset_pipeline import reader
+
+SIZE = 16
+CFG = mdp.EpisodeDescriptionConfig(num_ways=5, num_support=2, num_query=2)
+
+
+@pytest.fixture(scope="module")
+def dtd_dir(shared_dir):
+  return shared_dir / "fixtures" / "md_records" / "dtd"
+
+
+def _copy(src, tmp_path):
+  target = tmp_path / "dtd"
+  shutil.copytree(src, target)
+  for path in target.iterdir():
+    path.chmod(0o644)
+  return target
+
+
+def _episodes(spec, split, num):
+  ds = mdp.make_one_source_episode_dataset(spec, split, CFG, SIZE, seed=3)
+  return list(itertools.islice(ds.as_numpy_iterator(), num))
+
+
+def test_records_on_ram_file_system_give_the_local_episodes(dtd_dir):
+  # `ram://` is a non-local file system TF registers in every build; a
+  # `gs://` bucket goes through the same `tf.io.gfile` calls.
+  root = f"ram://records-{uuid.uuid4().hex}/dtd"
+  tf.io.gfile.makedirs(root)
+  for path in dtd_dir.iterdir():
+    tf.io.gfile.copy(str(path), f"{root}/{path.name}")
+  remote = mdp.load_dataset_spec(root)
+  assert remote.path == root
+  assert remote.class_file(40) == f"{root}/40.tfrecords"
+  mdp.check_sources([remote])
+  local = mdp.load_dataset_spec(dtd_dir)
+  for split in ("TRAIN", "TEST"):
+    for got, want in zip(_episodes(remote, split, 2),
+                         _episodes(local, split, 2)):
+      assert got.keys() == want.keys()
+      for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  tf.io.gfile.rmtree(root.rsplit("/", 1)[0])
+
+
+def test_building_the_pipeline_reads_no_record_index(dtd_dir, monkeypatch):
+  # Start-up must not scale with the number of records: no class file is
+  # indexed until its class is sampled.
+  indexed = []
+  real = reader.index_records
+  monkeypatch.setattr(reader, "index_records",
+                      lambda path: indexed.append(path) or real(path))
+  monkeypatch.setattr(reader, "_INDEX_CACHE", {})
+  spec = mdp.load_dataset_spec(dtd_dir)
+  ds = mdp.make_one_source_episode_dataset(spec, "TRAIN", CFG, SIZE, seed=0)
+  assert not indexed
+  del ds
+  sampler = mdp.EpisodeDescriptionSampler(spec, "TRAIN", CFG, seed=0)
+  episodes = reader.EpisodeReader([reader.Source(spec, sampler.split,
+                                                 sampler)], seed=0)
+  assert not indexed
+  episode = episodes.plan_episode()  # Indexes exactly its 5 classes.
+  assert sorted(indexed) == sorted(
+      spec.class_file(c) for c in set(episode.class_ids.tolist()))
+
+
+def test_check_sources_names_a_truncated_or_missing_test_file(
+    dtd_dir, tmp_path):
+  target = _copy(dtd_dir, tmp_path)
+  spec = mdp.load_dataset_spec(target)
+  mdp.check_sources([spec], ["TRAIN", "VALID", "TEST"])
+  path = target / "45.tfrecords"  # A test class.
+  data = path.read_bytes()
+  for cut in (len(data) - 1, len(data) // 2, 100):
+    path.write_bytes(data[:cut])
+    with pytest.raises(mdp.RecordError, match=r"45\.tfrecords.*truncated"):
+      mdp.check_sources([spec], ["TRAIN", "VALID", "TEST"])
+    mdp.check_sources([spec], ["TRAIN", "VALID"])  # Only TEST is broken.
+  path.unlink()
+  with pytest.raises(FileNotFoundError, match=r"45\.tfrecords"):
+    mdp.check_sources([spec], ["TEST"])
+
+
+def test_tail_check_finds_a_last_record_larger_than_its_window(
+    tmp_path, monkeypatch):
+  monkeypatch.setattr(reader, "_TAIL_BYTES", 64)
+  rng = np.random.default_rng(0)
+  images = [rng.bytes(n) for n in (10, 3000, 700)]  # Last: 11x the window.
+  records_writer.write_class_records(str(tmp_path), 0, images)
+  path = str(tmp_path / "0.tfrecords")
+  reader._check_file(path, 3, 0)  # pylint: disable=protected-access
+  data = (tmp_path / "0.tfrecords").read_bytes()
+  (tmp_path / "0.tfrecords").write_bytes(data[:-5])
+  with pytest.raises(mdp.RecordError, match="does not end with a complete"):
+    reader._check_file(path, 3, 0)  # pylint: disable=protected-access
+  # Too small for the spec's count, whatever its content.
+  with pytest.raises(mdp.RecordError, match="cannot hold the 1000 records"):
+    reader._check_file(path, 1000, 0)  # pylint: disable=protected-access
+
+
+def test_every_read_verifies_the_record_crc(tmp_path):
+  records_writer.write_class_records(str(tmp_path), 7, [b"a" * 50] * 4)
+  path = tmp_path / "7.tfrecords"
+  data = bytearray(path.read_bytes())
+  offsets = reader.index_records(str(path))
+  data[offsets[2] + 30] ^= 1  # Inside record 2's data.
+  path.write_bytes(bytes(data))
+  stream = reader.ClassStream(str(path), 4, 7, np.random.default_rng(0), 0)
+  assert stream.read(1) == records_writer.serialize_example(b"a" * 50, 7)
+  with pytest.raises(mdp.RecordError,
+                     match=rf"7\.tfrecords: record 2 \(byte {offsets[2]}\) "
+                     "of class 7 is corrupt: data CRC mismatch"):
+    stream.read(2)
+  stream.close()
+
+
+def test_input_pipeline_checks_every_split_before_a_run(dtd_dir, tmp_path):
+  from ctx_jax.training import input_pipeline  # pylint: disable=g-import-not-at-top
+  target = _copy(dtd_dir, tmp_path)
+  by_split = {"TRAIN": ["dtd"], "VALID": ["dtd"], "TEST": ["dtd"]}
+  input_pipeline.check_records(str(tmp_path), by_split)
+  path = target / "46.tfrecords"
+  path.write_bytes(path.read_bytes()[:-10])
+  with pytest.raises(mdp.RecordError, match=r"dtd/46\.tfrecords"):
+    input_pipeline.check_records(str(tmp_path), by_split)
+  with pytest.raises(FileNotFoundError, match="records of source 'nope'"):
+    input_pipeline.check_records(str(tmp_path), {"TEST": ["nope"]})
+  # A URL root keeps its scheme (pathlib would make `ram:/x` of it).
+  root = f"ram://root-{uuid.uuid4().hex}"
+  tf.io.gfile.makedirs(f"{root}/dtd")
+  assert input_pipeline.source_dir(root, "dtd") == f"{root}/dtd"
+  tf.io.gfile.rmtree(root)
