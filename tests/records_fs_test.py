@@ -142,3 +142,23 @@ def test_input_pipeline_checks_every_split_before_a_run(dtd_dir, tmp_path):
   tf.io.gfile.makedirs(f"{root}/dtd")
   assert input_pipeline.source_dir(root, "dtd") == f"{root}/dtd"
   tf.io.gfile.rmtree(root)
+
+
+def test_ilsvrc_replica_has_the_official_structure(shared_dir, tmp_path):
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, "benchmarks")
+  try:
+    import replica_data  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.remove("benchmarks")
+  official = mdp.load_dataset_spec(replica_data.DEFAULT_SPEC)
+  summary = replica_data.write_replica(tmp_path / "r", fraction=0.002)
+  replica = mdp.load_dataset_spec(tmp_path / "r")  # Checks the DAG counts.
+  for split in mdp.Split:
+    assert (replica.split_subgraphs[split].leaves ==
+            official.split_subgraphs[split].leaves)
+  counts = [replica.get_total_images_per_class(c) for c in range(1000)]
+  assert counts == [max(1, round(official.get_total_images_per_class(c)
+                                 * 0.002)) for c in range(1000)]
+  assert summary["records"] == sum(counts) and summary["classes"] == 1000
+  mdp.check_sources([replica])
