@@ -135,9 +135,22 @@ def check_class_files(spec, split) -> list[str]:
   return paths
 
 
+# (path, size, mtime, count) of files that passed `_check_file`: the
+# pipeline's builders check the same files again.
+_CHECKED = set()
+
+
 def _check_file(path: str, num_records: int, class_id: int):
   """Size and last-record check of one class file (see check_class_files)."""
-  size = files.stat(path).size
+  st = files.stat(path)
+  key = (path, st.size, st.mtime_ns, num_records)
+  if key not in _CHECKED:
+    _check_file_uncached(path, st.size, num_records, class_id)
+    _CHECKED.add(key)
+
+
+def _check_file_uncached(path: str, size: int, num_records: int,
+                         class_id: int):
   if size < num_records * MIN_RECORD_BYTES:
     raise RecordError(
         f"{path}: {size} bytes cannot hold the {num_records} records the "
@@ -165,18 +178,19 @@ def _last_record_start(tail: bytes) -> "int | None":
 
   A record at offset `o` of an `n`-byte tail ends there when its length
   field equals `n - o - 16`; its masked length CRC confirms the header.
+  Candidates are first narrowed, in numpy, to offsets whose length field
+  has its 4 high bytes zero (records are under 4 GiB).
   """
   n = len(tail)
   if n < MIN_RECORD_BYTES:
     return None
-  b = np.frombuffer(tail, np.uint8).astype(np.uint64)
+  b = np.frombuffer(tail, np.uint8)
   m = n - MIN_RECORD_BYTES + 1  # Candidate offsets 0..m-1.
-  length = np.zeros(m, np.uint64)
-  for k in range(8):
-    length |= b[k:k + m] << np.uint64(8 * k)
-  want = np.arange(n - MIN_RECORD_BYTES, -1, -1, dtype=np.uint64)
-  for o in np.flatnonzero(length == want)[::-1].tolist():
-    if records_writer.masked_crc(tail[o:o + 8]) == tail[o + 8:o + 12]:
+  high_zero = ((b[4:4 + m] == 0) & (b[5:5 + m] == 0) & (b[6:6 + m] == 0)
+               & (b[7:7 + m] == 0))
+  for o in np.flatnonzero(high_zero)[::-1].tolist():
+    if (_LENGTH.unpack_from(tail, o)[0] == n - o - MIN_RECORD_BYTES and
+        records_writer.masked_crc(tail[o:o + 8]) == tail[o + 8:o + 12]):
       return o
   return None
 
