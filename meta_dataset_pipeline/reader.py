@@ -59,8 +59,11 @@ DEFAULT_SHUFFLE_BUFFER_SIZE = 1000
 _HEADER_BYTES = 12
 _FOOTER_BYTES = 4
 _LENGTH = struct.Struct("<Q")
-# `index_records` reads files up to this size whole, larger ones by seeking.
+# `index_records` reads files up to this size whole, larger ones by seeking
+# to each record header, or, on a URL file system, in windows of this size
+# (a bucket serves few large reads far faster than many small ones).
 _READ_WHOLE_BYTES = 4 << 20
+_URL_INDEX_WINDOW_BYTES = 16 << 20
 
 
 class RecordError(ValueError):
@@ -247,14 +250,23 @@ def index_records(path: str) -> np.ndarray:
   """
   offsets = []
   size = files.stat(path).size
+  if size <= _READ_WHOLE_BYTES:  # One read beats a seek per record.
+    window = size
+  elif files.is_url(path):  # Few large reads: each read is a request.
+    window = _URL_INDEX_WINDOW_BYTES
+  else:  # Local: a seek and a 12-byte read per record, cheap.
+    window = _HEADER_BYTES
   with files.open_binary(path) as f:
-    if size <= _READ_WHOLE_BYTES:  # One read beats a seek per record.
-      data = f.read()
-      header_at = lambda offset: data[offset:offset + _HEADER_BYTES]
-    else:
-      def header_at(offset):
+    buf, buf_start = b"", 0
+
+    def header_at(offset):
+      nonlocal buf, buf_start
+      if not (buf_start <= offset and
+              offset + _HEADER_BYTES <= buf_start + len(buf)):
         f.seek(offset)
-        return f.read(_HEADER_BYTES)
+        buf, buf_start = f.read(window), offset
+      return buf[offset - buf_start:offset - buf_start + _HEADER_BYTES]
+
     offset = 0
     while offset < size:
       header = header_at(offset)

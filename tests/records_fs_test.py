@@ -162,3 +162,17 @@ def test_ilsvrc_replica_has_the_official_structure(shared_dir, tmp_path):
                                  * 0.002)) for c in range(1000)]
   assert summary["records"] == sum(counts) and summary["classes"] == 1000
   mdp.check_sources([replica])
+
+
+def test_index_of_a_url_file_read_in_windows(dtd_dir, monkeypatch):
+  local = str(dtd_dir / "0.tfrecords")
+  remote = f"ram://index-{uuid.uuid4().hex}/0.tfrecords"
+  tf.io.gfile.copy(local, remote)
+  want = reader.index_records(local)
+  # Windows smaller than one record, then spanning several records.
+  for window in (13, 5000, 60000):
+    monkeypatch.setattr(reader, "_READ_WHOLE_BYTES", 1000)
+    monkeypatch.setattr(reader, "_URL_INDEX_WINDOW_BYTES", window)
+    np.testing.assert_array_equal(reader.index_records(remote), want)
+    np.testing.assert_array_equal(reader.index_records(local), want)
+  tf.io.gfile.remove(remote)
