@@ -4,6 +4,7 @@ import itertools
 import shutil
 import uuid
 
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -135,6 +136,13 @@ def test_input_pipeline_checks_every_split_before_a_run(dtd_dir, tmp_path):
   path.write_bytes(path.read_bytes()[:-10])
   with pytest.raises(mdp.RecordError, match=r"dtd/46\.tfrecords"):
     input_pipeline.check_records(str(tmp_path), by_split)
+  config = ml_collections.ConfigDict({"data": {
+      "records_root": str(tmp_path), "train_sources": ("dtd",),
+      "valid_sources": ("dtd",), "test_sources": ()}})
+  input_pipeline.check_run_records(config)  # 46 is a test class.
+  config.data.test_sources = ("dtd",)
+  with pytest.raises(mdp.RecordError, match=r"dtd/46\.tfrecords"):
+    input_pipeline.check_run_records(config)
   with pytest.raises(FileNotFoundError, match="records of source 'nope'"):
     input_pipeline.check_records(str(tmp_path), {"TEST": ["nope"]})
   # A URL root keeps its scheme (pathlib would make `ram:/x` of it).

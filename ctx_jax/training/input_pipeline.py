@@ -63,6 +63,21 @@ def check_records(records_root: str, sources_by_split: dict[str, Sequence[str]]
       mdp.check_sources([specs[source]], [split])
 
 
+def check_run_records(config: ml_collections.ConfigDict) -> None:
+  """`check_records` for every split a training run reads.
+
+  TRAIN of `config.data.train_sources`, VALID of `valid_sources` and TEST
+  of `test_sources`: call it before the run creates or writes anything, so
+  that a missing or truncated class file of any of them (a test class,
+  otherwise first read after training) stops the run at once.
+  """
+  data = config.data
+  check_records(data.records_root, {
+      "TRAIN": tuple(data.train_sources),
+      "VALID": tuple(data.get("valid_sources", ())),
+      "TEST": tuple(data.get("test_sources", ()))})
+
+
 def episode_description_config(cfg: ml_collections.ConfigDict
                                ) -> "mdp.EpisodeDescriptionConfig":
   return mdp.EpisodeDescriptionConfig(**cfg.to_dict())
