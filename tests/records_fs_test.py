@@ -2,6 +2,8 @@
 
 import itertools
 import shutil
+import subprocess
+import sys
 import uuid
 
 import ml_collections
@@ -12,6 +14,7 @@ import tensorflow as tf
 import meta_dataset_pipeline as mdp
 from meta_dataset_pipeline import records_writer
 from meta_dataset_pipeline import reader
+from meta_dataset_pipeline import record_files
 
 SIZE = 16
 CFG = mdp.EpisodeDescriptionConfig(num_ways=5, num_support=2, num_query=2)
@@ -60,10 +63,10 @@ def test_building_the_pipeline_reads_no_record_index(dtd_dir, monkeypatch):
   # Start-up must not scale with the number of records: no class file is
   # indexed until its class is sampled.
   indexed = []
-  real = reader.index_records
-  monkeypatch.setattr(reader, "index_records",
+  real = record_files.index_records
+  monkeypatch.setattr(record_files, "index_records",
                       lambda path: indexed.append(path) or real(path))
-  monkeypatch.setattr(reader, "_INDEX_CACHE", {})
+  monkeypatch.setattr(record_files, "_INDEX_CACHE", {})
   spec = mdp.load_dataset_spec(dtd_dir)
   ds = mdp.make_one_source_episode_dataset(spec, "TRAIN", CFG, SIZE, seed=0)
   assert not indexed
@@ -96,19 +99,19 @@ def test_check_sources_names_a_truncated_or_missing_test_file(
 
 def test_tail_check_finds_a_last_record_larger_than_its_window(
     tmp_path, monkeypatch):
-  monkeypatch.setattr(reader, "_TAIL_BYTES", 64)
+  monkeypatch.setattr(record_files, "_TAIL_BYTES", 64)
   rng = np.random.default_rng(0)
   images = [rng.bytes(n) for n in (10, 3000, 700)]  # Last: 11x the window.
   records_writer.write_class_records(str(tmp_path), 0, images)
   path = str(tmp_path / "0.tfrecords")
-  reader._check_file(path, 3, 0)  # pylint: disable=protected-access
+  record_files._check_file(path, 3, 0)  # pylint: disable=protected-access
   data = (tmp_path / "0.tfrecords").read_bytes()
   (tmp_path / "0.tfrecords").write_bytes(data[:-5])
   with pytest.raises(mdp.RecordError, match="does not end with a complete"):
-    reader._check_file(path, 3, 0)  # pylint: disable=protected-access
+    record_files._check_file(path, 3, 0)  # pylint: disable=protected-access
   # Too small for the spec's count, whatever its content.
   with pytest.raises(mdp.RecordError, match="cannot hold the 1000 records"):
-    reader._check_file(path, 1000, 0)  # pylint: disable=protected-access
+    record_files._check_file(path, 1000, 0)  # pylint: disable=protected-access
 
 
 def test_every_read_verifies_the_record_crc(tmp_path):
@@ -153,7 +156,6 @@ def test_input_pipeline_checks_every_split_before_a_run(dtd_dir, tmp_path):
 
 
 def test_ilsvrc_replica_has_the_official_structure(shared_dir, tmp_path):
-  import sys  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, "benchmarks")
   try:
     import replica_data  # pylint: disable=g-import-not-at-top
@@ -179,8 +181,20 @@ def test_index_of_a_url_file_read_in_windows(dtd_dir, monkeypatch):
   want = reader.index_records(local)
   # Windows smaller than one record, then spanning several records.
   for window in (13, 5000, 60000):
-    monkeypatch.setattr(reader, "_READ_WHOLE_BYTES", 1000)
-    monkeypatch.setattr(reader, "_URL_INDEX_WINDOW_BYTES", window)
+    monkeypatch.setattr(record_files, "_READ_WHOLE_BYTES", 1000)
+    monkeypatch.setattr(record_files, "_URL_INDEX_WINDOW_BYTES", window)
     np.testing.assert_array_equal(reader.index_records(remote), want)
     np.testing.assert_array_equal(reader.index_records(local), want)
   tf.io.gfile.remove(remote)
+
+
+def test_start_up_check_needs_neither_tensorflow_nor_jax(dtd_dir):
+  # So `ctx-train` can run it with its other start-up checks, before
+  # TensorFlow and JAX load.
+  code = ("import sys; from meta_dataset_pipeline import dataset_spec, "
+          "record_files; record_files.check_sources([dataset_spec."
+          f"load_dataset_spec({str(dtd_dir)!r})]); "
+          "print('tensorflow' in sys.modules, 'jax' in sys.modules)")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                        text=True, check=True)
+  assert proc.stdout.split() == ["False", "False"]
