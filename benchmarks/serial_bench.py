@@ -1,7 +1,8 @@
 """Ceiling of the episode pipeline's serial part, and decode cost per image.
 
     python benchmarks/serial_bench.py --replicas DIR[,DIR] [--seconds 10]
-        [--sizes 84,224] [--output out.json]
+        [--sizes 84,224] [--read_threads 1,8] [--rounds 2] [--cold]
+        [--output out.json]
 
 The episode pipeline plans episodes and reads their records in one Python
 generator thread (`pipeline._episode_generator`: sample a description,
@@ -17,7 +18,10 @@ resizing and padding run in parallel `tf.data` map calls. This measures:
   map call and TF's thread pools limited to one thread;
 
 and projects the pipeline's rate on C cores as
-min(serial, (C - 1) / decode cost) images/s (one core runs the generator).
+min(serial, (C - 1) / decode cost) images/s (one core runs the generator),
+with the best serial rate measured. The generator reads each episode's
+records with `reader.DEFAULT_READ_THREADS` threads (one task per class);
+`--read_threads 1,8` compares serial reads with 8 threads.
 Run it on a replica of real-size JPEGs (`replica_data.py --natural
 500x375x16`) and of tiny ones. Training episodes of the official config
 (variable ways and shots, ILSVRC's DAG when the source has one).
@@ -32,14 +36,14 @@ import sys
 import time
 
 
-def _generator(spec):
+def _generator(spec, seed=0):
   """The pipeline's generator over TRAIN episodes, and its sources."""
   import meta_dataset_pipeline as mdp  # pylint: disable=g-import-not-at-top
   from meta_dataset_pipeline import padding  # pylint: disable=g-import-not-at-top
   from meta_dataset_pipeline import pipeline  # pylint: disable=g-import-not-at-top
   from meta_dataset_pipeline import reader  # pylint: disable=g-import-not-at-top
   # pylint: disable=protected-access
-  seed = [0, 0]
+  seed = [seed, 0]
   sources = pipeline._make_sources([spec], mdp.Split.TRAIN,
                                    mdp.EpisodeDescriptionConfig(), seed,
                                    None, None)
@@ -48,9 +52,24 @@ def _generator(spec):
       sources, seed, buckets, reader.DEFAULT_SHUFFLE_BUFFER_SIZE)(), sources
 
 
-def _serial(spec, seconds):
+def _evict(root):
+  """Drops the replica's files from the page cache (cold reads)."""
+  for entry in os.scandir(root):
+    fd = os.open(entry.path, os.O_RDONLY)
+    try:
+      os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+      os.close(fd)
+
+
+def _serial(spec, seconds, read_threads=None, cold=False, seed=0):
   """Generator-only rate: (episodes/s, images/s, images per episode)."""
-  gen, _ = _generator(spec)
+  from meta_dataset_pipeline import reader  # pylint: disable=g-import-not-at-top
+  if read_threads is not None:
+    reader.DEFAULT_READ_THREADS = read_threads
+  if cold:
+    _evict(spec.path)
+  gen, _ = _generator(spec, seed)
   for _ in range(20):  # Warm-up: first reads index the classes.
     next(gen)
   start, episodes, images = time.perf_counter(), 0, 0
@@ -92,16 +111,31 @@ def main(argv=None):
   p.add_argument("--seconds", type=float, default=10)
   p.add_argument("--sizes", default="84,224")
   p.add_argument("--cores", default="1,2,4,8,16,32,48,96")
+  p.add_argument("--read_threads", default="1,8",
+                 help="record-reading threads to compare")
+  p.add_argument("--rounds", type=int, default=2)
+  p.add_argument("--cold", action="store_true",
+                 help="evict the replica from the page cache before each "
+                 "serial run (posix_fadvise DONTNEED on its files only)")
   p.add_argument("--output")
   args = p.parse_args(argv)
   import meta_dataset_pipeline as mdp  # pylint: disable=g-import-not-at-top
   results = []
   for root in args.replicas.split(","):
     spec = mdp.load_dataset_spec(root)
-    eps, ips, per_episode = _serial(spec, args.seconds)
-    row = {"replica": root, "load_before": os.getloadavg(),
-           "serial_episodes_per_s": eps, "serial_images_per_s": ips,
-           "images_per_episode": per_episode}
+    row = {"replica": root, "load_before": os.getloadavg(), "serial": []}
+    # Rounds alternate the thread counts; each round a new seed (other
+    # records), `--cold` evicting the replica from the page cache first.
+    for r in range(args.rounds):
+      for threads in (int(t) for t in args.read_threads.split(",")):
+        eps, ips, per_episode = _serial(spec, args.seconds, threads,
+                                        args.cold, seed=r)
+        row["serial"].append({
+            "read_threads": threads, "round": r, "cold": args.cold,
+            "episodes_per_s": eps, "images_per_s": ips,
+            "images_per_episode": per_episode, "load": os.getloadavg()})
+        print(json.dumps(row["serial"][-1]), flush=True)
+    ips = max(x["images_per_s"] for x in row["serial"])
     for size in (int(s) for s in args.sizes.split(",")):
       us = _decode_cost(spec, size, args.seconds)
       row[f"decode_us_per_image_{size}"] = us

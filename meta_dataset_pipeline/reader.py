@@ -37,8 +37,10 @@ fine but fail to decode is named by `decoder.decode_rows`.
 """
 
 import collections
+import concurrent.futures
 import dataclasses
 import functools
+import threading
 import weakref
 from typing import Sequence
 
@@ -58,6 +60,8 @@ from meta_dataset_pipeline.record_files import index_records  # pylint: disable=
 from meta_dataset_pipeline.record_files import RecordError
 
 DEFAULT_SHUFFLE_BUFFER_SIZE = 1000
+# Threads reading an episode's records (see `EpisodeReader`).
+DEFAULT_READ_THREADS = 8
 
 
 def buffer_shuffle_order(num: int, buffer_size: int,
@@ -107,13 +111,18 @@ class OpenFiles:
   def __init__(self, limit: int = 256):
     self._limit = limit
     self._open = collections.OrderedDict()
+    self._lock = threading.Lock()
 
   def touch(self, stream: "ClassStream"):
-    self._open[id(stream)] = weakref.ref(stream)
-    self._open.move_to_end(id(stream))
-    while len(self._open) > self._limit:
-      _, oldest = self._open.popitem(last=False)
-      oldest = oldest()
+    with self._lock:
+      self._open[id(stream)] = weakref.ref(stream)
+      self._open.move_to_end(id(stream))
+      evicted = []
+      while len(self._open) > self._limit:
+        evicted.append(self._open.popitem(last=False)[1]())
+    # Closed outside this lock: `close` takes the stream's own lock, and a
+    # reader holding that one never waits for this one.
+    for oldest in evicted:
       if oldest is not None:
         oldest.close()
 
@@ -137,6 +146,9 @@ class ClassStream:
     self._order = np.zeros(0, dtype=np.int64)
     self._cursor = 0
     self._reader = None
+    # Reads of one class file are serialized (seek + read on one handle);
+    # reads of different classes run in parallel (`EpisodeReader`).
+    self._lock = threading.Lock()
     # Optional (class_id, index) -> bool: records whose decoded image is
     # cached downstream are not read (`EpisodeReader.skip_cached_reads`).
     self.cached = None
@@ -149,9 +161,13 @@ class ClassStream:
 
   def close(self):
     """Closes the file; the next read reopens it."""
-    if getattr(self, "_reader", None) is not None:
-      self._reader.close()
-      self._reader = None
+    lock = getattr(self, "_lock", None)
+    if lock is None:  # __init__ did not finish.
+      return
+    with lock:
+      if self._reader is not None:
+        self._reader.close()
+        self._reader = None
 
   def __del__(self):
     # Streams die with their (abandoned) tf.data iterator; close quietly.
@@ -180,11 +196,12 @@ class ClassStream:
     self.ensure_open()
     if self._open_files is not None:
       self._open_files.touch(self)
-    if self._reader is None:
-      self._reader = files.open_binary(self.path)
     offset = int(self._offsets[index])
     try:
-      return record_files.read_record(self._reader, offset)
+      with self._lock:
+        if self._reader is None:
+          self._reader = files.open_binary(self.path)
+        return record_files.read_record(self._reader, offset)
     except ValueError as e:
       raise RecordError(
           f"{self.path}: record {index} (byte {offset}) of class "
@@ -251,8 +268,17 @@ class EpisodeReader:
   """Samples descriptions and reads their records from the class streams."""
 
   def __init__(self, sources: Sequence[Source], seed,
-               shuffle_buffer_size: int = DEFAULT_SHUFFLE_BUFFER_SIZE):
+               shuffle_buffer_size: int = DEFAULT_SHUFFLE_BUFFER_SIZE,
+               read_threads: int | None = None):
     self.sources = list(sources)
+    if read_threads is None:
+      read_threads = DEFAULT_READ_THREADS
+    # Reads run in threads, one task per class of an episode: file reads
+    # release the GIL, so a cold disk or a bucket serves several at once.
+    self._pool = None
+    if read_threads > 1:
+      self._pool = concurrent.futures.ThreadPoolExecutor(
+          read_threads, thread_name_prefix="md-record-read")
     self._rng = np.random.default_rng(derive_seeds(seed, 1, count=2))
     self._streams = []
     open_files = OpenFiles()
@@ -335,9 +361,26 @@ class EpisodeReader:
     if rows is not None:
       wanted[:] = False
       wanted[np.asarray(rows, np.int64)] = True
-    images = [streams[c].read_image(int(i)) if w else b""
-              for c, i, w in zip(episode.class_ids.tolist(),
-                                 episode.record_index.tolist(), wanted)]
+    by_class = {}  # class id -> [(row, record index)], in row order.
+    for row, (c, i, w) in enumerate(zip(episode.class_ids.tolist(),
+                                        episode.record_index.tolist(),
+                                        wanted)):
+      if w:
+        by_class.setdefault(c, []).append((row, i))
+
+    def read_class(class_id, rows):
+      stream = streams[class_id]
+      return [(row, stream.read_image(i)) for row, i in rows]
+
+    if self._pool is None or len(by_class) < 2:
+      done = [read_class(c, rows) for c, rows in by_class.items()]
+    else:
+      done = [f.result() for f in [self._pool.submit(read_class, c, rows)
+                                   for c, rows in by_class.items()]]
+    images = [b""] * len(wanted)
+    for part in done:
+      for row, image in part:
+        images[row] = image
     return dataclasses.replace(episode, images=images)
 
   def next_episode(self) -> Episode:
