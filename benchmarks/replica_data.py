@@ -30,6 +30,10 @@ import pathlib
 import sys
 import time
 
+# This checkout's packages, not an installed copy's.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))
+
 import numpy as np
 from PIL import Image
 

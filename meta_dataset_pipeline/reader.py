@@ -60,8 +60,12 @@ from meta_dataset_pipeline.record_files import index_records  # pylint: disable=
 from meta_dataset_pipeline.record_files import RecordError
 
 DEFAULT_SHUFFLE_BUFFER_SIZE = 1000
-# Threads reading an episode's records (see `EpisodeReader`).
-DEFAULT_READ_THREADS = 8
+# Threads reading an episode's records from URL file systems (buckets),
+# where each read waits on a request (see `EpisodeReader`). Local files are
+# read serially: with the page cache warm, threads only contend for the GIL
+# (12% slower on 127 KB records; 1.3-1.7x faster on a cold disk; see
+# `benchmarks/RESULTS.md`).
+DEFAULT_URL_READ_THREADS = 8
 
 
 def buffer_shuffle_order(num: int, buffer_size: int,
@@ -270,11 +274,21 @@ class EpisodeReader:
   def __init__(self, sources: Sequence[Source], seed,
                shuffle_buffer_size: int = DEFAULT_SHUFFLE_BUFFER_SIZE,
                read_threads: int | None = None):
+    """Reader of `sources`' episodes.
+
+    Args:
+      sources: the sources.
+      seed: the episode seed.
+      shuffle_buffer_size: per-class shuffle buffer.
+      read_threads: threads reading an episode's records; None: 1 for
+        local files, `DEFAULT_URL_READ_THREADS` for URL file systems.
+    """
     self.sources = list(sources)
     if read_threads is None:
-      read_threads = DEFAULT_READ_THREADS
+      remote = any(files.is_url(s.spec.path) for s in self.sources)
+      read_threads = DEFAULT_URL_READ_THREADS if remote else 1
     # Reads run in threads, one task per class of an episode: file reads
-    # release the GIL, so a cold disk or a bucket serves several at once.
+    # release the GIL, so a bucket (or cold disk) serves several at once.
     self._pool = None
     if read_threads > 1:
       self._pool = concurrent.futures.ThreadPoolExecutor(

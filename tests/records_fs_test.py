@@ -198,3 +198,15 @@ def test_start_up_check_needs_neither_tensorflow_nor_jax(dtd_dir):
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True,
                         text=True, check=True)
   assert proc.stdout.split() == ["False", "False"]
+
+
+def test_threaded_reads_give_the_serial_episodes(dtd_dir):
+  spec = mdp.load_dataset_spec(dtd_dir)
+  got = []
+  for threads in (1, 8):
+    sampler = mdp.EpisodeDescriptionSampler(spec, "TRAIN", CFG, seed=1)
+    episodes = reader.EpisodeReader(
+        [reader.Source(spec, sampler.split, sampler)], seed=1,
+        read_threads=threads)
+    got.append([episodes.next_episode().images for _ in range(3)])
+  assert got[0] == got[1] and all(got[0][0])
