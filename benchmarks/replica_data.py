@@ -150,7 +150,8 @@ def write_replica(output_dir, spec_path=DEFAULT_SPEC, fraction=0.01,
       spec.get_total_images_per_class(c) for c in counts)
   size = sum(e.stat().st_size for e in os.scandir(output_dir))
   return {"records": written, "classes": len(counts), "bytes": size,
-          "image_bytes": int(np.mean([len(x) for x in images])), "fraction": fraction,
+          "image_bytes": int(np.mean([len(x) for x in images])),
+          "fraction": fraction,
           "seconds": round(time.perf_counter() - start, 1)}
 
 
