@@ -26,8 +26,9 @@ class is first sampled (record offsets from the 12-byte record headers; a
 record count that differs from the spec's fails then), and every record's
 CRCs are verified when it is read. The shuffle is done on record *indices*
 in numpy, and only the records an episode keeps are read, by offset (at
-most 256 files open at a time; from URL file systems in several threads). Files are opened through `files`, so records may
-sit on any `tf.io.gfile` file system (`gs://`, ...).
+most 256 files open at a time; from URL file systems in several threads).
+Files are opened through `files`, so records may sit on any `tf.io.gfile`
+file system (`gs://`, ...).
 
 Bad data fails loudly, naming the file: a missing class file or one cut
 off at a random byte (when the pipeline is built), a record count that
