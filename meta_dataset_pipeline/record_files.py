@@ -45,8 +45,9 @@ class RecordError(ValueError):
 # spec's count of records has at least 16 bytes per record.
 MIN_RECORD_BYTES = _HEADER_BYTES + _FOOTER_BYTES
 # `check_class_files` reads this much of a file's end first to find its
-# last record, growing the window 8x until it holds the record.
-_TAIL_BYTES = 64 << 10
+# last record (most ILSVRC photos are under 256 KiB), growing the window 8x
+# until it holds the record.
+_TAIL_BYTES = 256 << 10
 _MAX_TAIL_BYTES = 16 << 20
 # Threads that stat class files: on an object store each stat is a request
 # (tens of ms), on a local disk a few microseconds.
