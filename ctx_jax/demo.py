@@ -20,7 +20,6 @@ import time
 
 from meta_dataset_pipeline import cli
 
-
 METHODS = ("ctx", "protonet", "pixels")
 
 
@@ -74,8 +73,9 @@ def main(argv=None) -> int:
 
 def _demo(args) -> int:
   """The demo proper; user errors end it through `cli.guarded`."""
-  from ctx_jax.training import config_checks  # pylint: disable=g-import-not-at-top
-  from meta_dataset_pipeline import demo_data  # pylint: disable=g-import-not-at-top
+  from ctx_jax import config_checks  # pylint: disable=g-import-not-at-top
+  from meta_dataset_pipeline import \
+      demo_data  # pylint: disable=g-import-not-at-top
 
   # Start-up checks (and the data) before JAX and TF are imported; the work
   # dir is created only once they pass.
@@ -89,10 +89,11 @@ def _demo(args) -> int:
       config_checks.check_start_up(
           demo_config(head, data_dir, args.steps, args.eval_episodes),
           str(pathlib.Path(args.workdir) / head))
+  from ctx_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from ctx_jax.eval import episodic  # pylint: disable=g-import-not-at-top
   from ctx_jax.eval import evaluate  # pylint: disable=g-import-not-at-top
-  from ctx_jax.eval import main as eval_main  # pylint: disable=g-import-not-at-top
-  from ctx_jax.training import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from ctx_jax.eval import \
+      main as eval_main  # pylint: disable=g-import-not-at-top
   from ctx_jax.training import train  # pylint: disable=g-import-not-at-top
   workdir = train.prepare_workdir(args.workdir)
   methods = args.methods

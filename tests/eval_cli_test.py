@@ -10,12 +10,12 @@ import sys
 from flax import nnx
 import pytest
 
+from ctx_jax import mesh as mesh_lib
 from ctx_jax import models
+from ctx_jax.checkpoints import export
 from ctx_jax.eval import episodic
 from ctx_jax.eval import evaluate
 from ctx_jax.eval import main as eval_main
-from ctx_jax.training import checkpoint
-from ctx_jax.training import mesh as mesh_lib
 from experiments import common
 from experiments import demo
 from tests import fakes
@@ -35,8 +35,8 @@ def tiny(tmp_path_factory):
   data = fakes.make_tiny_demo(root / "data")
   config = demo.get_config("smoke")
   model = models.build_model(config.model, rngs=nnx.Rngs(0))
-  export = checkpoint.export_model(root / "export", model, config.model)
-  return data.parent, export
+  exported = export.export_model(root / "export", model, config.model)
+  return data.parent, exported
 
 
 def _config(records_root):
@@ -184,6 +184,7 @@ def test_test_split_too_small_is_reported(shared_dir):
 
 def test_reference_row_matches_the_config():
   import importlib  # pylint: disable=g-import-not-at-top
+
   from ctx_jax.eval import references  # pylint: disable=g-import-not-at-top
   get = lambda name, arg=None: importlib.import_module(
       f"experiments.{name}").get_config(arg)

@@ -7,17 +7,17 @@ from flax import nnx
 import jax
 import numpy as np
 
+from ctx_jax import mesh as mesh_lib
+from ctx_jax.checkpoints import export
 from ctx_jax.eval import episodic
 from ctx_jax.eval import evaluate
-from ctx_jax.training import checkpoint
-from ctx_jax.training import mesh as mesh_lib
 from ctx_jax.training import train
 from experiments import demo
 from tests import fakes
 
 
 def _params(export_dir):
-  model, _ = checkpoint.load_exported_model(export_dir)
+  model, _ = export.load_exported_model(export_dir)
   return nnx.to_pure_dict(jax.device_get(nnx.state(model, nnx.Param)))
 
 
@@ -70,7 +70,7 @@ def test_results_report_the_best_validation_checkpoint(tmp_path, monkeypatch):
   # episodes, the final one the final model's: re-evaluate both independently.
   mesh = mesh_lib.make_mesh(1)
   for name, key in (("best", "test"), ("export", "final_test")):
-    model, _ = checkpoint.load_exported_model(workdir / name, mesh=mesh)
+    model, _ = export.load_exported_model(workdir / name, mesh=mesh)
     summary = evaluate.evaluate_split(model, config, mesh, "TEST", "glyphs",
                                       config.eval.num_episodes,
                                       seed=config.eval.seed)

@@ -15,7 +15,8 @@ import jax
 import numpy as np
 import pytest
 
-from ctx_jax.training import checkpoint
+from ctx_jax.checkpoints import export
+from ctx_jax.checkpoints import train_state
 from ctx_jax.training import train
 from experiments import demo
 from tests import fakes
@@ -81,7 +82,7 @@ def _wait_for_checkpoint_after(proc, workdir, step, timeout=300):
 
 
 def _params(export_dir):
-  model, _ = checkpoint.load_exported_model(export_dir)
+  model, _ = export.load_exported_model(export_dir)
   return nnx.to_pure_dict(jax.device_get(nnx.state(model)))
 
 
@@ -138,14 +139,14 @@ def test_sigterm_and_sigkill_then_resume_match_an_uninterrupted_run(
   assert results["best_valid"] == {"step": best["step"],
                                    "accuracy": best["accuracy"]}
   assert (reference / train.BEST_DIR /
-          checkpoint.MODEL_CONFIG_FILE).is_file()
-  checkpoint.load_exported_model(reference / train.BEST_DIR)
+          export.MODEL_CONFIG_FILE).is_file()
+  export.load_exported_model(reference / train.BEST_DIR)
 
   # A half-written checkpoint (a kill during a save) is never resumed from.
   junk = reference / "ckpt" / f"{NUM_STEPS + 5}.orbax-checkpoint-tmp-1"
   junk.mkdir()
   (junk / "garbage").write_text("x")
-  ckpt = checkpoint.TrainCheckpointer(reference, 3)
+  ckpt = train_state.TrainCheckpointer(reference, 3)
   assert ckpt.latest_step() == NUM_STEPS
   ckpt.close()
 

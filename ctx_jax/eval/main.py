@@ -169,10 +169,10 @@ def model_key(model_dir: str | None) -> dict[str, Any]:
   if model_dir is None:
     return {"model": "pixels"}
   path = pathlib.Path(model_dir).absolute()
-  from ctx_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
+  from ctx_jax.checkpoints import export  # pylint: disable=g-import-not-at-top
   return {"model": str(path),
-          "model_config": checkpoint.load_model_config(path).to_dict(),
-          "model_state": _fingerprint_dir(path / checkpoint.STATE_DIR)}
+          "model_config": export.load_model_config(path).to_dict(),
+          "model_state": _fingerprint_dir(path / export.STATE_DIR)}
 
 
 def source_key(config, split: str, source: str, num_episodes: int,
@@ -308,8 +308,8 @@ def load_model(model_dir: str, mesh):
   processes (the export's own sharding names devices of the process that
   wrote it).
   """
-  from ctx_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
-  model, _ = checkpoint.load_exported_model_or_explain(model_dir, mesh=mesh)
+  from ctx_jax.checkpoints import export  # pylint: disable=g-import-not-at-top
+  model, _ = export.load_exported_model_or_explain(model_dir, mesh=mesh)
   return model
 
 
@@ -326,9 +326,10 @@ def evaluate_sources(model, model_dir, config, mesh, split, sources,
   """Evaluates each source (resuming from `cache`); failures become rows."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from ctx_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from ctx_jax.eval import episodic  # pylint: disable=g-import-not-at-top
   from ctx_jax.eval import evaluate  # pylint: disable=g-import-not-at-top
-  from ctx_jax.training import input_pipeline  # pylint: disable=g-import-not-at-top
   log = print if is_chief else (lambda _: None)
   base_key = model_key(model_dir)
   rows = {}
@@ -341,7 +342,8 @@ def evaluate_sources(model, model_dir, config, mesh, split, sources,
       start = len(accuracies)
       if jax.process_count() > 1:
         # Every process must skip the same episodes: the chief's file rules.
-        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        from jax.experimental import \
+            multihost_utils  # pylint: disable=g-import-not-at-top
         start = int(multihost_utils.broadcast_one_to_all(np.int32(start)))
         if not is_chief:
           accuracies = [float("nan")] * start
@@ -385,7 +387,7 @@ def resolve_model_dir(model_dir: str) -> tuple[str, dict[str, Any]]:
     The export folder and what it is: {"selected": "best"|"export"|"given",
     "step": int|None, "imported": bool}.
   """
-  config_file = "model_config.json"  # checkpoint.MODEL_CONFIG_FILE (no JAX yet)
+  config_file = "model_config.json"  # export.MODEL_CONFIG_FILE (no JAX yet)
   path = pathlib.Path(model_dir)
   info = {"selected": "given", "step": None,
           "imported": (path / IMPORTED_FILE).is_file()}
@@ -425,7 +427,7 @@ def main(argv):
 def _evaluate():
   """The evaluation proper; user errors propagate to `cli.guarded`."""
   # Start-up checks first: a bad model dir or config costs no JAX start-up.
-  from ctx_jax.training import config_checks  # pylint: disable=g-import-not-at-top
+  from ctx_jax import config_checks  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   model_dir, model_info = None, {"selected": "pixels", "step": None,
                                  "imported": False}
@@ -442,9 +444,10 @@ def _evaluate():
   distributed.maybe_initialize()
   import jax  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   # tf.data runs on the host only; keep TF off the accelerators.
   tf.config.set_visible_devices([], "GPU")
-  from ctx_jax.training import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from ctx_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   xla_config.enable_compilation_cache(config.get("compilation_cache_dir", ""))
   is_chief = jax.process_index() == 0
   mesh = mesh_lib.make_mesh(config.num_devices or None)

@@ -8,8 +8,8 @@ from flax import nnx
 import jax
 import ml_collections
 
+from ctx_jax import mesh as mesh_lib
 from ctx_jax import models
-from ctx_jax.training import mesh as mesh_lib
 from ctx_jax.training import optim
 
 

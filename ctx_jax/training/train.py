@@ -11,7 +11,6 @@ import json
 import math
 import os
 import pathlib
-import shutil
 import signal
 import threading
 import time
@@ -24,16 +23,17 @@ import jax
 import ml_collections
 import numpy as np
 
+from ctx_jax import config_checks
+from ctx_jax import mesh as mesh_lib
 from ctx_jax import xla_config
+from ctx_jax.checkpoints import export as export_lib
+from ctx_jax.checkpoints import train_state as ckpt_lib
+from ctx_jax.data import input_pipeline
 from ctx_jax.eval import evaluate
-from ctx_jax.training import checkpoint as checkpoint_lib
-from ctx_jax.training import config_checks
-from ctx_jax.training import input_pipeline
-from ctx_jax.training import mesh as mesh_lib
+from ctx_jax.models import episode as episode_lib
 from ctx_jax.training import optim
 from ctx_jax.training import sharded_step
 from ctx_jax.training.state import create_train_state
-from ctx_jax.training import train_step as step_lib
 
 EXPORT_DIR = "export"
 BEST_DIR = "best"
@@ -75,7 +75,7 @@ def init_backbone_from(model: nnx.Module, export_dir: str,
   Returns:
     The number of arrays copied.
   """
-  source, _ = checkpoint_lib.load_exported_model_or_explain(export_dir,
+  source, _ = export_lib.load_exported_model_or_explain(export_dir,
                                                           mesh=mesh)
   src = nnx.to_flat_state(nnx.state(source))
   src = {path: var for path, var in src}
@@ -176,49 +176,6 @@ class PreemptionWatcher:
       self._previous = None
 
 
-def export_atomically(directory: pathlib.Path, model: nnx.Module,
-                      model_config, extra: dict[str, Any] | None = None
-                      ) -> None:
-  """Writes an export to `directory`, replacing any earlier one atomically.
-
-  The new export is written beside the old one and renamed over it, so a
-  crash leaves either the old or the new export, never a mix (a leftover
-  `<name>.old` is put back by `recover_export`).
-
-  Args:
-    directory: the export folder.
-    model: the model to export.
-    model_config: its config.
-    extra: `{file name: JSON-able}` written into the export before it
-      becomes visible.
-  """
-  tmp = directory.parent / f"{directory.name}.tmp"
-  old = directory.parent / f"{directory.name}.old"
-  if jax.process_index() == 0 and tmp.exists():
-    shutil.rmtree(tmp)
-  checkpoint_lib.export_model(tmp, model, model_config)
-  if jax.process_index() == 0:
-    for name, value in (extra or {}).items():
-      (tmp / name).write_text(json.dumps(value, indent=2) + "\n")
-    if directory.exists():
-      directory.rename(old)
-    tmp.rename(directory)
-    if old.exists():
-      shutil.rmtree(old)
-  checkpoint_lib._sync("ctx_jax_export_swap")  # pylint: disable=protected-access
-
-
-def recover_export(directory: pathlib.Path) -> None:
-  """Undoes a swap of `export_atomically` interrupted between its renames."""
-  old = directory.parent / f"{directory.name}.old"
-  if jax.process_index() == 0 and old.exists():
-    if directory.exists():
-      shutil.rmtree(old)
-    else:
-      old.rename(directory)
-  checkpoint_lib._sync("ctx_jax_export_recover")  # pylint: disable=protected-access
-
-
 class BestExport:
   """Keeps `<workdir>/best`: an export of the best model on validation.
 
@@ -228,7 +185,7 @@ class BestExport:
 
   def __init__(self, workdir: pathlib.Path):
     self.directory = workdir / BEST_DIR
-    recover_export(self.directory)
+    export_lib.recover_export(self.directory)
     self.record = None
     if (self.directory / BEST_FILE).is_file():
       self.record = json.loads((self.directory / BEST_FILE).read_text())
@@ -243,7 +200,7 @@ class BestExport:
     if not accuracy > self.accuracy:
       return False
     record = {"step": step, "accuracy": accuracy, "valid": per_source}
-    export_atomically(self.directory, model, model_config, {BEST_FILE: record})
+    export_lib.export_atomically(self.directory, model, model_config, {BEST_FILE: record})
     self.record = record
     return True
 
@@ -282,7 +239,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(), mesh.shape)
   model, optimizer = create_train_state(config, mesh)
-  ckpt = checkpoint_lib.TrainCheckpointer(
+  ckpt = ckpt_lib.TrainCheckpointer(
       workdir, config.train.checkpoint_every, config.train.keep_checkpoints)
   start_step = 0
   if ckpt.latest_step() is not None:
@@ -313,7 +270,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       process_count=jax.process_count(), start_episode=start_step)
   aug_keys, device_augment = input_pipeline.device_augmenter(config)
   batches = mesh_lib.prefetch_to_mesh(train_stream, mesh,
-                                      step_lib.MODEL_INPUT_KEYS + aug_keys)
+                                      episode_lib.MODEL_INPUT_KEYS + aug_keys)
   schedule = optim.learning_rate_schedule(config.optimizer)
   progress = Progress(config.train.num_steps)
   best = BestExport(workdir)
@@ -370,8 +327,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   # The final model (a resumed, longer run replaces the earlier export).
   export_dir = workdir / EXPORT_DIR
-  recover_export(export_dir)
-  export_atomically(export_dir, model, config.model,
+  export_lib.recover_export(export_dir)
+  export_lib.export_atomically(export_dir, model, config.model,
                     {"step.json": {"step": step}})
   # Model selection as the official (`analysis/select_best_model.py`): the
   # reported test figure is that of the best validation checkpoint; the final
@@ -387,7 +344,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     results["selected"] = {"model": BEST_DIR, "step": best_step,
                            "reason": "best validation accuracy"}
     if best_step != step:
-      best_model, _ = checkpoint_lib.load_exported_model(best.directory,
+      best_model, _ = export_lib.load_exported_model(best.directory,
                                                          mesh=mesh)
       results["test"] = _test_all(best_model, config, mesh, is_chief,
                                   f"best-validation (step {best_step})")
