@@ -66,8 +66,7 @@ def check_data(config: ml_collections.ConfigDict) -> None:
     FileNotFoundError: naming the missing folder or spec.
     ValueError: naming a malformed `dataset_spec.json`.
   """
-  from meta_dataset_pipeline import \
-      dataset_spec  # pylint: disable=g-import-not-at-top
+  from meta_dataset_pipeline import dataset_spec  # pylint: disable=g-import-not-at-top
   root = config.data.records_root
   if not root:
     raise FileNotFoundError(

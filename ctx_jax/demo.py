@@ -74,8 +74,7 @@ def main(argv=None) -> int:
 def _demo(args) -> int:
   """The demo proper; user errors end it through `cli.guarded`."""
   from ctx_jax import config_checks  # pylint: disable=g-import-not-at-top
-  from meta_dataset_pipeline import \
-      demo_data  # pylint: disable=g-import-not-at-top
+  from meta_dataset_pipeline import demo_data  # pylint: disable=g-import-not-at-top
 
   # Start-up checks (and the data) before JAX and TF are imported; the work
   # dir is created only once they pass.
@@ -92,8 +91,7 @@ def _demo(args) -> int:
   from ctx_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from ctx_jax.eval import episodic  # pylint: disable=g-import-not-at-top
   from ctx_jax.eval import evaluate  # pylint: disable=g-import-not-at-top
-  from ctx_jax.eval import \
-      main as eval_main  # pylint: disable=g-import-not-at-top
+  from ctx_jax.eval import report as eval_report  # pylint: disable=g-import-not-at-top
   from ctx_jax.training import train  # pylint: disable=g-import-not-at-top
   workdir = train.prepare_workdir(args.workdir)
   methods = args.methods
@@ -149,7 +147,7 @@ def _demo(args) -> int:
     return names[head] + (f" (step {selected[head]})"
                           if selected.get(head) is not None else "")
 
-  print(eval_main.format_table({label(k): v for k, v in rows.items()},
+  print(eval_report.format_table({label(k): v for k, v in rows.items()},
                                first_column="method", average=False))
   print("CTX and ProtoNet rows: the best-validation checkpoint (its step in "
         "brackets), as the official protocol; 'final': the last step's "

@@ -319,8 +319,7 @@ def test_demo_simclr_trains_with_converted_episodes(tmp_path, monkeypatch):
 
 
 def test_episode_grid_png(shared_dir, tmp_path, capsys):
-  from meta_dataset_pipeline import \
-      episode_grid  # pylint: disable=g-import-not-at-top
+  from meta_dataset_pipeline import episode_grid  # pylint: disable=g-import-not-at-top
   records = shared_dir / "fixtures" / "md_records" / "dtd"
   png = tmp_path / "grid.png"
   assert episode_grid.main([str(records), "--output", str(png),

@@ -72,8 +72,7 @@ def export_model(directory: str | os.PathLike[str], model: nnx.Module,
 def sync(name: str) -> None:
   """Barrier over all processes (no-op with one)."""
   if jax.process_count() > 1:
-    from jax.experimental import \
-        multihost_utils  # pylint: disable=g-import-not-at-top
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)
 
 
