@@ -47,7 +47,7 @@ def worker(args):
   from ctx_jax import xla_config
   from ctx_jax.models import episode as episode_lib
   from ctx_jax.training import sharded_step
-  from ctx_jax.training import train
+  from ctx_jax.training import state as state_lib
   from tests import fakes
 
   # pylint: enable=g-import-not-at-top
@@ -65,7 +65,7 @@ def worker(args):
   if args.size:
     config.data.image_size = args.size
   mesh = mesh_lib.make_mesh(1)
-  model, optimizer = train.create_train_state(config, mesh)
+  model, optimizer = state_lib.create_train_state(config, mesh)
   model.train()
   episode = fakes.fake_episode(args.support, args.query, args.ways,
                                image_size=config.data.image_size)

@@ -93,7 +93,8 @@ def _demo(args) -> int:
   from ctx_jax.eval import evaluate  # pylint: disable=g-import-not-at-top
   from ctx_jax.eval import report as eval_report  # pylint: disable=g-import-not-at-top
   from ctx_jax.training import train  # pylint: disable=g-import-not-at-top
-  workdir = train.prepare_workdir(args.workdir)
+  from ctx_jax.training import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  workdir = workdir_lib.prepare_workdir(args.workdir)
   methods = args.methods
   rows, timings, selected = {}, {}, {}
   for head in ("ctx", "protonet"):
@@ -101,7 +102,7 @@ def _demo(args) -> int:
       continue
     config = demo_config(head, data_dir, args.steps, args.eval_episodes)
     run_dir = workdir / head
-    results_file = run_dir / train.RESULTS_FILE
+    results_file = run_dir / workdir_lib.RESULTS_FILE
     t0 = time.time()
     if results_file.is_file():
       results = json.loads(results_file.read_text())

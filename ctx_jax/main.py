@@ -58,13 +58,14 @@ def _train():
 
   # tf.data runs on the host only; keep TF off the accelerators.
   tf.config.set_visible_devices([], "GPU")
+  from ctx_jax.training import preemption  # pylint: disable=g-import-not-at-top
   from ctx_jax.training import train  # pylint: disable=g-import-not-at-top
   logging.info("config:\n%s", _CONFIG.value)
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except train.Preempted as e:
+  except preemption.Preempted as e:
     print(f"{PROG}: {e}", file=sys.stderr)
-    sys.exit(train.PREEMPTED_EXIT_CODE)
+    sys.exit(preemption.PREEMPTED_EXIT_CODE)
 
 
 def run():

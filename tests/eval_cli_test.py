@@ -16,8 +16,8 @@ from ctx_jax.checkpoints import export
 from ctx_jax.eval import episodic
 from ctx_jax.eval import evaluate
 from ctx_jax.eval import main as eval_main
-from ctx_jax.eval import resumable
 from ctx_jax.eval import report as eval_report
+from ctx_jax.eval import resumable
 from experiments import common
 from experiments import demo
 from tests import fakes

@@ -12,6 +12,7 @@ from ctx_jax.checkpoints import export
 from ctx_jax.eval import episodic
 from ctx_jax.eval import evaluate
 from ctx_jax.training import train
+from ctx_jax.training import workdir as workdir_lib
 from experiments import demo
 from tests import fakes
 
@@ -56,8 +57,8 @@ def test_results_report_the_best_validation_checkpoint(tmp_path, monkeypatch):
   assert results["selected"] == {"model": "best", "step": 2,
                                  "reason": "best validation accuracy"}
   assert results["best_valid"] == {"step": 2, "accuracy": 0.9}
-  assert json.loads((workdir / train.RESULTS_FILE).read_text()) == results
-  assert json.loads((workdir / "best" / train.BEST_FILE).read_text())[
+  assert json.loads((workdir / workdir_lib.RESULTS_FILE).read_text()) == results
+  assert json.loads((workdir / "best" / workdir_lib.BEST_FILE).read_text())[
       "step"] == 2
 
   # best/ holds the step-2 model, export/ the step-4 one: they differ.

@@ -40,7 +40,7 @@ def run(args) -> None:
   from ctx_jax.data import input_pipeline
   from ctx_jax.models import episode as episode_lib
   from ctx_jax.training import sharded_step
-  from ctx_jax.training import train
+  from ctx_jax.training import state as state_lib
   from tests import sharded_step_test as cases
 
   # pylint: enable=g-import-not-at-top
@@ -48,7 +48,7 @@ def run(args) -> None:
   assert jax.process_count() == args.num_processes
   config = cases.config_for(args.head)
   mesh = mesh_lib.make_mesh()
-  model, optimizer = train.create_train_state(config, mesh)
+  model, optimizer = state_lib.create_train_state(config, mesh)
   episode = input_pipeline.local_rows(cases.make_episode(), jax.process_index(),
                                       jax.process_count())
   dev = mesh_lib.shard_episode(episode, mesh, episode_lib.MODEL_INPUT_KEYS)

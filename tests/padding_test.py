@@ -9,7 +9,7 @@ import pytest
 from ctx_jax import mesh as mesh_lib
 from ctx_jax.models import episode as episode_lib
 from ctx_jax.training import sharded_step
-from ctx_jax.training import train
+from ctx_jax.training import state as state_lib
 from experiments import demo
 from meta_dataset_pipeline import padding
 from meta_dataset_pipeline import sampling
@@ -86,7 +86,7 @@ def test_logit_width_caps_ways_at_the_support_rows():
   assert episode_lib.logit_width(5, episode) == 5
   mesh = mesh_lib.make_mesh(2)
   dev = mesh_lib.shard_episode(episode, mesh, episode_lib.MODEL_INPUT_KEYS)
-  model, _ = train.create_train_state(config, mesh)
+  model, _ = state_lib.create_train_state(config, mesh)
   model.eval()
   _, eval_fn = sharded_step.select_steps("shard_map", mesh)
   with jax.set_mesh(mesh):

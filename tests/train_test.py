@@ -12,8 +12,10 @@ from ctx_jax import models
 from ctx_jax.checkpoints import export
 from ctx_jax.checkpoints import train_state
 from ctx_jax.models import episode as episode_lib
+from ctx_jax.training import state as state_lib
 from ctx_jax.training import train
 from ctx_jax.training import train_step as step_lib
+from ctx_jax.training import workdir as workdir_lib
 from experiments import demo
 from tests import fakes
 
@@ -27,7 +29,7 @@ def _tiny_config():
 
 def _state(config, num_devices):
   mesh = mesh_lib.make_mesh(num_devices)
-  model, optimizer = train.create_train_state(config, mesh)
+  model, optimizer = state_lib.create_train_state(config, mesh)
   return mesh, model, optimizer
 
 
@@ -114,7 +116,7 @@ def test_train_and_evaluate_end_to_end_with_resume(tmp_path):
   assert results["step"] == 3
   acc = results["test"]["glyphs"]
   assert 0.0 <= acc["mean"] <= 1.0 and acc["num_episodes"] == 4
-  saved = json.loads((workdir / train.RESULTS_FILE).read_text())
+  saved = json.loads((workdir / workdir_lib.RESULTS_FILE).read_text())
   assert saved["test"]["glyphs"] == acc
   assert (workdir / "export" / export.MODEL_CONFIG_FILE).is_file()
   ckpt = train_state.TrainCheckpointer(workdir, 2)
@@ -123,7 +125,7 @@ def test_train_and_evaluate_end_to_end_with_resume(tmp_path):
 
   # Resume: a longer run continues from step 3 instead of starting over.
   config.train.num_steps = 5
-  (workdir / train.RESULTS_FILE).unlink()
+  (workdir / workdir_lib.RESULTS_FILE).unlink()
   results = train.train_and_evaluate(config, str(workdir))
   assert results["step"] == 5
   ckpt = train_state.TrainCheckpointer(workdir, 2)
@@ -166,7 +168,7 @@ def test_init_from_copies_the_backbone_only(tmp_path):
   export.export_model(tmp_path / "pretrained", source, config.model)
   _, model, _ = _state(config, 1)
   fresh = nnx.to_flat_state(nnx.state(model))
-  copied = train.init_backbone_from(model, str(tmp_path / "pretrained"))
+  copied = state_lib.init_backbone_from(model, str(tmp_path / "pretrained"))
   src = dict(nnx.to_flat_state(nnx.state(source)))
   now = dict(nnx.to_flat_state(nnx.state(model)))
   heads = 0
@@ -180,4 +182,4 @@ def test_init_from_copies_the_backbone_only(tmp_path):
   config.model.backbone = "resnet18"
   _, other, _ = _state(config, 1)
   with pytest.raises(ValueError, match="init_from"):
-    train.init_backbone_from(other, str(tmp_path / "pretrained"))
+    state_lib.init_backbone_from(other, str(tmp_path / "pretrained"))
