@@ -40,10 +40,10 @@ setuptools.setup(
     },
     entry_points={
         "console_scripts": [
-            "ctx-demo=ctx_jax.demo:run",
+            "ctx-demo=ctx_jax.demo.run:run",
             "ctx-train=ctx_jax.main:run",
             "ctx-eval=ctx_jax.eval.main:run",
-            "ctx-make-demo-data=meta_dataset_pipeline.demo_data:run",
+            "ctx-make-demo-data=ctx_jax.demo.dataset:run",
             "md-episodes=meta_dataset_pipeline.episodes_cli:run",
             "md-episode-grid=meta_dataset_pipeline.episode_grid:run",
             "md-convert=meta_dataset_pipeline.conversion.cli:run",

@@ -220,19 +220,16 @@ def _unpack(blob, lengths):
 def _row_block(num_support, num_rows, s_pad, q_pad, row_block):
   """Indices (into support-then-query rows) of one block of the padded sets.
 
-  Block `b` of `n` holds padded rows `[b*S/n, (b+1)*S/n)` of the support set
-  and likewise of the query set; only the real ones among them exist here.
+  Block `b` of `n` holds `padding.row_block` of the padded support set and of
+  the padded query set; only the real rows among them exist here.
   """
   b, n = row_block
-  if s_pad % n or q_pad % n:
-    raise ValueError(f"padded sizes ({s_pad}, {q_pad}) do not split into "
-                     f"{n} row blocks; use a pad_multiple divisible by {n}")
-  bs, bq = s_pad // n, q_pad // n
-  support = list(range(b * bs, min((b + 1) * bs, num_support)))
+  support_rows = padding.row_block(s_pad, b, n)
+  query_rows = padding.row_block(q_pad, b, n)
   num_query = num_rows - num_support
-  query = [num_support + r for r in range(b * bq, min((b + 1) * bq,
-                                                      num_query))]
-  return support + query, len(support), bs, bq
+  support = [r for r in support_rows if r < num_support]
+  query = [num_support + r for r in query_rows if r < num_query]
+  return support + query, len(support), len(support_rows), len(query_rows)
 
 
 def _episode_generator(sources, seed, buckets, shuffle_buffer_size,

@@ -74,7 +74,7 @@ def main(argv=None) -> int:
 def _demo(args) -> int:
   """The demo proper; user errors end it through `cli.guarded`."""
   from ctx_jax import config_checks  # pylint: disable=g-import-not-at-top
-  from meta_dataset_pipeline import demo_data  # pylint: disable=g-import-not-at-top
+  from ctx_jax.demo import dataset as demo_dataset  # pylint: disable=g-import-not-at-top
 
   # Start-up checks (and the data) before JAX and TF are imported; the work
   # dir is created only once they pass.
@@ -82,7 +82,7 @@ def _demo(args) -> int:
   data_dir = pathlib.Path(args.data_dir)
   if not (data_dir / "dataset_spec.json").is_file():
     print(f"generating the demo dataset in {data_dir} ...", flush=True)
-    demo_data.generate_dataset(str(data_dir), log=print)
+    demo_dataset.generate_dataset(str(data_dir), log=print)
   for head in ("ctx", "protonet"):
     if head in args.methods:
       config_checks.check_start_up(
