@@ -21,6 +21,8 @@ setuptools.setup(
         "flax>=0.12.8,<0.13",
         "optax>=0.2.8,<0.3",
         "orbax-checkpoint>=0.12,<0.13",
+        # Paths on any file system (local, gs://), as orbax uses them.
+        "etils[epath]>=1.7",
         "chex>=0.1.90",
         "ml-collections>=1.1",
         "absl-py>=2.1",

@@ -6,34 +6,19 @@ TensorFlow); the model and the train step never do.
 
 import dataclasses
 import functools
-import os
-import pathlib
 from typing import Iterator, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 
+from ctx_jax import config_checks
 from ctx_jax.data import augment
 import meta_dataset_pipeline as mdp
 
 
-def source_dir(records_root: str, source: str) -> pathlib.Path:
-  """`<records_root>/<source>`, with a clear error when it is missing."""
-  if not records_root:
-    raise FileNotFoundError(
-        "config.data.records_root is empty: set it to the folder holding one "
-        "folder of Meta-Dataset records per source")
-  path = pathlib.Path(records_root) / source
-  if not path.is_dir():
-    raise FileNotFoundError(
-        f"records of source '{source}' not found: {os.path.abspath(path)} is "
-        "not a directory (check config.data.records_root and the sources)")
-  return path
-
-
 def load_specs(records_root: str, sources: Sequence[str]):
-  return [mdp.load_dataset_spec(source_dir(records_root, s)) for s in sources]
+  return [mdp.load_dataset_spec(config_checks.source_dir(records_root, s)) for s in sources]
 
 
 def episode_description_config(cfg: ml_collections.ConfigDict
