@@ -164,10 +164,15 @@ def _as_spec_list(dataset_specs):
 def _make_sources(specs, split, episode_config, seed, use_dag_ontology,
                   use_bilevel_ontology):
   sources = []
+  # rng="official": the official samplers' RandomStates, built in source
+  # order from the run's seed, as upstream after seeding its module RNG.
+  official = (sampling.official_rngs(seed[0], len(specs))
+              if episode_config.rng == "official" else None)
   for i, spec in enumerate(specs):
     sampler = sampling.EpisodeDescriptionSampler(
         spec, split, episode_config,
-        seed=reader.derive_seeds(seed, 2, i, count=2),
+        seed=(official[i] if official else
+              reader.derive_seeds(seed, 2, i, count=2)),
         use_dag_hierarchy=use_dag_ontology,
         use_bilevel_hierarchy=use_bilevel_ontology)
     sources.append(reader.Source(spec, sampler.split, sampler))

@@ -31,25 +31,26 @@ from (seed, class id[, image index]), so the same flags give byte-identical
 files (with the same numpy and Pillow versions), and any class can be
 regenerated alone.
 
-Measured difficulty (default dataset, seed 0; 200 test episodes, 5-way
-5-shot, 10 queries per class, images resized to 48x48 as the model reads
-them; mean +- 95% CI; chance 20%):
+Measured difficulty (default dataset, seed 0; the first 200 of the demo's
+5-way 5-shot test episodes, 10 queries per class, images at 48x48 as the
+model reads them, through the episode pipeline; mean +- 95% CI; chance 20%;
+`ctx-make-demo-data ... --baselines`, `ctx_jax.eval.baselines`):
 
 | features                                   | 1-NN         | nearest mean |
 |--------------------------------------------|--------------|--------------|
-| raw pixels                                 | 21.8 +- 0.8% | 19.1 +- 0.8% |
-| grey pixels, per-image abs z-score         | 51.4 +- 1.2% | 59.9 +- 1.2% |
-| HOG shape features (`baselines.hog_features`) | 85.4 +- 1.0% | 89.0 +- 0.9% |
+| raw pixels                                 | 22.5 +- 0.8% | 20.6 +- 0.8% |
+| grey pixels, per-image abs z-score         | 51.3 +- 1.1% | 61.0 +- 1.1% |
+| HOG shape features                         | 85.3 +- 1.0% | 89.1 +- 0.9% |
 | small CNN trained on the 64 train classes  | 92.0 +- 0.7% | 90.7 +- 0.8% |
 
 Raw pixels are at chance (colour and position dominate pixel distances);
-hand-normalised pixels (`baselines.grey_abs_zscore`: grey, z-scored, absolute value,
-which removes colour and polarity) reach about half; a hand-made
+hand-normalised pixels (`grey_abs_zscore`: grey, z-scored, absolute
+value, which removes colour and polarity) reach about half; a hand-made
 shift-tolerant shape feature reaches 85-89%, so the class information is in
 the shape. The CNN row (4 conv blocks, 32-96 channels, softmax over the train
 classes for 8 epochs, then nearest neighbour on its pooled features) was a
-one-off check outside this module; it shows the problem is learnable.
-`ctx-make-demo-data ... --baselines` prints the first three rows.
+one-off check (first release, its own episodes); it shows the problem is
+learnable.
 """
 
 import dataclasses
