@@ -85,7 +85,8 @@ def hog_features(images: np.ndarray, cell: int = 6,
   (cell pooling): a hand-made shape feature.
 
   Args:
-    images: [N, H, W, C] images; H and W divisible by `cell`.
+    images: [N, H, W, C] images (the rows and columns past the last whole
+      cell are left out).
     cell: cell side in pixels.
     bins: orientation bins over [0, pi).
 
@@ -104,7 +105,9 @@ def hog_features(images: np.ndarray, cell: int = 6,
   np.put_along_axis(hist, lo[..., None], (mag * (1 - frac))[..., None], -1)
   hi = (lo + 1) % bins
   hist += np.eye(bins, dtype=np.float32)[hi] * (mag * frac)[..., None]
-  hist = hist.reshape(n, h // cell, cell, w // cell, cell, bins).sum((2, 4))
+  rows, cols = h // cell, w // cell
+  hist = hist[:, :rows * cell, :cols * cell].reshape(
+      n, rows, cell, cols, cell, bins).sum((2, 4))
   # 2x2-cell blocks, L2-Hys normalised.
   blocks = np.concatenate([hist[:, :-1, :-1], hist[:, 1:, :-1],
                            hist[:, :-1, 1:], hist[:, 1:, 1:]], -1)
