@@ -324,10 +324,11 @@ def test_kernel_init():
 
 def test_input_validation(tiny_model, base_episode):
   ep = base_episode
-  with pytest.raises(ValueError, match='support_mask'):
+  # Shapes and dtypes: chex assertions at the model's boundary.
+  with pytest.raises(AssertionError, match='prefix'):
     tiny_model(ep['support_images'], ep['support_labels'],
                ep['support_mask'][:1], ep['query_images'], num_ways=4)
-  with pytest.raises(ValueError, match='one size'):
+  with pytest.raises(AssertionError, match='suffix'):
     tiny_model(ep['support_images'], ep['support_labels'],
                ep['support_mask'], ep['query_images'][:, :40], num_ways=4)
   with pytest.raises(ValueError, match='num_ways'):

@@ -22,7 +22,11 @@ from ctx_jax.eval import report
 def _fingerprint_dir(path: epath.Path) -> str:
   """Hash of the names, sizes and modification times of files under `path`."""
   digest = hashlib.sha256()
-  for f in sorted(p for p in path.rglob("*") if p.is_file()):
+  # `walk`, not `rglob`: epath refuses recursive globs (one request per
+  # folder level on an object store).
+  files = sorted(root / name for root, _, names in path.walk()
+                 for name in names)
+  for f in files:
     if paths.is_local(f):  # Nanosecond times; epath's stat has seconds.
       stat = os.stat(f)
       size, mtime = stat.st_size, stat.st_mtime_ns
