@@ -1,0 +1,246 @@
+"""A Cloud Storage emulator on loopback that TensorFlow's `gs://` reaches.
+
+TensorFlow's GCS file system (and with it tf.data, etils `epath` and orbax,
+which go through `tf.io.gfile` for `gs://` when TensorFlow is installed) has
+its endpoints hard-coded to `https://www.googleapis.com/storage/v1/` and
+`https://storage.googleapis.com/`; no setting points it elsewhere. It talks
+through libcurl, though, which honours `HTTPS_PROXY` and `CURL_CA_BUNDLE`. So:
+
+  * `gcp-storage-emulator` (PyPI, pure Python, the GCS JSON API) serves an
+    in-memory store on 127.0.0.1;
+  * a small CONNECT proxy on 127.0.0.1 accepts the tunnels curl opens to
+    the Google hosts, ends TLS with a throwaway CA made here (openssl CLI),
+    and relays the plain HTTP to the emulator, whatever host was asked for;
+  * the environment `gcs_emulator()` yields sends curl to that proxy with
+    that CA, and gives TF a fixed bearer token
+    (`GOOGLE_AUTH_TOKEN_FOR_TESTING`) so it never looks for credentials or
+    the metadata server.
+
+Nothing listens beyond loopback and nothing leaves the machine: every host
+curl asks for lands on the emulator. Everything is stopped on exit.
+
+The environment must be in place before TF's GCS file system makes its
+first request in a process (the token and the retry settings are read once,
+when the file system is created; curl reads the proxy and CA per request).
+Run code that touches `gs://` in a subprocess started with `env`, or set
+`os.environ.update(env)` before TensorFlow is imported.
+
+Usage:
+
+    with gcs_emulator() as gcs:
+      subprocess.run([...], env=gcs.env, check=True)  # uses gs://{gcs.bucket}
+"""
+
+import contextlib
+import dataclasses
+import functools
+import http.client
+import http.server
+import os
+import pathlib
+import shutil
+import socket
+import socketserver
+import ssl
+import subprocess
+import tempfile
+import threading
+
+import pytest
+
+# Hosts TF's GCS client uses; the certificate names both.
+GOOGLE_HOSTS = ("www.googleapis.com", "storage.googleapis.com")
+BUCKET = "ctx-test-bucket"
+_LOOPBACK = "127.0.0.1"
+
+
+@dataclasses.dataclass(frozen=True)
+class GcsEmulator:
+  """A running emulator: `env` for processes that use it, `bucket` created."""
+  env: dict
+  bucket: str
+  emulator_url: str  # Plain HTTP, e.g. for google-cloud-storage clients.
+
+  def url(self, *parts):
+    return "/".join((f"gs://{self.bucket}",) + parts)
+
+
+def _make_certificates(folder):
+  """A throwaway CA and a server certificate for the Google hosts.
+
+  Returns (ca_path, cert_path, key_path). EC keys keep this quick.
+  """
+  if shutil.which("openssl") is None:
+    pytest.skip("the openssl command is needed to make the emulator's "
+                "throwaway TLS certificate")
+  f = pathlib.Path(folder)
+  san = ",".join(f"DNS:{h}" for h in GOOGLE_HOSTS)
+  (f / "server.ext").write_text(
+      f"subjectAltName={san}\nbasicConstraints=CA:FALSE\n"
+      "keyUsage=digitalSignature,keyEncipherment\n"
+      "extendedKeyUsage=serverAuth\n")
+  run = functools.partial(subprocess.run, check=True, capture_output=True,
+                          cwd=f)
+  ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+        "-nodes"]
+  run(["openssl", "req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem",
+       "-days", "2", "-subj", "/CN=ctx-jax test CA",
+       "-addext", "basicConstraints=critical,CA:TRUE",
+       "-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+  run(["openssl", "req", "-new", *ec, "-keyout", "server.key",
+       "-out", "server.csr", "-subj", f"/CN={GOOGLE_HOSTS[0]}"])
+  run(["openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.pem",
+       "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.pem",
+       "-days", "2", "-extfile", "server.ext"])
+  return f / "ca.pem", f / "server.pem", f / "server.key"
+
+
+class _TunnelHandler(http.server.BaseHTTPRequestHandler):
+  """Serves the decrypted HTTP inside one tunnel by asking the emulator.
+
+  Requests pass through unchanged (path, headers, body); one fix is made to
+  responses: the emulator writes resumable-upload `Location`s as `http://`
+  + the Host asked for, which curl would then try to reach directly, so the
+  scheme becomes `https://` to bring the next request back through here.
+  """
+  protocol_version = "HTTP/1.1"  # Keep-alive: one tunnel, many requests.
+
+  def _forward(self):
+    length = int(self.headers.get("Content-Length") or 0)
+    if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+      body = self._read_chunked()
+    else:
+      body = self.rfile.read(length)
+    headers = {k: v for k, v in self.headers.items()
+               if k.lower() not in ("transfer-encoding", "content-length",
+                                    "connection", "expect")}
+    upstream = http.client.HTTPConnection(*self.server.upstream, timeout=60)
+    try:
+      upstream.request(self.command, self.path, body=body, headers=headers)
+      reply = upstream.getresponse()
+      data = reply.read()
+    finally:
+      upstream.close()
+    self.send_response_only(reply.status, reply.reason)
+    for k, v in reply.getheaders():
+      if k.lower() in ("content-length", "connection", "transfer-encoding",
+                       "server", "date"):
+        continue
+      if k.lower() == "location" and v.startswith("http://"):
+        v = "https://" + v[len("http://"):]
+      self.send_header(k, v)
+    self.send_header("Content-Length", str(len(data)))
+    self.end_headers()
+    if self.command != "HEAD":
+      self.wfile.write(data)
+
+  def _read_chunked(self):
+    parts = []
+    while True:
+      size = int(self.rfile.readline().split(b";")[0], 16)
+      if not size:
+        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+          pass  # Trailers.
+        return b"".join(parts)
+      parts.append(self.rfile.read(size))
+      self.rfile.readline()
+
+  do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+  def log_message(self, format, *args):  # pylint: disable=redefined-builtin
+    pass  # Quiet: the tests report failures themselves.
+
+
+class _ConnectHandler(socketserver.StreamRequestHandler):
+  """Answers `CONNECT host:443`, ends TLS, serves the tunnel."""
+
+  def handle(self):
+    line = self.rfile.readline(8192).decode("latin-1")
+    while self.rfile.readline(8192) not in (b"\r\n", b"\n", b""):
+      pass  # Proxy headers: nothing in them matters here.
+    if not line.startswith("CONNECT "):
+      self.wfile.write(b"HTTP/1.1 405 Method Not Allowed\r\n"
+                       b"Content-Length: 0\r\n\r\n")
+      return
+    self.wfile.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+    self.wfile.flush()
+    # rfile is buffered, but curl sends nothing until it has the 200 reply.
+    try:
+      tls = self.server.tls.wrap_socket(self.connection, server_side=True)
+    except (ssl.SSLError, OSError):
+      return  # The client gave up or refused the certificate.
+    with tls:
+      _TunnelHandler(tls, self.client_address, self.server)
+
+
+class _ThreadingServer(socketserver.ThreadingTCPServer):
+  daemon_threads = True
+  allow_reuse_address = True
+
+
+@contextlib.contextmanager
+def _serving(srv):
+  thread = threading.Thread(target=srv.serve_forever, daemon=True)
+  thread.start()
+  try:
+    yield srv.server_address[1]
+  finally:
+    srv.shutdown()
+    srv.server_close()
+    thread.join(5)
+
+
+@contextlib.contextmanager
+def gcs_emulator(bucket=BUCKET):
+  """Runs the emulator and proxy; yields a `GcsEmulator`.
+
+  Skips the calling test when `gcp-storage-emulator` or `openssl` is absent.
+  """
+  emulator_server = pytest.importorskip(
+      "gcp_storage_emulator.server",
+      reason="gcp-storage-emulator is not installed (pip install "
+      "gcp-storage-emulator, or the package's [test] extra)")
+  from gcp_storage_emulator import storage as emulator_storage  # pylint: disable=g-import-not-at-top
+  from gcp_storage_emulator.handlers import buckets  # pylint: disable=g-import-not-at-top
+
+  with contextlib.ExitStack() as stack:
+    folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="gcs-"))
+    ca, cert, key = _make_certificates(folder)
+
+    store = emulator_storage.Storage(use_memory_fs=True)
+    buckets.create_bucket(bucket, store)
+    # One request at a time: the emulator's store is not thread-safe, and
+    # its handler answers HTTP/1.0 (one request per connection).
+    api = http.server.HTTPServer(
+        (_LOOPBACK, 0),
+        functools.partial(emulator_server.RequestHandler, store))
+    api_port = stack.enter_context(_serving(api))
+
+    proxy = _ThreadingServer((_LOOPBACK, 0), _ConnectHandler)
+    proxy.upstream = (_LOOPBACK, api_port)
+    proxy.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    proxy.tls.load_cert_chain(cert, key)
+    proxy_port = stack.enter_context(_serving(proxy))
+
+    env = {k: v for k, v in os.environ.items()
+           if k.lower() not in ("no_proxy", "http_proxy", "all_proxy",
+                                "google_application_credentials")}
+    proxy_url = f"http://{_LOOPBACK}:{proxy_port}"
+    cloudsdk = pathlib.Path(folder) / "gcloud"  # Empty: no user credentials.
+    cloudsdk.mkdir()
+    env.update({
+        "HTTPS_PROXY": proxy_url,
+        "https_proxy": proxy_url,
+        "CURL_CA_BUNDLE": str(ca),
+        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator-token",
+        "CLOUDSDK_CONFIG": str(cloudsdk),
+        # Any metadata-server query (zone, credentials) gets a quick
+        # refusal from loopback instead of a DNS lookup or a timeout.
+        "GCE_METADATA_HOST": f"{_LOOPBACK}:{api_port}",
+        # Fail fast: the default retries back off for minutes.
+        "GCS_RETRY_CONFIG_MAX_RETRIES": "2",
+        "GCS_RETRY_CONFIG_INIT_DELAY_TIME_US": "10000",
+        "GCS_RETRY_CONFIG_MAX_DELAY_TIME_US": "100000",
+    })
+    yield GcsEmulator(env=env, bucket=bucket,
+                      emulator_url=f"http://{_LOOPBACK}:{api_port}")
