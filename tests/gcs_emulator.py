@@ -9,7 +9,7 @@ through libcurl, though, which honours `HTTPS_PROXY` and `CURL_CA_BUNDLE`. So:
   * `gcp-storage-emulator` (PyPI, pure Python, the GCS JSON API) serves an
     in-memory store on 127.0.0.1;
   * a small CONNECT proxy on 127.0.0.1 accepts the tunnels curl opens to
-    the Google hosts, ends TLS with a throwaway CA made here (openssl CLI),
+    the Google hosts, ends TLS with a throwaway CA made here (`cryptography`),
     and relays the plain HTTP to the emulator, whatever host was asked for;
   * the environment `gcs_emulator()` yields sends curl to that proxy with
     that CA, and gives TF a fixed bearer token
@@ -33,16 +33,15 @@ Usage:
 
 import contextlib
 import dataclasses
+import datetime
 import functools
 import http.client
 import http.server
 import os
 import pathlib
-import shutil
 import socket
 import socketserver
 import ssl
-import subprocess
 import tempfile
 import threading
 
@@ -70,40 +69,75 @@ def _make_certificates(folder):
 
   Returns (ca_path, cert_path, key_path). EC keys keep this quick.
   """
-  if shutil.which("openssl") is None:
-    pytest.skip("the openssl command is needed to make the emulator's "
-                "throwaway TLS certificate")
+  # pylint: disable=g-import-not-at-top
+  x509 = pytest.importorskip(
+      "cryptography.x509", reason="cryptography is not installed (the "
+      "package's [test] extra): it makes the emulator's TLS certificate")
+  from cryptography.hazmat.primitives import hashes
+  from cryptography.hazmat.primitives import serialization
+  from cryptography.hazmat.primitives.asymmetric import ec
+  # pylint: enable=g-import-not-at-top
+  name = lambda cn: x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME,
+                                                  cn)])
+  now = datetime.datetime.now(datetime.timezone.utc)
+
+  def certificate(subject, key, issuer, issuer_key, extensions):
+    builder = (x509.CertificateBuilder()
+               .subject_name(subject).issuer_name(issuer)
+               .public_key(key.public_key())
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5))
+               .not_valid_after(now + datetime.timedelta(days=2)))
+    for ext, critical in extensions:
+      builder = builder.add_extension(ext, critical=critical)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+  ca_key = ec.generate_private_key(ec.SECP256R1())
+  ca = certificate(name("ctx-jax test CA"), ca_key, name("ctx-jax test CA"),
+                   ca_key, [(x509.BasicConstraints(ca=True, path_length=0),
+                             True)])
+  key = ec.generate_private_key(ec.SECP256R1())
+  cert = certificate(
+      name(GOOGLE_HOSTS[0]), key, ca.subject, ca_key,
+      [(x509.SubjectAlternativeName([x509.DNSName(h) for h in GOOGLE_HOSTS]),
+        False),
+       (x509.BasicConstraints(ca=False, path_length=None), True),
+       (x509.ExtendedKeyUsage([x509.ExtendedKeyUsageOID.SERVER_AUTH]),
+        False)])
   f = pathlib.Path(folder)
-  san = ",".join(f"DNS:{h}" for h in GOOGLE_HOSTS)
-  (f / "server.ext").write_text(
-      f"subjectAltName={san}\nbasicConstraints=CA:FALSE\n"
-      "keyUsage=digitalSignature,keyEncipherment\n"
-      "extendedKeyUsage=serverAuth\n")
-  run = functools.partial(subprocess.run, check=True, capture_output=True,
-                          cwd=f)
-  ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-        "-nodes"]
-  run(["openssl", "req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem",
-       "-days", "2", "-subj", "/CN=ctx-jax test CA",
-       "-addext", "basicConstraints=critical,CA:TRUE",
-       "-addext", "keyUsage=critical,keyCertSign,cRLSign"])
-  run(["openssl", "req", "-new", *ec, "-keyout", "server.key",
-       "-out", "server.csr", "-subj", f"/CN={GOOGLE_HOSTS[0]}"])
-  run(["openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.pem",
-       "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.pem",
-       "-days", "2", "-extfile", "server.ext"])
+  pem = serialization.Encoding.PEM
+  (f / "ca.pem").write_bytes(ca.public_bytes(pem))
+  (f / "server.pem").write_bytes(cert.public_bytes(pem))
+  (f / "server.key").write_bytes(key.private_bytes(
+      pem, serialization.PrivateFormat.PKCS8,
+      serialization.NoEncryption()))
   return f / "ca.pem", f / "server.pem", f / "server.key"
+
+
+_BOUNDARY = "ctx-jax-empty-object"
+# Metadata part (the name comes from the query) and an empty content part.
+_EMPTY_MULTIPART = (
+    f"--{_BOUNDARY}\r\nContent-Type: application/json\r\n\r\n{{}}\r\n"
+    f"--{_BOUNDARY}\r\nContent-Type: application/octet-stream\r\n\r\n"
+    f"\r\n--{_BOUNDARY}--\r\n").encode()
 
 
 class _TunnelHandler(http.server.BaseHTTPRequestHandler):
   """Serves the decrypted HTTP inside one tunnel by asking the emulator.
 
-  Requests pass through unchanged (path, headers, body); one fix is made to
-  responses: the emulator writes resumable-upload `Location`s as `http://`
-  + the Host asked for, which curl would then try to reach directly, so the
-  scheme becomes `https://` to bring the next request back through here.
+  Requests and responses pass through unchanged but for two patches around
+  gaps in gcp-storage-emulator (2026.7):
+    * it fails on an empty `uploadType=media` upload, which TF sends to make
+      a directory marker (`makedirs`), so that one is sent as the equivalent
+      `uploadType=multipart` upload;
+    * it writes resumable-upload `Location`s as `http://` + the Host asked
+      for, which curl would then try to reach directly, so the scheme
+      becomes `https://` to bring the next request back through here.
   """
   protocol_version = "HTTP/1.1"  # Keep-alive: one tunnel, many requests.
+  # Headers and body go out in separate writes; with Nagle's algorithm the
+  # second waits for the peer's delayed ACK (~40 ms a request).
+  disable_nagle_algorithm = True
 
   def _forward(self):
     length = int(self.headers.get("Content-Length") or 0)
@@ -114,6 +148,11 @@ class _TunnelHandler(http.server.BaseHTTPRequestHandler):
     headers = {k: v for k, v in self.headers.items()
                if k.lower() not in ("transfer-encoding", "content-length",
                                     "connection", "expect")}
+    if (self.command == "POST" and not body
+        and "uploadType=media" in self.path):
+      self.path = self.path.replace("uploadType=media", "uploadType=multipart")
+      headers["Content-Type"] = f"multipart/related; boundary={_BOUNDARY}"
+      body = _EMPTY_MULTIPART
     upstream = http.client.HTTPConnection(*self.server.upstream, timeout=60)
     try:
       upstream.request(self.command, self.path, body=body, headers=headers)
@@ -153,6 +192,7 @@ class _TunnelHandler(http.server.BaseHTTPRequestHandler):
 
 class _ConnectHandler(socketserver.StreamRequestHandler):
   """Answers `CONNECT host:443`, ends TLS, serves the tunnel."""
+  disable_nagle_algorithm = True
 
   def handle(self):
     line = self.rfile.readline(8192).decode("latin-1")
@@ -194,7 +234,8 @@ def _serving(srv):
 def gcs_emulator(bucket=BUCKET):
   """Runs the emulator and proxy; yields a `GcsEmulator`.
 
-  Skips the calling test when `gcp-storage-emulator` or `openssl` is absent.
+  Skips the calling test when `gcp-storage-emulator` or `cryptography` is
+  absent.
   """
   emulator_server = pytest.importorskip(
       "gcp_storage_emulator.server",
@@ -211,9 +252,11 @@ def gcs_emulator(bucket=BUCKET):
     buckets.create_bucket(bucket, store)
     # One request at a time: the emulator's store is not thread-safe, and
     # its handler answers HTTP/1.0 (one request per connection).
-    api = http.server.HTTPServer(
-        (_LOOPBACK, 0),
-        functools.partial(emulator_server.RequestHandler, store))
+    class Handler(emulator_server.RequestHandler):
+      disable_nagle_algorithm = True  # As in _TunnelHandler.
+
+    api = http.server.HTTPServer((_LOOPBACK, 0),
+                                 functools.partial(Handler, store))
     api_port = stack.enter_context(_serving(api))
 
     proxy = _ThreadingServer((_LOOPBACK, 0), _ConnectHandler)
@@ -232,6 +275,10 @@ def gcs_emulator(bucket=BUCKET):
         "HTTPS_PROXY": proxy_url,
         "https_proxy": proxy_url,
         "CURL_CA_BUNDLE": str(ca),
+        "TENSORSTORE_CA_BUNDLE": str(ca),
+        # google-cloud-storage (orbax asks it about the bucket) goes straight
+        # to the emulator, with anonymous credentials.
+        "STORAGE_EMULATOR_HOST": f"http://{_LOOPBACK}:{api_port}",
         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator-token",
         "CLOUDSDK_CONFIG": str(cloudsdk),
         # Any metadata-server query (zone, credentials) gets a quick
