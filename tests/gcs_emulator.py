@@ -44,6 +44,7 @@ import socketserver
 import ssl
 import tempfile
 import threading
+import warnings
 
 import pytest
 
@@ -58,10 +59,46 @@ class GcsEmulator:
   """A running emulator: `env` for processes that use it, `bucket` created."""
   env: dict
   bucket: str
-  emulator_url: str  # Plain HTTP, e.g. for google-cloud-storage clients.
+  emulator_url: str  # Plain HTTP on loopback, straight to the emulator.
 
   def url(self, *parts):
+    """`gs://bucket/part/...`."""
     return "/".join((f"gs://{self.bucket}",) + parts)
+
+  def client(self):
+    """A google-cloud-storage client of the emulator, for this process.
+
+    It talks to the emulator directly (not through TF), so tests can seed
+    the bucket and check what TF wrote independently of TF's reading.
+    """
+    with warnings.catch_warnings():
+      # google-api-core asks for grpcio-status, which only HTTP-free
+      # (gRPC) clients need; tests turn warnings into errors.
+      warnings.simplefilter("ignore", ImportWarning)
+      # pylint: disable=g-import-not-at-top
+      from google.auth import credentials
+      from google.cloud import storage
+      # pylint: enable=g-import-not-at-top
+    return storage.Client(project="ctx-test",
+                          credentials=credentials.AnonymousCredentials(),
+                          client_options={"api_endpoint": self.emulator_url})
+
+  def upload_tree(self, local_dir, prefix):
+    """Copies the files under `local_dir` to `gs://bucket/prefix/`."""
+    bucket = self.client().bucket(self.bucket)
+    root = pathlib.Path(local_dir)
+    for path in sorted(root.rglob("*")):
+      if path.is_file():
+        name = f"{prefix}/{path.relative_to(root).as_posix()}"
+        bucket.blob(name).upload_from_filename(str(path))
+    return self.url(prefix)
+
+  def object_names(self, prefix=""):
+    return sorted(b.name for b in self.client().list_blobs(
+        self.bucket, prefix=prefix))
+
+  def read_object(self, name):
+    return self.client().bucket(self.bucket).blob(name).download_as_bytes()
 
 
 def _make_certificates(folder):
