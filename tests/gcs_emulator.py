@@ -37,9 +37,10 @@ import datetime
 import functools
 import http.client
 import http.server
+import json
 import os
 import pathlib
-import socket
+import re
 import socketserver
 import ssl
 import tempfile
@@ -159,29 +160,66 @@ _EMPTY_MULTIPART = (
     f"\r\n--{_BOUNDARY}--\r\n").encode()
 
 
+# Object downloads: the JSON API's (`...?alt=media`, or its /download/
+# alias) and the bucket-host form TF uses (`/bucket/object`); names have
+# their slashes escaped in both.
+_API_DOWNLOAD = re.compile(
+    r"/(?:download/)?storage/v1/b/(?P<bucket>[-.\w]+)/o/(?P<object>[^/]+)")
+_HOST_DOWNLOAD = re.compile(r"/(?P<bucket>[-.\w]+)/(?P<object>[^/]+)")
+
+
 class _TunnelHandler(http.server.BaseHTTPRequestHandler):
   """Serves the decrypted HTTP inside one tunnel by asking the emulator.
 
-  Requests and responses pass through unchanged but for two patches around
-  gaps in gcp-storage-emulator (2026.7):
+  Requests and responses pass through unchanged but for three patches
+  around gaps in gcp-storage-emulator (2026.7):
     * it fails on an empty `uploadType=media` upload, which TF sends to make
       a directory marker (`makedirs`), so that one is sent as the equivalent
       `uploadType=multipart` upload;
     * it writes resumable-upload `Location`s as `http://` + the Host asked
       for, which curl would then try to reach directly, so the scheme
-      becomes `https://` to bring the next request back through here.
+      becomes `https://` to bring the next request back through here;
+    * its object downloads lack the `x-goog-generation` header real GCS
+      sends; tensorstore (orbax's array store) reads the generation there
+      and later fails a conditional write ("Malformed StorageGeneration"),
+      so it is looked up in the object's metadata and added.
   """
   protocol_version = "HTTP/1.1"  # Keep-alive: one tunnel, many requests.
   # Headers and body go out in separate writes; with Nagle's algorithm the
   # second waits for the peer's delayed ACK (~40 ms a request).
   disable_nagle_algorithm = True
 
+  def _ask_emulator(self, method, path, body=None, headers=None):
+    upstream = http.client.HTTPConnection(*self.server.upstream, timeout=60)
+    try:
+      upstream.request(method, path, body=body, headers=headers or {})
+      reply = upstream.getresponse()
+      return reply, reply.read()
+    finally:
+      upstream.close()
+
+  def _generation_headers(self):
+    """`x-goog-(meta)generation` of the object a GET downloads, if any."""
+    path = self.path.split("?")[0]
+    match = _HOST_DOWNLOAD.fullmatch(path)
+    if "alt=media" in self.path:
+      match = _API_DOWNLOAD.fullmatch(path)
+    if not match:
+      return {}
+    reply, data = self._ask_emulator(
+        "GET", f"/storage/v1/b/{match['bucket']}/o/{match['object']}",
+        headers={"Host": self.headers.get("Host", "")})
+    if reply.status != 200:
+      return {}
+    meta = json.loads(data)
+    return {"x-goog-generation": meta["generation"],
+            "x-goog-metageneration": meta["metageneration"]}
+
   def _forward(self):
-    length = int(self.headers.get("Content-Length") or 0)
     if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
       body = self._read_chunked()
     else:
-      body = self.rfile.read(length)
+      body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
     headers = {k: v for k, v in self.headers.items()
                if k.lower() not in ("transfer-encoding", "content-length",
                                     "connection", "expect")}
@@ -190,13 +228,7 @@ class _TunnelHandler(http.server.BaseHTTPRequestHandler):
       self.path = self.path.replace("uploadType=media", "uploadType=multipart")
       headers["Content-Type"] = f"multipart/related; boundary={_BOUNDARY}"
       body = _EMPTY_MULTIPART
-    upstream = http.client.HTTPConnection(*self.server.upstream, timeout=60)
-    try:
-      upstream.request(self.command, self.path, body=body, headers=headers)
-      reply = upstream.getresponse()
-      data = reply.read()
-    finally:
-      upstream.close()
+    reply, data = self._ask_emulator(self.command, self.path, body, headers)
     self.send_response_only(reply.status, reply.reason)
     for k, v in reply.getheaders():
       if k.lower() in ("content-length", "connection", "transfer-encoding",
@@ -205,6 +237,9 @@ class _TunnelHandler(http.server.BaseHTTPRequestHandler):
       if k.lower() == "location" and v.startswith("http://"):
         v = "https://" + v[len("http://"):]
       self.send_header(k, v)
+    if self.command in ("GET", "HEAD") and reply.status in (200, 206):
+      for k, v in self._generation_headers().items():
+        self.send_header(k, v)
     self.send_header("Content-Length", str(len(data)))
     self.end_headers()
     if self.command != "HEAD":
