@@ -8,8 +8,10 @@ reads, and what was written is checked through the emulator itself.
 """
 
 import json
+import socket
 import subprocess
 import sys
+import urllib.parse
 
 import numpy as np
 import pytest
@@ -91,6 +93,19 @@ def test_orbax_checkpoint_manager_and_epath(gcs, worker):
   assert any(n.startswith("w/ckpt/2/") for n in names)
   assert not any(n.startswith("w/ckpt/1/") for n in names)
   assert gcs.read_object("w/epath/note.txt") == b"written by epath"
+
+
+def test_emulator_listens_on_loopback_only_and_stops():
+  with gcs_emulator.gcs_emulator() as emulator:
+    addresses = [urllib.parse.urlsplit(u) for u in (
+        emulator.env["HTTPS_PROXY"], emulator.emulator_url)]
+    assert {a.hostname for a in addresses} == {"127.0.0.1"}
+    for a in addresses:
+      socket.create_connection((a.hostname, a.port), timeout=5).close()
+    assert emulator.object_names() == []  # The bucket exists, empty.
+  for a in addresses:
+    with pytest.raises(ConnectionRefusedError):
+      socket.create_connection((a.hostname, a.port), timeout=5)
 
 
 @pytest.mark.xfail(
