@@ -38,6 +38,7 @@ import functools
 import http.client
 import http.server
 import json
+import logging
 import os
 import pathlib
 import re
@@ -317,6 +318,10 @@ def gcs_emulator(bucket=BUCKET):
   from gcp_storage_emulator.handlers import buckets  # pylint: disable=g-import-not-at-top
 
   with contextlib.ExitStack() as stack:
+    # It logs each 404 (a normal answer: "does this exist?") as an error.
+    quiet = logging.getLogger("gcp_storage_emulator")
+    stack.callback(quiet.setLevel, quiet.level)
+    quiet.setLevel(logging.CRITICAL)
     folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="gcs-"))
     ca, cert, key = _make_certificates(folder)
 

@@ -3,28 +3,35 @@
 Started by tests/gcs_emulator_test.py in a subprocess whose environment
 points TF's GCS client at the emulator (tests/gcs_emulator.py):
 
-    python -m tests.gcs_worker CHECKS ROOT LOCAL OUT
+    python -m tests.gcs_worker CHECKS BUCKET_URL RECORDS OUT
 
-CHECKS names functions below (comma-separated: one process, one TF start-up
-for all); ROOT is a `gs://bucket/prefix` URL, LOCAL a local input and OUT a
-local folder for results. The worker only reports
-what it observed (JSON in OUT/result.json, arrays in .npz); the test decides
-whether that is right, comparing with local reads and with the emulator's
-own view of the bucket.
+CHECKS names functions below, comma-separated: one process, one TF
+start-up for all. Each works under BUCKET_URL/<its name> and may read the
+local Meta-Dataset source folder RECORDS. The worker only reports what it
+observed (OUT/result.json, arrays in .npz files; a check that raises reports
+its traceback and the others still run); the test decides whether that is
+right, comparing with local reads and with the emulator's own view of the
+bucket.
 """
 
 import json
 import pathlib
 import sys
+import traceback
 
 import numpy as np
+
+CLASS_FILE = "0.tfrecords"  # Of the source in RECORDS.
+# Small fixed episodes: the check is where bytes come from, not sampling.
+EPISODE = {"num_ways": 5, "num_support": 2, "num_query": 2}
+SEED = 5
 
 
 def gfile(root, local, out):
   """tf.io.gfile on objects: write, (seek-)read, list, glob, rename, rmtree."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   gfile_ = tf.io.gfile
-  data = pathlib.Path(local).read_bytes()
+  data = pathlib.Path(local, CLASS_FILE).read_bytes()
   path = f"{root}/dir/data.bin"
   gfile_.makedirs(f"{root}/dir")
   with gfile_.GFile(path, "wb") as f:
@@ -60,8 +67,8 @@ def gfile(root, local, out):
 def tfrecords(root, local, out):
   """tf.data.TFRecordDataset over a class file copied to the bucket."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  path = f"{root}/records/{pathlib.Path(local).name}"
-  tf.io.gfile.copy(local, path)
+  path = f"{root}/{CLASS_FILE}"
+  tf.io.gfile.copy(f"{local}/{CLASS_FILE}", path)
   records = [r.numpy() for r in tf.data.TFRecordDataset(path)]
   # The same file through a parallel, interleaved read, as pipelines do.
   interleaved = tf.data.Dataset.from_tensor_slices([path, path]).interleave(
@@ -107,12 +114,13 @@ def orbax(root, local, out):
 
 
 def episodes(root, local, out):
-  """Meta-Dataset episodes from a source on the bucket."""
+  """Meta-Dataset episodes from a source the test copied to the bucket."""
   del local
   import meta_dataset_pipeline as mdp  # pylint: disable=g-import-not-at-top
   spec = mdp.load_dataset_spec(root)
   ds = mdp.make_one_source_episode_dataset(
-      spec, "TEST", mdp.EpisodeDescriptionConfig(), image_size=28, seed=5)
+      spec, "TEST", mdp.EpisodeDescriptionConfig(**EPISODE), image_size=28,
+      seed=SEED)
   eps = list(ds.take(2).as_numpy_iterator())
   np.savez(f"{out}/episodes.npz", **{f"{i}.{k}": v for i, ep in
                                      enumerate(eps) for k, v in ep.items()})
@@ -120,8 +128,13 @@ def episodes(root, local, out):
 
 
 def main(argv):
-  checks, root, local, out = argv[1:]
-  result = {c: globals()[c](root, local, out) for c in checks.split(",")}
+  checks, bucket_url, local, out = argv[1:]
+  result = {}
+  for check in checks.split(","):
+    try:
+      result[check] = globals()[check](f"{bucket_url}/{check}", local, out)
+    except Exception:  # pylint: disable=broad-exception-caught
+      result[check] = {"error": traceback.format_exc()}
   pathlib.Path(out, "result.json").write_text(json.dumps(result))
 
 
