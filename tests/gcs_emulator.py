@@ -19,16 +19,28 @@ through libcurl, though, which honours `HTTPS_PROXY` and `CURL_CA_BUNDLE`. So:
 Nothing listens beyond loopback and nothing leaves the machine: every host
 curl asks for lands on the emulator. Everything is stopped on exit.
 
-The environment must be in place before TF's GCS file system makes its
-first request in a process (the token and the retry settings are read once,
-when the file system is created; curl reads the proxy and CA per request).
-Run code that touches `gs://` in a subprocess started with `env`, or set
-`os.environ.update(env)` before TensorFlow is imported.
+When TF reads the environment (checked with TF 2.21): the GCS_* settings
+(retries, caches) when TensorFlow is imported (its GCS file system is made
+then), the token at the first request, and curl reads the proxy and CA at
+each request. So run code that touches `gs://` in a subprocess started with
+`gcs.env` (as tests/gcs_emulator_test.py does), or apply the settings before
+TensorFlow is imported. Applied later in a process that already imported
+TF (`gcs.patch_environ(monkeypatch)`), `gs://` works too but with TF's
+default retries: a failing request then retries for minutes.
+
+TF's GCS client also caches: `exists`/`stat` answers for
+GCS_STAT_CACHE_MAX_AGE (5 s by default), so a folder just emptied may still
+"exist" for a few seconds, as with real GCS. The emulator ignores
+`ifGenerationMatch` preconditions (tensorstore uses them for orbax's OCDBT
+manifests), so concurrent writers are not checked.
 
 Usage:
 
     with gcs_emulator() as gcs:
-      subprocess.run([...], env=gcs.env, check=True)  # uses gs://{gcs.bucket}
+      gcs.upload_tree(local_records, "records")   # Seed the bucket.
+      subprocess.run([..., gcs.url("records"), gcs.url("workdir")],
+                     env=gcs.env, check=True)
+      assert gcs.object_names("workdir/")          # What TF wrote.
 """
 
 import contextlib
@@ -56,12 +68,36 @@ BUCKET = "ctx-test-bucket"
 _LOOPBACK = "127.0.0.1"
 
 
+# Proxy variables that would send curl elsewhere or exempt the Google hosts,
+# and credentials that TF or google-cloud-storage would try before ours.
+_UNSET = ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+          "all_proxy", "GOOGLE_APPLICATION_CREDENTIALS")
+
+
 @dataclasses.dataclass(frozen=True)
 class GcsEmulator:
-  """A running emulator: `env` for processes that use it, `bucket` created."""
-  env: dict
+  """A running emulator and its bucket (created, empty at start).
+
+  `settings` are the environment variables that point TF, tensorstore and
+  google-cloud-storage at it; `env` is this process's environment with them
+  (and without `_UNSET`), for subprocesses.
+  """
+  settings: dict
   bucket: str
   emulator_url: str  # Plain HTTP on loopback, straight to the emulator.
+
+  @property
+  def env(self):
+    env = {k: v for k, v in os.environ.items() if k not in _UNSET}
+    env.update(self.settings)
+    return env
+
+  def patch_environ(self, monkeypatch):
+    """Applies `settings` to this process for one test (see module doc)."""
+    for k in _UNSET:
+      monkeypatch.delenv(k, raising=False)
+    for k, v in self.settings.items():
+      monkeypatch.setenv(k, v)
 
   def url(self, *parts):
     """`gs://bucket/part/...`."""
@@ -342,13 +378,10 @@ def gcs_emulator(bucket=BUCKET):
     proxy.tls.load_cert_chain(cert, key)
     proxy_port = stack.enter_context(_serving(proxy))
 
-    env = {k: v for k, v in os.environ.items()
-           if k.lower() not in ("no_proxy", "http_proxy", "all_proxy",
-                                "google_application_credentials")}
     proxy_url = f"http://{_LOOPBACK}:{proxy_port}"
     cloudsdk = pathlib.Path(folder) / "gcloud"  # Empty: no user credentials.
     cloudsdk.mkdir()
-    env.update({
+    settings = {
         "HTTPS_PROXY": proxy_url,
         "https_proxy": proxy_url,
         "CURL_CA_BUNDLE": str(ca),
@@ -358,13 +391,13 @@ def gcs_emulator(bucket=BUCKET):
         "STORAGE_EMULATOR_HOST": f"http://{_LOOPBACK}:{api_port}",
         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator-token",
         "CLOUDSDK_CONFIG": str(cloudsdk),
-        # Any metadata-server query (zone, credentials) gets a quick
-        # refusal from loopback instead of a DNS lookup or a timeout.
+        # Any metadata-server query (zone, credentials) gets a quick error
+        # answer from loopback instead of a DNS lookup or a timeout.
         "GCE_METADATA_HOST": f"{_LOOPBACK}:{api_port}",
         # Fail fast: the default retries back off for minutes.
         "GCS_RETRY_CONFIG_MAX_RETRIES": "2",
         "GCS_RETRY_CONFIG_INIT_DELAY_TIME_US": "10000",
         "GCS_RETRY_CONFIG_MAX_DELAY_TIME_US": "100000",
-    })
-    yield GcsEmulator(env=env, bucket=bucket,
+    }
+    yield GcsEmulator(settings=settings, bucket=bucket,
                       emulator_url=f"http://{_LOOPBACK}:{api_port}")

@@ -120,6 +120,19 @@ def test_episodes_from_bucket_match_local(worker, dtd):
         np.testing.assert_array_equal(got[f"{i}.{key}"], value, err_msg=key)
 
 
+def test_in_process_gfile_after_patch_environ(gcs, monkeypatch):
+  gcs.patch_environ(monkeypatch)  # This process imported TF long ago.
+  path = gcs.url("inproc/note.txt")
+  with tf.io.gfile.GFile(path, "w") as f:
+    f.write("in process")
+  assert gcs.read_object("inproc/note.txt") == b"in process"
+  gcs.client().bucket(gcs.bucket).blob("inproc/seeded.txt").upload_from_string(
+      b"seeded")
+  assert tf.io.gfile.listdir(gcs.url("inproc")) == ["note.txt", "seeded.txt"]
+  with tf.io.gfile.GFile(gcs.url("inproc/seeded.txt"), "rb") as f:
+    assert f.read() == b"seeded"
+
+
 def test_emulator_listens_on_loopback_only_and_stops():
   with gcs_emulator.gcs_emulator() as emulator:
     addresses = [urllib.parse.urlsplit(u) for u in (
