@@ -66,6 +66,7 @@ import pytest
 GOOGLE_HOSTS = ("www.googleapis.com", "storage.googleapis.com")
 BUCKET = "ctx-test-bucket"
 _LOOPBACK = "127.0.0.1"
+_IDLE_TIMEOUT_S = 60
 
 
 # Proxy variables that would send curl elsewhere or exempt the Google hosts,
@@ -116,10 +117,14 @@ class GcsEmulator:
       # pylint: disable=g-import-not-at-top
       from google.auth import credentials
       from google.cloud import storage
+      import requests
       # pylint: enable=g-import-not-at-top
+    session = requests.Session()
+    session.trust_env = False  # Loopback: no HTTP(S)_PROXY of this machine.
     return storage.Client(project="ctx-test",
                           credentials=credentials.AnonymousCredentials(),
-                          client_options={"api_endpoint": self.emulator_url})
+                          client_options={"api_endpoint": self.emulator_url},
+                          _http=session)
 
   def upload_tree(self, local_dir, prefix):
     """Copies the files under `local_dir` to `gs://bucket/prefix/`."""
@@ -302,6 +307,9 @@ class _TunnelHandler(http.server.BaseHTTPRequestHandler):
 class _ConnectHandler(socketserver.StreamRequestHandler):
   """Answers `CONNECT host:443`, ends TLS, serves the tunnel."""
   disable_nagle_algorithm = True
+  # Closes tunnels left idle in curl's connection pool (the client opens a
+  # new one when it needs it), so their threads end.
+  timeout = _IDLE_TIMEOUT_S
 
   def handle(self):
     line = self.rfile.readline(8192).decode("latin-1")
@@ -367,6 +375,7 @@ def gcs_emulator(bucket=BUCKET):
     # its handler answers HTTP/1.0 (one request per connection).
     class Handler(emulator_server.RequestHandler):
       disable_nagle_algorithm = True  # As in _TunnelHandler.
+      timeout = _IDLE_TIMEOUT_S  # A silent client would block all others.
 
     api = http.server.HTTPServer((_LOOPBACK, 0),
                                  functools.partial(Handler, store))
