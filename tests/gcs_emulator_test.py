@@ -8,6 +8,7 @@ reads, and what was written is checked through the emulator itself.
 """
 
 import json
+import pathlib
 import socket
 import subprocess
 import sys
@@ -17,10 +18,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests import conftest
 from tests import gcs_emulator
 from tests import gcs_worker
 
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 CLASS_FILE = gcs_worker.CLASS_FILE
 CHECKS = ("gfile", "tfrecords", "orbax", "episodes")
 
@@ -40,15 +41,16 @@ def gcs():
 def worker(gcs, dtd, tmp_path_factory):
   """One worker process (one TF start-up) runs every check on the bucket.
 
-  Returns a function giving a check's observations (skipping its test when
-  the check raised) and the folder of its arrays.
+  Returns a function giving a check's observations (failing the calling
+  test with the worker's traceback when the check raised) and the folder of
+  its arrays.
   """
   out = tmp_path_factory.mktemp("gcs_worker")
   gcs.upload_tree(dtd, "episodes")  # The source the episodes check reads.
   proc = subprocess.run(
       [sys.executable, "-m", "tests.gcs_worker", ",".join(CHECKS),
        gcs.url(), str(dtd), str(out)],
-      env=gcs.env, cwd=conftest.REPO_ROOT, capture_output=True, text=True,
+      env=gcs.env, cwd=REPO_ROOT, capture_output=True, text=True,
       timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-4000:]
   results = json.loads((out / "result.json").read_text())
