@@ -351,13 +351,19 @@ def _serving(srv):
 def gcs_emulator(bucket=BUCKET):
   """Runs the emulator and proxy; yields a `GcsEmulator`.
 
-  Skips the calling test when `gcp-storage-emulator` or `cryptography` is
-  absent.
+  Skips the calling test when `gcp-storage-emulator`, `google-cloud-storage`
+  or `cryptography` is absent.
   """
   emulator_server = pytest.importorskip(
       "gcp_storage_emulator.server",
       reason="gcp-storage-emulator is not installed (pip install "
       "gcp-storage-emulator, or the package's [test] extra)")
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", ImportWarning)  # See GcsEmulator.client.
+    pytest.importorskip(
+        "google.cloud.storage",
+        reason="google-cloud-storage is not installed (the package's [test] "
+        "extra): orbax needs it for gs://, and tests use it to seed buckets")
   from gcp_storage_emulator import storage as emulator_storage  # pylint: disable=g-import-not-at-top
   from gcp_storage_emulator.handlers import buckets  # pylint: disable=g-import-not-at-top
 
