@@ -208,12 +208,13 @@ _EMPTY_MULTIPART = (
 _API_DOWNLOAD = re.compile(
     r"/(?:download/)?storage/v1/b/(?P<bucket>[-.\w]+)/o/(?P<object>[^/]+)")
 _HOST_DOWNLOAD = re.compile(r"/(?P<bucket>[-.\w]+)/(?P<object>[^/]+)")
+_STORAGE_LAYOUT = re.compile(r"/storage/v1/b/(?P<bucket>[-.\w]+)/storageLayout")
 
 
 class _TunnelHandler(http.server.BaseHTTPRequestHandler):
   """Serves the decrypted HTTP inside one tunnel by asking the emulator.
 
-  Requests and responses pass through unchanged but for three patches
+  Requests and responses pass through unchanged but for four patches
   around gaps in gcp-storage-emulator (2026.7):
     * it fails on an empty `uploadType=media` upload, which TF sends to make
       a directory marker (`makedirs`), so that one is sent as the equivalent
@@ -224,7 +225,11 @@ class _TunnelHandler(http.server.BaseHTTPRequestHandler):
     * its object downloads lack the `x-goog-generation` header real GCS
       sends; tensorstore (orbax's array store) reads the generation there
       and later fails a conditional write ("Malformed StorageGeneration"),
-      so it is looked up in the object's metadata and added.
+      so it is looked up in the object's metadata and added;
+    * it has no `GET /storage/v1/b/BUCKET/storageLayout`, which TF asks
+      before renaming a folder (to rename it at once on a hierarchical
+      namespace bucket) and fails on a 404, so the proxy answers it: a flat
+      bucket, whose folders TF renames object by object.
   """
   protocol_version = "HTTP/1.1"  # Keep-alive: one tunnel, many requests.
   # Headers and body go out in separate writes; with Nagle's algorithm the
@@ -270,7 +275,19 @@ class _TunnelHandler(http.server.BaseHTTPRequestHandler):
       self.path = self.path.replace("uploadType=media", "uploadType=multipart")
       headers["Content-Type"] = f"multipart/related; boundary={_BOUNDARY}"
       body = _EMPTY_MULTIPART
-    reply, data = self._ask_emulator(self.command, self.path, body, headers)
+    layout = _STORAGE_LAYOUT.fullmatch(self.path.split("?")[0])
+    if layout and self.command == "GET":
+      reply, data = self._ask_emulator(
+          "GET", f"/storage/v1/b/{layout['bucket']}", headers=headers)
+      if reply.status == 200:
+        bucket = json.loads(data)
+        data = json.dumps({
+            "kind": "storage#storageLayout", "bucket": bucket["name"],
+            "location": bucket.get("location", "US"),
+            "locationType": bucket.get("locationType", "multi-region"),
+            "hierarchicalNamespace": {"enabled": False}}).encode()
+    else:
+      reply, data = self._ask_emulator(self.command, self.path, body, headers)
     self.send_response_only(reply.status, reply.reason)
     for k, v in reply.getheaders():
       if k.lower() in ("content-length", "connection", "transfer-encoding",

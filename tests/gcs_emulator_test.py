@@ -76,8 +76,9 @@ def test_gfile_operations(gcs, worker, dtd):
   assert not result["exists_after_rmtree"]
   # The emulator itself holds the bytes TF wrote, and nothing under dir/
   # ("gfile/" is the folder marker makedirs wrote).
-  assert gcs.object_names("gfile/") == ["gfile/", "gfile/keep/copy.bin"]
-  assert gcs.read_object("gfile/keep/copy.bin") == data
+  assert result["kept"] == ["copy.bin"]
+  assert gcs.object_names("gfile/") == ["gfile/", "gfile/kept/copy.bin"]
+  assert gcs.read_object("gfile/kept/copy.bin") == data
 
 
 def test_tfrecord_dataset_reads_from_bucket(gcs, worker, dtd):

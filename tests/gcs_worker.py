@@ -57,6 +57,8 @@ def gfile(root, local, out):
     result["renamed_equal"] = f.read() == data
   result["old_exists_after_rename"] = gfile_.exists(path)
   gfile_.copy(f"{root}/dir/renamed.bin", f"{root}/keep/copy.bin")
+  gfile_.rename(f"{root}/keep", f"{root}/kept")  # A folder, object by object.
+  result["kept"] = gfile_.listdir(f"{root}/kept")
   gfile_.rmtree(f"{root}/dir")
   # A file, not the folder: TF keeps folder answers in its stat cache for
   # GCS_STAT_CACHE_MAX_AGE seconds (5 by default), as against real GCS.
