@@ -38,7 +38,15 @@ setuptools.setup(
         "tensorboard>=2.20",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "test": [
+            "pytest>=8", "pytest-xdist>=3.5",
+            # tests/gcs_emulator.py: a loopback Cloud Storage emulator for
+            # gs:// tests, its TLS certificate, and the client orbax asks
+            # about gs:// buckets (orbax imports it but does not declare it).
+            "gcp-storage-emulator>=2026.7",
+            "cryptography>=42",
+            "google-cloud-storage>=3",
+        ],
     },
     entry_points={
         "console_scripts": [
