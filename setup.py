@@ -49,6 +49,7 @@ setuptools.setup(
             "md-convert=meta_dataset_pipeline.conversion.cli:run",
             "ctx-import-official=ctx_jax.models.official_import:run",
             "ctx-run-episode=ctx_jax.models.official_import:run_episode_main",
+            "ctx-attention=ctx_jax.eval.attention_main:run",
         ],
     },
 )
