@@ -48,9 +48,9 @@ def _parser():
   parser.add_argument("--output", required=True,
                       help="folder for the PNGs and attention.npz (new or "
                       "empty)")
-  parser.add_argument("--queries", default="0,1,2",
-                      help="comma-separated query indices (those past the "
-                      "episode's queries are an error)")
+  parser.add_argument("--queries", default=None,
+                      help="comma-separated query indices (default: the "
+                      "first three)")
   parser.add_argument("--positions", default=None,
                       help="feature-map positions 'y,x;y,x' (default: the "
                       "--grid)")
@@ -161,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(args) -> int:
   """The command proper; user errors end it through `cli.guarded`."""
   from ctx_jax.eval import main as eval_main  # pylint: disable=g-import-not-at-top
-  queries = _int_list(args.queries, "--queries")
+  queries = _int_list(args.queries, "--queries") if args.queries else None
   positions = parse_positions(args.positions) if args.positions else None
   if args.grid < 1 or args.max_support < 1:
     raise ValueError("--grid and --max_support must be at least 1")
@@ -181,6 +181,7 @@ def _main(args) -> int:
     origin = (f"{pathlib.Path(args.records).name} {args.split} episode "
               f"{args.episode_index} (seed {args.seed}, {image_size}px)")
   real_queries = np.flatnonzero(episode["query_mask"])
+  queries = queries or list(range(min(3, real_queries.size)))
   bad = [q for q in queries if q >= real_queries.size]
   if bad:
     raise ValueError(f"--queries {bad}: the episode has "

@@ -15,7 +15,14 @@ H and X the image.
 from typing import Mapping, Sequence
 
 from absl import logging
+from flax import nnx
+import jax
 import numpy as np
+
+from ctx_jax import models
+from ctx_jax.training import input_pipeline
+from ctx_jax.training import mesh as mesh_lib
+from ctx_jax.training import train_step as step_lib
 
 # Figure cells are CELL_INCHES square at DPI dots per inch.
 CELL_INCHES = 1.3
@@ -270,6 +277,14 @@ def confusion_matrix(pairs: dict[tuple[int, int], int]
   return matrix, ids
 
 
+@nnx.jit(static_argnames="num_ways")
+def _logits(model, episode, num_ways):
+  """[Q,W] logits of an (eval-mode) model on a device episode."""
+  return model(episode["support_images"], episode["support_labels"],
+               episode["support_mask"], episode["query_images"],
+               num_ways=num_ways)
+
+
 def validation_images(config, model, mesh) -> dict[str, np.ndarray]:
   """{tag: [1,H,X,3] uint8}: per valid source, one attention figure (query
   0 of the first validation episode, the centre position) and the confusion
@@ -278,18 +293,8 @@ def validation_images(config, model, mesh) -> dict[str, np.ndarray]:
 
   Costs one more forward pass over the validation episodes.
   """
-  # pylint: disable=g-import-not-at-top
-  from flax import nnx
-  from ctx_jax import models
-  from ctx_jax.training import input_pipeline
-  from ctx_jax.training import mesh as mesh_lib
-  from ctx_jax.training import train_step as step_lib
-  # pylint: enable=g-import-not-at-top
   images = {}
   num_ways = input_pipeline.max_ways(config, "VALID")
-  logits_fn = nnx.jit(lambda m, ep, w: m(
-      ep["support_images"], ep["support_labels"], ep["support_mask"],
-      ep["query_images"], num_ways=w), static_argnums=2)
   for source in config.data.valid_sources:
     stream = input_pipeline.episodes(config, "VALID", [source],
                                      seed=config.eval.seed,
@@ -303,7 +308,7 @@ def validation_images(config, model, mesh) -> dict[str, np.ndarray]:
         device = mesh_lib.shard_episode(episode, mesh,
                                         step_lib.MODEL_INPUT_KEYS)
         width = step_lib.logit_width(num_ways, device)
-        logits = np.asarray(logits_fn(model, device, width))
+        logits = np.asarray(_logits(model, device, num_ways=width))
         episode_confusion(pairs, logits, episode)
     finally:
       model.train()
@@ -330,7 +335,6 @@ def write_validation_images(config, model, mesh, step: int, writer) -> None:
   Single-process runs only (the figures run the model outside the sharded
   steps); a multi-process run logs that it skips them.
   """
-  import jax  # pylint: disable=g-import-not-at-top
   if jax.process_count() > 1:
     logging.warning("config.eval.attention_images: skipped in multi-process "
                     "runs")

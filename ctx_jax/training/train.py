@@ -26,6 +26,7 @@ import numpy as np
 
 from ctx_jax import xla_config
 from ctx_jax.eval import evaluate
+from ctx_jax.eval import figures
 from ctx_jax.training import checkpoint as checkpoint_lib
 from ctx_jax.training import config_checks
 from ctx_jax.training import input_pipeline
@@ -430,6 +431,8 @@ def _validate(config, model, mesh, step, writer, best, is_chief) -> None:
   writer.write_scalars(step, {f"valid/{s}/accuracy": v.mean
                               for s, v in valid.items()}
                        | {"valid/accuracy": accuracy})
+  if config.eval.get("attention_images"):
+    figures.write_validation_images(config, model, mesh, step, writer)
   improved = best.update(step, accuracy,
                          {s: v.as_dict() for s, v in valid.items()}, model,
                          config.model)
