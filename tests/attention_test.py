@@ -168,16 +168,6 @@ def _protonet_config():
   return config
 
 
-def test_help_lists_the_flags(capsys):
-  with pytest.raises(SystemExit) as e:
-    attention_main.main(["--help"])
-  assert e.value.code == 0
-  text = capsys.readouterr().out
-  for flag in ("--model_dir", "--episode", "--records", "--split", "--seed",
-               "--output", "--queries", "--positions", "--grid"):
-    assert flag in text
-
-
 def _image_tags(workdir: pathlib.Path) -> dict[str, tuple[int, int]]:
   """{tag: (height, width)} of the image summaries in the TB event files."""
   tags = {}

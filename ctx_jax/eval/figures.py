@@ -52,7 +52,7 @@ def grid_positions(h: int, w: int, n: int) -> list[tuple[int, int]]:
 def _overlay(ax, image, heat, vmax, title=None):
   """Image with the [h,w] heat map laid over it (alpha blended)."""
   size_y, size_x = image.shape[:2]
-  ax.imshow(display(image))
+  ax.imshow(display(image), interpolation="nearest")
   ax.imshow(heat, cmap=HEAT_CMAP, alpha=0.6, vmin=0, vmax=vmax,
             extent=(0, size_x, size_y, 0), interpolation="nearest")
   ax.set_xticks([])
@@ -125,9 +125,10 @@ def attention_figure(out, support_images: np.ndarray,
   rows, cols = max(len(classes), 2), max_support + 2
   fig = plt.figure(figsize=(cols * CELL_INCHES, rows * CELL_INCHES), dpi=DPI)
   grid = fig.add_gridspec(rows, cols, hspace=0.35, wspace=0.1, left=0.02,
-                          right=0.98, top=0.9, bottom=0.04)
+                          right=0.98, top=0.9, bottom=0.04,
+                          width_ratios=[1.25, 0.75] + [1] * max_support)
   ax = fig.add_subplot(grid[0, 0])
-  ax.imshow(display(query_image))
+  ax.imshow(display(query_image), interpolation="nearest")
   size_y, size_x = query_image.shape[:2]
   cell_y, cell_x = size_y / h, size_x / w
   ax.add_patch(patches.Rectangle((x * cell_x, y * cell_y), cell_x, cell_y,
@@ -191,7 +192,7 @@ def summary_figure(out, support_images: np.ndarray,
   mean_attention = out.attention.mean(axis=(1, 2))  # [Q,S,h,w]
   for r, q in enumerate(query_rows):
     ax = axes[r, 0]
-    ax.imshow(display(query_images[r]))
+    ax.imshow(display(query_images[r]), interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
     truth = f", true {true_labels[r]}" if true_labels is not None else ""
