@@ -13,6 +13,11 @@ chunks under `jax.lax.map`, and each chunk is rematerialised
 (`jax.checkpoint`) in the backward pass, as the official
 `_get_dist_rematerialize` does one query at a time.
 
+Inspection: `_aligned_prototypes` is the one implementation of the attention;
+the training head keeps its prototypes, while `crosstransformer_attention`
+(and `CrossTransformerHead.attention`, used by `models.inspect_episode` and
+ctx-attention) also returns its weights.
+
 Shape letters: S support images, Q query images, B queries in a chunk,
 W ways (classes), J spatial positions of a support image, P spatial positions
 of a query image, D key/query channels, C value channels, E embedding
