@@ -9,8 +9,8 @@ import tensorflow as tf
 
 from ctx_jax.eval import attention_main
 from ctx_jax.eval import figures
-from ctx_jax.models import official_import
-from ctx_jax.training import checkpoint
+from ctx_jax.checkpoints import official_cli
+from ctx_jax.checkpoints import export as checkpoint
 from ctx_jax.training import train
 from experiments import demo
 from tests import fakes
@@ -103,7 +103,7 @@ def test_npz_episode_gives_the_model_logits(tiny, tmp_path):
 def test_imported_official_checkpoint(shared_dir, tmp_path):
   fixture = shared_dir / "fixtures" / "official_ctx"
   export = tmp_path / "official"
-  official_import.run([str(fixture / "model.ckpt"), str(export)])
+  official_cli.run([str(fixture / "model.ckpt"), str(export)])
   _attention_main("--model_dir", export, "--episode", fixture / "episode.npz",
                   "--queries", "0,8", "--positions", "2,3",
                   "--output", tmp_path / "out")

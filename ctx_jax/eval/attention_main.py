@@ -191,7 +191,7 @@ def _main(args) -> int:
   # pylint: disable=g-import-not-at-top
   from ctx_jax import models
   from ctx_jax.eval import figures
-  from ctx_jax.training import checkpoint
+  from ctx_jax.checkpoints import export as checkpoint
   # pylint: enable=g-import-not-at-top
   model, _ = checkpoint.load_exported_model_or_explain(model_dir)
   chosen = dict(episode, query_images=episode["query_images"][rows])

@@ -19,10 +19,10 @@ from flax import nnx
 import jax
 import numpy as np
 
+from ctx_jax import mesh as mesh_lib
 from ctx_jax import models
-from ctx_jax.training import input_pipeline
-from ctx_jax.training import mesh as mesh_lib
-from ctx_jax.training import train_step as step_lib
+from ctx_jax.data import input_pipeline
+from ctx_jax.models import episode as episode_lib
 
 # Figure cells are CELL_INCHES square at DPI dots per inch.
 CELL_INCHES = 1.3
@@ -307,8 +307,8 @@ def validation_images(config, model, mesh) -> dict[str, np.ndarray]:
         episode = next(stream)
         first = episode if first is None else first
         device = mesh_lib.shard_episode(episode, mesh,
-                                        step_lib.MODEL_INPUT_KEYS)
-        width = step_lib.logit_width(num_ways, device)
+                                        episode_lib.MODEL_INPUT_KEYS)
+        width = episode_lib.logit_width(num_ways, device)
         logits = np.asarray(_logits(model, device, num_ways=width))
         episode_confusion(pairs, logits, episode)
     finally:
