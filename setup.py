@@ -59,6 +59,7 @@ setuptools.setup(
             "md-convert=meta_dataset_pipeline.conversion.cli:run",
             "ctx-import-official=ctx_jax.checkpoints.official_cli:run",
             "ctx-run-episode=ctx_jax.checkpoints.official_cli:run_episode_main",
+            "ctx-attention=ctx_jax.eval.attention_main:run",
         ],
     },
 )

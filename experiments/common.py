@@ -150,6 +150,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict()
   config.eval.num_episodes = 600
   config.eval.seed = 0
+  # At each validation, write TensorBoard images per valid source: one
+  # episode's CTX attention figure and the confusion of the validation
+  # episodes (ctx_jax/eval/figures.py; one more forward pass over them).
+  config.eval.attention_images = False
   return config
 
 

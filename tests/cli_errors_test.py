@@ -264,6 +264,8 @@ def test_absl_help_is_short_and_exits_0(ran, command):
     ("ctx_jax.checkpoints.official_cli", "run", ["--max_stride", "--dtype"]),
     ("ctx_jax.checkpoints.official_cli", "run_episode_main",
      ["--model_dir", "--episode", "--gradients"]),
+    ("ctx_jax.eval.attention_main", "main",
+     ["--model_dir", "--records", "--queries", "--positions", "--grid"]),
 ])
 def test_argparse_help_lists_every_flag_with_its_default(module, entry, flags,
                                                          capsys):

@@ -26,6 +26,7 @@ LAYERS = (
     ("training", ("ctx_jax.training",)),
     ("configs", ("experiments",)),
     ("entry points", ("ctx_jax.main", "ctx_jax.eval.main",
+                      "ctx_jax.eval.attention_main",
                       "ctx_jax.checkpoints.official_cli", "ctx_jax.demo.run",
                       "ctx_jax.demo.dataset", "launch")),
 )

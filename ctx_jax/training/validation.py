@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from ctx_jax.eval import evaluate
+from ctx_jax.eval import figures
 
 
 def test_all(model, config, mesh, is_chief, label: str) -> dict[str, Any]:
@@ -40,6 +41,8 @@ def validate(config, model, mesh, step, writer, best, is_chief) -> None:
   writer.write_scalars(step, {f"valid/{s}/accuracy": v.mean
                               for s, v in valid.items()}
                        | {"valid/accuracy": accuracy})
+  if config.eval.get("attention_images"):
+    figures.write_validation_images(config, model, mesh, step, writer)
   improved = best.update(step, accuracy,
                          {s: v.as_dict() for s, v in valid.items()}, model,
                          config.model)
