@@ -23,6 +23,8 @@ setuptools.setup(
         "orbax-checkpoint>=0.12,<0.13",
         # Paths on any file system (local, gs://), as orbax uses them.
         "etils[epath]>=1.7",
+        # orbax writes gs:// checkpoints through it (it does not declare it).
+        "google-cloud-storage>=3",
         "chex>=0.1.90",
         "ml-collections>=1.1",
         "absl-py>=2.1",
@@ -41,11 +43,9 @@ setuptools.setup(
         "test": [
             "pytest>=8", "pytest-xdist>=3.5",
             # tests/gcs_emulator.py: a loopback Cloud Storage emulator for
-            # gs:// tests, its TLS certificate, and the client orbax asks
-            # about gs:// buckets (orbax imports it but does not declare it).
+            # gs:// tests and its TLS certificate.
             "gcp-storage-emulator>=2026.7",
             "cryptography>=42",
-            "google-cloud-storage>=3",
         ],
     },
     entry_points={
