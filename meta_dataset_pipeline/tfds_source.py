@@ -166,18 +166,34 @@ class _TfdsMixin:
             for c, rng in zip(self.get_classes(split), rngs)]
 
 
-def _tfds_spec_class(base):
-  """`base` spec class plus the TFDS records (isinstance checks still
-  see `base`, which the sampler uses to pick the ontology)."""
-  return dataclasses.make_dataclass(
-      "Tfds" + base.__name__,
-      [("records", Any, dataclasses.field(default=None, compare=False))],
-      bases=(_TfdsMixin, base), frozen=True, module=__name__)
+_RECORDS = dataclasses.field(default=None, compare=False, repr=False)
 
 
-_SPEC_CLASSES = {base: _tfds_spec_class(base) for base in (
-    spec_lib.DatasetSpecification, spec_lib.BiLevelDatasetSpecification,
-    spec_lib.HierarchicalDatasetSpecification)}
+# The usual spec types plus the TFDS records: isinstance checks (which the
+# sampler uses to pick the ontology) still see the base type.
+@dataclasses.dataclass(frozen=True)
+class TfdsDatasetSpecification(_TfdsMixin, spec_lib.DatasetSpecification):
+  records: Any = _RECORDS
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsBiLevelDatasetSpecification(_TfdsMixin,
+                                      spec_lib.BiLevelDatasetSpecification):
+  records: Any = _RECORDS
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsHierarchicalDatasetSpecification(
+    _TfdsMixin, spec_lib.HierarchicalDatasetSpecification):
+  records: Any = _RECORDS
+
+
+_SPEC_CLASSES = {
+    spec_lib.DatasetSpecification: TfdsDatasetSpecification,
+    spec_lib.BiLevelDatasetSpecification: TfdsBiLevelDatasetSpecification,
+    spec_lib.HierarchicalDatasetSpecification:
+        TfdsHierarchicalDatasetSpecification,
+}
 
 
 def source_dir(data_dir: str, source: str) -> epath.Path:

@@ -75,6 +75,10 @@ def check_data(config: ml_collections.ConfigDict) -> None:
   sources = dict.fromkeys(tuple(config.data.train_sources)
                           + tuple(config.data.valid_sources)
                           + tuple(config.data.test_sources))
+  if config.data.get("format", "records") != "records":
+    from ctx_jax.training import input_pipeline  # pylint: disable=g-import-not-at-top
+    input_pipeline.load_specs(config.data, tuple(sources))
+    return
   for source in sources:
     path = pathlib.Path(root) / source
     if not path.is_dir():

@@ -17,12 +17,35 @@ import numpy as np
 import meta_dataset_pipeline as mdp
 from ctx_jax.data import augment
 
-def source_dir(records_root: str, source: str) -> pathlib.Path:
-  """`<records_root>/<source>`, with a clear error when it is missing."""
+DATA_FORMATS = ("records", "tfds")
+
+
+def data_format(data: ml_collections.ConfigDict) -> str:
+  """`config.data.format`, checked ("records" when a saved config has
+  none)."""
+  fmt = data.get("format", "records")
+  if fmt not in DATA_FORMATS:
+    raise ValueError(f"config.data.format must be one of {DATA_FORMATS}, "
+                     f"got {fmt!r}")
+  return fmt
+
+
+def source_dir(records_root: str, source: str,
+               fmt: str = "records") -> pathlib.Path:
+  """`<records_root>/<source>` (TFDS: `<records_root>/meta_dataset/<source>`),
+  with a clear error when it is missing."""
   if not records_root:
     raise FileNotFoundError(
         "config.data.records_root is empty: set it to the folder holding one "
-        "folder of Meta-Dataset records per source")
+        "folder of Meta-Dataset records per source (format 'records') or to "
+        "the TFDS data dir (format 'tfds')")
+  if fmt == "tfds":
+    path = mdp.tfds_source.source_dir(records_root, source)
+    if not path.is_dir():
+      raise FileNotFoundError(
+          f"TFDS-prepared source '{source}' not found: {path} is not a "
+          "directory (check config.data.records_root and the sources)")
+    return path
   path = pathlib.Path(records_root) / source
   if not path.is_dir():
     raise FileNotFoundError(
@@ -31,8 +54,13 @@ def source_dir(records_root: str, source: str) -> pathlib.Path:
   return path
 
 
-def load_specs(records_root: str, sources: Sequence[str]):
-  return [mdp.load_dataset_spec(source_dir(records_root, s)) for s in sources]
+def load_specs(data: ml_collections.ConfigDict, sources: Sequence[str]):
+  """The specs of `sources`, read as `config.data.format` says."""
+  if data_format(data) == "tfds":
+    return mdp.tfds_source.load_tfds_specs(
+        data.records_root, sources, data.get("tfds_md_version", "v1"))
+  return [mdp.load_dataset_spec(source_dir(data.records_root, s))
+          for s in sources]
 
 
 def episode_description_config(cfg: ml_collections.ConfigDict
@@ -143,7 +171,7 @@ def episodes(config: ml_collections.ConfigDict, split: str,
     Episode dicts (see `meta_dataset_pipeline`), rows of this process only.
   """
   data = config.data
-  specs = load_specs(data.records_root, sources)
+  specs = load_specs(data, sources)
   episode_cfg = episode_description_config(
       data.train_episode if split == "TRAIN" else data.eval_episode)
   kwargs = dict(split=mdp.Split[split], episode_config=episode_cfg,
