@@ -27,7 +27,8 @@ seconds for ImageNet's 712 train classes) and reads through the records it
 throws away. Random access needs nothing per class, and reads only what an
 episode keeps. It needs the `array_record` file format (`tfds build
 --file_format=array_record`; a `tfrecord` build converts in place with `tfds
-convert_format`), which is checked when the source is opened.
+convert_format`, whose module imports apache-beam), which is checked when
+the source is opened.
 """
 
 import dataclasses
@@ -240,9 +241,10 @@ def load_tfds_spec(data_dir: str, source: str, md_version: str = "v1"):
   if not formats & tfds.core.file_adapters.FileFormat.with_random_access():
     raise TfdsSourceError(
         f"{location} is stored as {sorted(f.value for f in formats)}, which "
-        "has no random access; convert it in place with `tfds convert_format"
-        f" --dataset_version_dir={location} --out_file_format=array_record` "
-        "(or build with --file_format=array_record)")
+        "has no random access: build it with `tfds build "
+        "--file_format=array_record`, or convert it in place with `tfds "
+        f"convert_format --dataset_version_dir={location} "
+        "--out_file_format=array_record` (needs apache-beam installed)")
   metadata = builder.info.metadata or {}
   missing = [k for k in ("dataset_specs", "relative_class_slices")
              if md_version not in (metadata.get(k) or {})]
