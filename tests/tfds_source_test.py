@@ -104,6 +104,16 @@ def test_unusable_tfds_data_is_named(glyphs, tmp_path):
     tfds_source.load_tfds_spec(str(data_dir), "dtd")
   with pytest.raises(tfds_source.TfdsSourceError, match="'v2'"):
     tfds_source.load_tfds_spec(str(data_dir), "glyphs", "v2")
+  # Examples that are not the class the metadata says: named when read.
+  spec = tfds_source.load_tfds_spec(str(data_dir), "glyphs")
+  slices = spec.records.slices
+  slices[0], slices[1] = slices[1], slices[0]  # Equal sizes: passes checks.
+  stream = spec.open_class_streams("TRAIN", [np.random.default_rng(0)] * 16,
+                                   100)[0]
+  with pytest.raises(reader.RecordError,
+                     match=r"glyphs/1.0.0 \(all_classes\[16:32\]\): "
+                     r"record 3 of class 0 has label 1"):
+    stream.read_image(3)
   # The default `tfds build` format has no random access: how to convert.
   tfds_fixture.prepare(records_root / "glyphs", tmp_path, "tfrecord")
   with pytest.raises(tfds_source.TfdsSourceError, match="convert_format"):

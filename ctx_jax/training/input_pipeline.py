@@ -57,8 +57,12 @@ def source_dir(records_root: str, source: str,
 def load_specs(data: ml_collections.ConfigDict, sources: Sequence[str]):
   """The specs of `sources`, read as `config.data.format` says."""
   if data_format(data) == "tfds":
-    return mdp.tfds_source.load_tfds_specs(
-        data.records_root, sources, data.get("tfds_md_version", "v1"))
+    version = data.get("tfds_md_version", "v1")
+    if version not in mdp.tfds_source.MD_VERSIONS:
+      raise ValueError(f"config.data.tfds_md_version must be one of "
+                       f"{mdp.tfds_source.MD_VERSIONS}, got {version!r}")
+    return mdp.tfds_source.load_tfds_specs(data.records_root, sources,
+                                           version)
   return [mdp.load_dataset_spec(source_dir(data.records_root, s))
           for s in sources]
 
