@@ -334,8 +334,7 @@ def evaluate_sources(model, model_dir, config, mesh, split, sources,
   rows = {}
   for source in sources:
     try:
-      input_pipeline.source_dir(config.data.records_root, source,
-                                input_pipeline.data_format(config.data))
+      input_pipeline.data_source_dir(config.data, source)
       key = dict(base_key, **source_key(config, split, source, num_episodes,
                                         seed))
       accuracies = cache.done(source, key)

@@ -76,8 +76,14 @@ def check_data(config: ml_collections.ConfigDict) -> None:
                           + tuple(config.data.valid_sources)
                           + tuple(config.data.test_sources))
   if config.data.get("format", "records") != "records":
+    # TFDS-prepared data: every split's class slices against the spec, from
+    # the metadata (examples are checked when read).
     from ctx_jax.training import input_pipeline  # pylint: disable=g-import-not-at-top
-    input_pipeline.load_specs(config.data, tuple(sources))
+    from meta_dataset_pipeline import reader  # pylint: disable=g-import-not-at-top
+    for spec in input_pipeline.load_config_specs(config.data,
+                                                  tuple(sources)):
+      for split in dataset_spec.Split:
+        reader.check_class_files(spec, split)
     return
   for source in sources:
     path = pathlib.Path(root) / source

@@ -30,22 +30,12 @@ def data_format(data: ml_collections.ConfigDict) -> str:
   return fmt
 
 
-def source_dir(records_root: str, source: str,
-               fmt: str = "records") -> pathlib.Path:
-  """`<records_root>/<source>` (TFDS: `<records_root>/meta_dataset/<source>`),
-  with a clear error when it is missing."""
+def source_dir(records_root: str, source: str) -> pathlib.Path:
+  """`<records_root>/<source>`, with a clear error when it is missing."""
   if not records_root:
     raise FileNotFoundError(
         "config.data.records_root is empty: set it to the folder holding one "
-        "folder of Meta-Dataset records per source (format 'records') or to "
-        "the TFDS data dir (format 'tfds')")
-  if fmt == "tfds":
-    path = mdp.tfds_source.source_dir(records_root, source)
-    if not path.is_dir():
-      raise FileNotFoundError(
-          f"TFDS-prepared source '{source}' not found: {path} is not a "
-          "directory (check config.data.records_root and the sources)")
-    return path
+        "folder of Meta-Dataset records per source")
   path = pathlib.Path(records_root) / source
   if not path.is_dir():
     raise FileNotFoundError(
@@ -54,17 +44,40 @@ def source_dir(records_root: str, source: str,
   return path
 
 
-def load_specs(data: ml_collections.ConfigDict, sources: Sequence[str]):
+def data_source_dir(data: ml_collections.ConfigDict, source: str):
+  """Where `source`'s data is, as `config.data.format` says, with a clear
+  error when it is missing (records: `source_dir`; TFDS:
+  `<records_root>/meta_dataset/<source>`)."""
+  if data_format(data) == "records":
+    return source_dir(data.records_root, source)
+  if not data.records_root:
+    raise FileNotFoundError(
+        "config.data.records_root is empty: with config.data.format='tfds' "
+        "set it to the TFDS data dir that `tfds build` wrote")
+  path = mdp.tfds_source.source_dir(data.records_root, source)
+  if not path.is_dir():
+    raise FileNotFoundError(
+        f"TFDS-prepared source '{source}' not found: {path} is not a "
+        "directory (check config.data.records_root and the sources)")
+  return path
+
+
+def load_specs(records_root: str, sources: Sequence[str]):
+  return [mdp.load_dataset_spec(source_dir(records_root, s)) for s in sources]
+
+
+def load_config_specs(data: ml_collections.ConfigDict,
+                      sources: Sequence[str]):
   """The specs of `sources`, read as `config.data.format` says."""
-  if data_format(data) == "tfds":
-    version = data.get("tfds_md_version", "v1")
-    if version not in mdp.tfds_source.MD_VERSIONS:
-      raise ValueError(f"config.data.tfds_md_version must be one of "
-                       f"{mdp.tfds_source.MD_VERSIONS}, got {version!r}")
-    return mdp.tfds_source.load_tfds_specs(data.records_root, sources,
-                                           version)
-  return [mdp.load_dataset_spec(source_dir(data.records_root, s))
-          for s in sources]
+  if data_format(data) == "records":
+    return load_specs(data.records_root, sources)
+  for source in sources:
+    data_source_dir(data, source)
+  version = data.get("tfds_md_version", "v1")
+  if version not in mdp.tfds_source.MD_VERSIONS:
+    raise ValueError(f"config.data.tfds_md_version must be one of "
+                     f"{mdp.tfds_source.MD_VERSIONS}, got {version!r}")
+  return mdp.tfds_source.load_tfds_specs(data.records_root, sources, version)
 
 
 def episode_description_config(cfg: ml_collections.ConfigDict
@@ -175,7 +188,7 @@ def episodes(config: ml_collections.ConfigDict, split: str,
     Episode dicts (see `meta_dataset_pipeline`), rows of this process only.
   """
   data = config.data
-  specs = load_specs(data, sources)
+  specs = load_config_specs(data, sources)
   episode_cfg = episode_description_config(
       data.train_episode if split == "TRAIN" else data.eval_episode)
   kwargs = dict(split=mdp.Split[split], episode_config=episode_cfg,
