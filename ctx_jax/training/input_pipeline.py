@@ -17,19 +17,6 @@ import numpy as np
 import meta_dataset_pipeline as mdp
 from ctx_jax.data import augment
 
-DATA_FORMATS = ("records", "tfds")
-
-
-def data_format(data: ml_collections.ConfigDict) -> str:
-  """`config.data.format`, checked ("records" when a saved config has
-  none)."""
-  fmt = data.get("format", "records")
-  if fmt not in DATA_FORMATS:
-    raise ValueError(f"config.data.format must be one of {DATA_FORMATS}, "
-                     f"got {fmt!r}")
-  return fmt
-
-
 def source_dir(records_root: str, source: str) -> pathlib.Path:
   """`<records_root>/<source>`, with a clear error when it is missing."""
   if not records_root:
@@ -44,40 +31,8 @@ def source_dir(records_root: str, source: str) -> pathlib.Path:
   return path
 
 
-def data_source_dir(data: ml_collections.ConfigDict, source: str):
-  """Where `source`'s data is, as `config.data.format` says, with a clear
-  error when it is missing (records: `source_dir`; TFDS:
-  `<records_root>/meta_dataset/<source>`)."""
-  if data_format(data) == "records":
-    return source_dir(data.records_root, source)
-  if not data.records_root:
-    raise FileNotFoundError(
-        "config.data.records_root is empty: with config.data.format='tfds' "
-        "set it to the TFDS data dir that `tfds build` wrote")
-  path = mdp.tfds_source.source_dir(data.records_root, source)
-  if not path.is_dir():
-    raise FileNotFoundError(
-        f"TFDS-prepared source '{source}' not found: {path} is not a "
-        "directory (check config.data.records_root and the sources)")
-  return path
-
-
 def load_specs(records_root: str, sources: Sequence[str]):
   return [mdp.load_dataset_spec(source_dir(records_root, s)) for s in sources]
-
-
-def load_config_specs(data: ml_collections.ConfigDict,
-                      sources: Sequence[str]):
-  """The specs of `sources`, read as `config.data.format` says."""
-  if data_format(data) == "records":
-    return load_specs(data.records_root, sources)
-  for source in sources:
-    data_source_dir(data, source)
-  version = data.get("tfds_md_version", "v1")
-  if version not in mdp.tfds_source.MD_VERSIONS:
-    raise ValueError(f"config.data.tfds_md_version must be one of "
-                     f"{mdp.tfds_source.MD_VERSIONS}, got {version!r}")
-  return mdp.tfds_source.load_tfds_specs(data.records_root, sources, version)
 
 
 def episode_description_config(cfg: ml_collections.ConfigDict
@@ -228,3 +183,51 @@ def local_rows(episode: dict[str, np.ndarray], process_index: int,
     for k in keys:
       out[k] = episode[k][process_index * block:(process_index + 1) * block]
   return out
+
+
+# Data prepared as records or by the official TFDS builder
+# (config.data.format).
+
+DATA_FORMATS = ("records", "tfds")
+
+
+def data_format(data: ml_collections.ConfigDict) -> str:
+  """`config.data.format`, checked ("records" when a saved config has
+  none)."""
+  fmt = data.get("format", "records")
+  if fmt not in DATA_FORMATS:
+    raise ValueError(f"config.data.format must be one of {DATA_FORMATS}, "
+                     f"got {fmt!r}")
+  return fmt
+
+
+def data_source_dir(data: ml_collections.ConfigDict, source: str):
+  """Where `source`'s data is, as `config.data.format` says, with a clear
+  error when it is missing (records: `source_dir`; TFDS:
+  `<records_root>/meta_dataset/<source>`)."""
+  if data_format(data) == "records":
+    return source_dir(data.records_root, source)
+  if not data.records_root:
+    raise FileNotFoundError(
+        "config.data.records_root is empty: with config.data.format='tfds' "
+        "set it to the TFDS data dir that `tfds build` wrote")
+  path = mdp.tfds_source.source_dir(data.records_root, source)
+  if not path.is_dir():
+    raise FileNotFoundError(
+        f"TFDS-prepared source '{source}' not found: {path} is not a "
+        "directory (check config.data.records_root and the sources)")
+  return path
+
+
+def load_config_specs(data: ml_collections.ConfigDict,
+                      sources: Sequence[str]):
+  """The specs of `sources`, read as `config.data.format` says."""
+  if data_format(data) == "records":
+    return load_specs(data.records_root, sources)
+  for source in sources:
+    data_source_dir(data, source)
+  version = data.get("tfds_md_version", "v1")
+  if version not in mdp.tfds_source.MD_VERSIONS:
+    raise ValueError(f"config.data.tfds_md_version must be one of "
+                     f"{mdp.tfds_source.MD_VERSIONS}, got {version!r}")
+  return mdp.tfds_source.load_tfds_specs(data.records_root, sources, version)
