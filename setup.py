@@ -53,8 +53,8 @@ setuptools.setup(
             "md-episodes=meta_dataset_pipeline.episodes_cli:run",
             "md-episode-grid=meta_dataset_pipeline.episode_grid:run",
             "md-convert=meta_dataset_pipeline.conversion.cli:run",
-            "ctx-import-official=ctx_jax.models.official_import:run",
-            "ctx-run-episode=ctx_jax.models.official_import:run_episode_main",
+            "ctx-import-official=ctx_jax.checkpoints.official_cli:run",
+            "ctx-run-episode=ctx_jax.checkpoints.official_cli:run_episode_main",
         ],
     },
 )

@@ -20,7 +20,6 @@ import time
 
 from meta_dataset_pipeline import cli
 
-
 METHODS = ("ctx", "protonet", "pixels")
 
 
@@ -74,7 +73,7 @@ def main(argv=None) -> int:
 
 def _demo(args) -> int:
   """The demo proper; user errors end it through `cli.guarded`."""
-  from ctx_jax.training import config_checks  # pylint: disable=g-import-not-at-top
+  from ctx_jax import config_checks  # pylint: disable=g-import-not-at-top
   from meta_dataset_pipeline import demo_data  # pylint: disable=g-import-not-at-top
 
   # Start-up checks (and the data) before JAX and TF are imported; the work
@@ -89,12 +88,13 @@ def _demo(args) -> int:
       config_checks.check_start_up(
           demo_config(head, data_dir, args.steps, args.eval_episodes),
           str(pathlib.Path(args.workdir) / head))
+  from ctx_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from ctx_jax.eval import episodic  # pylint: disable=g-import-not-at-top
   from ctx_jax.eval import evaluate  # pylint: disable=g-import-not-at-top
-  from ctx_jax.eval import main as eval_main  # pylint: disable=g-import-not-at-top
-  from ctx_jax.training import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from ctx_jax.eval import report as eval_report  # pylint: disable=g-import-not-at-top
   from ctx_jax.training import train  # pylint: disable=g-import-not-at-top
-  workdir = train.prepare_workdir(args.workdir)
+  from ctx_jax.training import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  workdir = workdir_lib.prepare_workdir(args.workdir)
   methods = args.methods
   rows, timings, selected = {}, {}, {}
   for head in ("ctx", "protonet"):
@@ -102,7 +102,7 @@ def _demo(args) -> int:
       continue
     config = demo_config(head, data_dir, args.steps, args.eval_episodes)
     run_dir = workdir / head
-    results_file = run_dir / train.RESULTS_FILE
+    results_file = run_dir / workdir_lib.RESULTS_FILE
     t0 = time.time()
     if results_file.is_file():
       results = json.loads(results_file.read_text())
@@ -148,7 +148,7 @@ def _demo(args) -> int:
     return names[head] + (f" (step {selected[head]})"
                           if selected.get(head) is not None else "")
 
-  print(eval_main.format_table({label(k): v for k, v in rows.items()},
+  print(eval_report.format_table({label(k): v for k, v in rows.items()},
                                first_column="method", average=False))
   print("CTX and ProtoNet rows: the best-validation checkpoint (its step in "
         "brackets), as the official protocol; 'final': the last step's "

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from ctx_jax import models
-from ctx_jax.models import official_import
+from ctx_jax.checkpoints import official as official_import
 
 SIZE = 48  # resnet_tiny with max_stride 8 gives 6x6 feature maps.
 

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 import meta_dataset_pipeline as mdp
-from ctx_jax.eval import main as eval_main
-from ctx_jax.training import config_checks
-from ctx_jax.training import mesh as mesh_lib
+from ctx_jax import config_checks
+from ctx_jax import mesh as mesh_lib
+from ctx_jax.eval import resumable
 from ctx_jax.training import train
+from ctx_jax.training import workdir as workdir_lib
 from experiments import demo
 from meta_dataset_pipeline import reader
 from meta_dataset_pipeline import tfds_source
@@ -139,15 +140,15 @@ def test_smoke_config_trains_and_evaluates_from_tfds(glyphs, tmp_path):
   assert results["step"] == 2
   acc = results["test"]["glyphs"]
   assert acc["num_episodes"] == 2 and 0.0 <= acc["mean"] <= 1.0
-  saved = json.loads((tmp_path / "run" / train.RESULTS_FILE).read_text())
+  saved = json.loads((tmp_path / "run" / workdir_lib.RESULTS_FILE).read_text())
   assert saved["test"]["glyphs"] == acc
 
   # ctx-eval's per-source loop (with its pixel 1-NN baseline, which needs
   # no compiling): a prepared source is evaluated, a missing one becomes an
   # error row naming the TFDS folder.
-  cache = eval_main.EpisodeCache(tmp_path / "e.json", resume=False,
+  cache = resumable.EpisodeCache(tmp_path / "e.json", resume=False,
                                  write=False)
-  rows = eval_main.evaluate_sources(
+  rows = resumable.evaluate_sources(
       None, None, config, mesh_lib.make_mesh(1), "TEST",
       ["glyphs", "omniglot"], 2, 0, cache, chunk_size=2, is_chief=True)
   assert rows["glyphs"]["num_episodes"] == 2

@@ -6,12 +6,12 @@ from flax import nnx
 import jax
 import ml_collections
 
+from ctx_jax import mesh as mesh_lib
+from ctx_jax.data import input_pipeline
 from ctx_jax.eval import baselines
 from ctx_jax.eval import episodic
-from ctx_jax.training import input_pipeline
-from ctx_jax.training import mesh as mesh_lib
-from ctx_jax.training import sharded_step
-from ctx_jax.training import train_step as step_lib
+from ctx_jax.eval import step as eval_step_lib
+from ctx_jax.models import episode as episode_lib
 
 
 def source_accuracies(model: nnx.Module | None,
@@ -57,14 +57,14 @@ def source_accuracies(model: nnx.Module | None,
           baselines.pixel_nearest_neighbour, episodes, remaining, chunk_size,
           on_chunk)
     num_ways = input_pipeline.max_ways(config, split)
-    _, eval_fn = sharded_step.select_steps(config.train.parallelism, mesh)
+    eval_fn = eval_step_lib.select_eval_step(config.train.parallelism, mesh)
     model.eval()
     try:
       with jax.set_mesh(mesh):
         return episodic.episode_accuracies(
             lambda ep: eval_fn(model, ep, num_ways),
             (dev for dev, _ in mesh_lib.prefetch_to_mesh(
-                episodes, mesh, step_lib.MODEL_INPUT_KEYS)),
+                episodes, mesh, episode_lib.MODEL_INPUT_KEYS)),
             remaining, chunk_size, on_chunk)
     finally:
       # Back to train mode: validation runs in the middle of training.

@@ -21,8 +21,5 @@ from ctx_jax.models.learner import build_model
 from ctx_jax.models.learner import default_model_config
 from ctx_jax.models.learner import EpisodicModel
 from ctx_jax.models.learner import weight_decay_sum
-from ctx_jax.models.official_import import assign_official_weights
-from ctx_jax.models.official_import import official_variables
-from ctx_jax.models.official_import import read_official_checkpoint
 from ctx_jax.models.protonet import protonet_logits
 from ctx_jax.models.protonet import ProtoNetHead

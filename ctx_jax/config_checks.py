@@ -67,6 +67,9 @@ def check_data(config: ml_collections.ConfigDict) -> None:
     ValueError: naming a malformed `dataset_spec.json`.
   """
   from meta_dataset_pipeline import dataset_spec  # pylint: disable=g-import-not-at-top
+  if config.data.get("format", "records") != "records":
+    _check_tfds_data(config)
+    return
   root = config.data.records_root
   if not root:
     raise FileNotFoundError(
@@ -75,16 +78,6 @@ def check_data(config: ml_collections.ConfigDict) -> None:
   sources = dict.fromkeys(tuple(config.data.train_sources)
                           + tuple(config.data.valid_sources)
                           + tuple(config.data.test_sources))
-  if config.data.get("format", "records") != "records":
-    # TFDS-prepared data: every split's class slices against the spec, from
-    # the metadata (examples are checked when read).
-    from ctx_jax.training import input_pipeline  # pylint: disable=g-import-not-at-top
-    from meta_dataset_pipeline import reader  # pylint: disable=g-import-not-at-top
-    for spec in input_pipeline.load_config_specs(config.data,
-                                                  tuple(sources)):
-      for split in dataset_spec.Split:
-        reader.check_class_files(spec, split)
-    return
   for source in sources:
     path = pathlib.Path(root) / source
     if not path.is_dir():
@@ -93,6 +86,20 @@ def check_data(config: ml_collections.ConfigDict) -> None:
           "is not a directory (check config.data.records_root and the "
           "sources)")
     dataset_spec.load_dataset_spec(str(path))
+
+
+def _check_tfds_data(config: ml_collections.ConfigDict) -> None:
+  """`check_data` for TFDS-prepared data: every split's class slices
+  against the spec, from the metadata (examples are checked when read)."""
+  from ctx_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from meta_dataset_pipeline import dataset_spec  # pylint: disable=g-import-not-at-top
+  from meta_dataset_pipeline import reader  # pylint: disable=g-import-not-at-top
+  data = config.data
+  sources = dict.fromkeys(tuple(data.train_sources) + tuple(
+      data.valid_sources) + tuple(data.test_sources))
+  for spec in input_pipeline.load_config_specs(data, tuple(sources)):
+    for split in dataset_spec.Split:
+      reader.check_class_files(spec, split)
 
 
 def check_workdir(workdir: str) -> None:

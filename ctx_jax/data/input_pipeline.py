@@ -14,8 +14,9 @@ import jax
 import ml_collections
 import numpy as np
 
-import meta_dataset_pipeline as mdp
 from ctx_jax.data import augment
+import meta_dataset_pipeline as mdp
+
 
 def source_dir(records_root: str, source: str) -> pathlib.Path:
   """`<records_root>/<source>`, with a clear error when it is missing."""
