@@ -40,7 +40,6 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from meta_dataset_pipeline import dataset_spec as spec_lib
-from meta_dataset_pipeline import decoder
 from meta_dataset_pipeline import reader
 
 DATASET_NAME = "meta_dataset"  # The official builder's name.
@@ -91,25 +90,21 @@ class TfdsRecords:
             deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
       return self._source
 
-  def read(self, class_id: int, index: int) -> tuple[bytes, int]:
-    """(encoded image, label) of record `index` of class `class_id`.
-
-    Raises:
-      ValueError: the example is not an `image`/`label` Example.
-    """
+  def read(self, class_id: int, index: int) -> bytes:
+    """The serialized example number `index` of class `class_id`."""
     start, stop = self.slices[class_id]
     if not 0 <= index < stop - start:
-      raise IndexError(f"{self.describe(class_id)}: record {index} of a "
-                       f"class of {stop - start}")
-    return decoder.parse_record(self._data_source()[start + index])
+      raise IndexError(f"record {index} of a class of {stop - start}")
+    return self._data_source()[start + index]
 
 
 class TfdsClassStream(reader.ClassStream):
   """A class's records from a TFDS-prepared source.
 
-  Shuffled passes and flushes are the records path's (`take` is
-  inherited), so the same seed picks the same record indices; only where a
-  record is read from differs.
+  Shuffled passes and flushes (`take`) and the checks of each record read
+  (`read_image`: an `image`/`label` Example carrying the class's id, image
+  bytes that look like an image) are the records path's, inherited, so the
+  same seed picks the same record indices; only `read` differs.
   """
 
   def __init__(self, records: TfdsRecords, class_id: int,
@@ -126,26 +121,15 @@ class TfdsClassStream(reader.ClassStream):
     """The shared data source stays open; nothing per class."""
 
   def read(self, index: int) -> bytes:
-    raise NotImplementedError("TFDS examples are read by read_image")
-
-  def read_image(self, index: int) -> bytes:
-    """The encoded image of record `index`, checked as the records path
-    checks its records (empty when the decoded image is cached)."""
-    if self.cached is not None and self.cached(self.class_id, index):
-      return b""
-    where = f"{self.path}: record {index} of class {self.class_id}"
+    """The serialized example of record `index`: a `tf.train.Example` with
+    `image` and `label`, which `read_image` parses and checks as it does a
+    TFRecord's."""
     try:
-      image, label = self._records.read(self.class_id, index)
-    except (OSError, ValueError) as e:
-      raise reader.RecordError(f"{where}: {e}") from None
-    if label != self.class_id:
-      raise reader.RecordError(
-          f"{where} has label {label}; the class slices of the metadata do "
-          "not match the examples")
-    problem = decoder.image_bytes_problem(image)
-    if problem:
-      raise reader.RecordError(f"{where}: {problem}")
-    return image
+      return self._records.read(self.class_id, index)
+    except (OSError, RuntimeError, IndexError) as e:
+      raise reader.RecordError(f"{self.path}: record {index} of class "
+                               f"{self.class_id} cannot be read: {e}"
+                               ) from None
 
 
 class _TfdsMixin:

@@ -11,7 +11,7 @@ same metadata (`dataset_specs`, `relative_class_slices`,
 `meta_split_slices`, `class_slices`, `class_names`, `total_num_examples`).
 """
 
-import os
+import json
 import pathlib
 
 import numpy as np
@@ -52,10 +52,8 @@ def _metadata(spec_dict, spec) -> dict:
 def _builder_class(records_dir: pathlib.Path):
   """A builder class whose one config is the source in `records_dir`."""
   spec = spec_lib.load_dataset_spec(str(records_dir))
-  spec_dict = tfds.core.as_path(
-      os.path.join(records_dir, spec_lib.SPEC_FILENAME)).read_text()
-  import json  # pylint: disable=g-import-not-at-top
-  spec_dict = json.loads(spec_dict)
+  spec_dict = json.loads(
+      (pathlib.Path(records_dir) / spec_lib.SPEC_FILENAME).read_text())
 
   class MetaDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Meta-Dataset source, as the official builder lays it out."""
