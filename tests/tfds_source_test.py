@@ -179,3 +179,13 @@ def test_pretraining_batches_match_the_records_path(glyphs):
   for a, b in zip(*batches):
     for key in a:
       np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_ctx_eval_cache_key_tells_tfds_versions_apart(glyphs):
+  _, data_dir = glyphs
+  config = _tfds_config(data_dir)
+  key = lambda: resumable.source_key(config, "TEST", "glyphs", 4, 0)  # pylint: disable=unnecessary-lambda-assignment
+  v1 = key()
+  assert v1["format"] == "tfds" and v1["dataset_spec_sha256"]
+  config.data.tfds_md_version = "v2"
+  assert key() != v1
