@@ -21,6 +21,8 @@ setuptools.setup(
         "flax>=0.12.8,<0.13",
         "optax>=0.2.8,<0.3",
         "orbax-checkpoint>=0.12,<0.13",
+        # Paths on any file system (local, gs://), as orbax uses them.
+        "etils[epath]>=1.7",
         "chex>=0.1.90",
         "ml-collections>=1.1",
         "absl-py>=2.1",
@@ -46,10 +48,10 @@ setuptools.setup(
     },
     entry_points={
         "console_scripts": [
-            "ctx-demo=ctx_jax.demo:run",
+            "ctx-demo=ctx_jax.demo.run:run",
             "ctx-train=ctx_jax.main:run",
             "ctx-eval=ctx_jax.eval.main:run",
-            "ctx-make-demo-data=meta_dataset_pipeline.demo_data:run",
+            "ctx-make-demo-data=ctx_jax.demo.dataset:run",
             "md-episodes=meta_dataset_pipeline.episodes_cli:run",
             "md-episode-grid=meta_dataset_pipeline.episode_grid:run",
             "md-convert=meta_dataset_pipeline.conversion.cli:run",

@@ -5,9 +5,11 @@ costs nothing and leaves nothing behind.
 """
 
 import os
-import pathlib
 
+from etils import epath
 import ml_collections
+
+from ctx_jax import paths
 
 # The only official source with a class hierarchy that episodes can ignore
 # (the ImageNet DAG; Omniglot's alphabets are the bilevel ontology, which
@@ -59,6 +61,52 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     check_hierarchy(data.eval_episode, (source,), "config.data.eval_episode")
 
 
+def source_dir(records_root: str, source: str) -> epath.Path:
+  """`<records_root>/<source>`, with a clear error when it is missing."""
+  if not records_root:
+    raise FileNotFoundError(
+        "config.data.records_root is empty: set it to the folder holding one "
+        "folder of Meta-Dataset records per source")
+  path = paths.resolve(records_root) / source
+  if not path.is_dir():
+    raise FileNotFoundError(
+        f"records of source '{source}' not found: {path} is "
+        "not a directory (check config.data.records_root and the sources)")
+  return path
+
+
+DATA_FORMATS = ("records", "tfds")
+
+
+def data_format(data: ml_collections.ConfigDict) -> str:
+  """`config.data.format`, checked ("records" when a saved config has
+  none)."""
+  fmt = data.get("format", "records")
+  if fmt not in DATA_FORMATS:
+    raise ValueError(f"config.data.format must be one of {DATA_FORMATS}, "
+                     f"got {fmt!r}")
+  return fmt
+
+
+def data_source_dir(data: ml_collections.ConfigDict, source: str):
+  """Where `source`'s data is, as `config.data.format` says, with a clear
+  error when it is missing (records: `source_dir`; TFDS:
+  `<records_root>/meta_dataset/<source>`)."""
+  if data_format(data) == "records":
+    return source_dir(data.records_root, source)
+  if not data.records_root:
+    raise FileNotFoundError(
+        "config.data.records_root is empty: with config.data.format='tfds' "
+        "set it to the TFDS data dir that `tfds build` wrote")
+  from meta_dataset_pipeline import tfds_source  # pylint: disable=g-import-not-at-top
+  path = tfds_source.source_dir(data.records_root, source)
+  if not path.is_dir():
+    raise FileNotFoundError(
+        f"TFDS-prepared source '{source}' not found: {path} is not a "
+        "directory (check config.data.records_root and the sources)")
+  return path
+
+
 def check_data(config: ml_collections.ConfigDict) -> None:
   """Every source's records folder exists and holds a readable spec.
 
@@ -67,7 +115,7 @@ def check_data(config: ml_collections.ConfigDict) -> None:
     ValueError: naming a malformed `dataset_spec.json`.
   """
   from meta_dataset_pipeline import dataset_spec  # pylint: disable=g-import-not-at-top
-  if config.data.get("format", "records") != "records":
+  if data_format(config.data) == "tfds":
     _check_tfds_data(config)
     return
   root = config.data.records_root
@@ -79,13 +127,8 @@ def check_data(config: ml_collections.ConfigDict) -> None:
                           + tuple(config.data.valid_sources)
                           + tuple(config.data.test_sources))
   for source in sources:
-    path = pathlib.Path(root) / source
-    if not path.is_dir():
-      raise FileNotFoundError(
-          f"records of source '{source}' not found: {os.path.abspath(path)} "
-          "is not a directory (check config.data.records_root and the "
-          "sources)")
-    dataset_spec.load_dataset_spec(str(path))
+    dataset_spec.load_dataset_spec(
+        str(source_dir(root, source)))
 
 
 def _check_tfds_data(config: ml_collections.ConfigDict) -> None:
@@ -108,7 +151,9 @@ def check_workdir(workdir: str) -> None:
   Raises:
     PermissionError: naming the work dir and the reason.
   """
-  path = pathlib.Path(workdir).absolute()
+  if not paths.is_local(workdir):
+    return  # Object stores: `prepare_workdir` probes with a real write.
+  path = paths.resolve(workdir)
   ancestor = path
   while not ancestor.exists():
     ancestor = ancestor.parent
@@ -123,7 +168,7 @@ def check_workdir(workdir: str) -> None:
 def check_init_from(config: ml_collections.ConfigDict) -> None:
   """`config.init_from`, if set, is a complete exported model."""
   if config.get("init_from") and not (
-      pathlib.Path(config.init_from) / "model_config.json").is_file():
+      paths.resolve(config.init_from) / "model_config.json").is_file():
     raise FileNotFoundError(
         f"config.init_from={config.init_from} is not an exported model (no "
         "model_config.json): give a ctx-import-official output or a run's "

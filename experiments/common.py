@@ -41,6 +41,9 @@ def episode_config(**overrides) -> ml_collections.ConfigDict:
       # Fraction of episodes turned into SimCLR episodes (CTX+SimCLR Eps:
       # 0.5 for training; see meta_dataset_pipeline/simclr.py).
       "simclr_episode_fraction": 0.0,
+      # "official": the official sampler's RandomState scheme, so a seed
+      # gives exactly its episode descriptions (default: numpy Generator).
+      "rng": "generator",
   })
   cfg.update(overrides)
   return cfg

@@ -254,8 +254,8 @@ def test_absl_help_is_short_and_exits_0(ran, command):
 
 
 @pytest.mark.parametrize("module, entry, flags", [
-    ("ctx_jax.demo", "parse_args", ["--workdir", "--steps", "--methods"]),
-    ("meta_dataset_pipeline.demo_data", "main",
+    ("ctx_jax.demo.run", "parse_args", ["--workdir", "--steps", "--methods"]),
+    ("ctx_jax.demo.dataset", "main",
      ["--output_dir", "--num_classes", "--seed"]),
     ("meta_dataset_pipeline.episodes_cli", "main",
      ["--num_episodes", "--min_ways", "--ignore_hierarchy_probability"]),

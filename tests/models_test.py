@@ -337,3 +337,17 @@ def test_input_validation(tiny_model, base_episode):
     models.build_model(tiny_config(head='matchingnet'), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match='init'):
     models.build_model(tiny_config(init='xavier'), rngs=nnx.Rngs(0))
+
+
+def test_model_checks_episode_shapes_and_dtypes():
+  # chex assertions at the model's boundary name the offending argument.
+  model = models.build_model(tiny_config(), rngs=nnx.Rngs(0))
+  ep = make_episode(0, [0, 1], 2)
+  s, labels = ep['support_images'], ep['support_labels']
+  mask, q = ep['support_mask'], ep['query_images']
+  with pytest.raises(AssertionError, match='prefix'):
+    model(s, labels[:1], mask, q, num_ways=2)
+  with pytest.raises(AssertionError, match='type'):
+    model(s, labels.astype(np.float32), mask, q, num_ways=2)
+  with pytest.raises(AssertionError, match='rank'):
+    model(s[0], labels, mask, q, num_ways=2)

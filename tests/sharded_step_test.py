@@ -11,6 +11,7 @@ the classes present.
 
 import functools
 
+import chex
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -87,9 +88,9 @@ def _host(tree):
 
 def _assert_trees_close(actual, expected, rtol=TREE_RTOL):
   """Per-array relative L2 error below rtol (abs floor for ~0 arrays)."""
+  chex.assert_trees_all_equal_structs(actual, expected)
   flat_a = jax.tree_util.tree_flatten_with_path(actual)[0]
   flat_e = jax.tree_util.tree_flatten_with_path(expected)[0]
-  assert [k for k, _ in flat_a] == [k for k, _ in flat_e]
   worst = 0.0
   for (path, a), (_, e) in zip(flat_a, flat_e):
     a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
@@ -123,8 +124,8 @@ def _sharded_grads(config, episode, num_devices):
     out = sharded_step.loss_and_grads(model, dev, NUM_WAYS, WEIGHT_DECAY,
                                       mesh=mesh)
   # The gradient function leaves the model (and its EMA) untouched.
-  jax.tree.map(np.testing.assert_array_equal,
-               _host(nnx.to_pure_dict(nnx.state(model))), before)
+  chex.assert_trees_all_equal(_host(nnx.to_pure_dict(nnx.state(model))),
+                              before)
   return _host(out)
 
 

@@ -12,15 +12,15 @@ files do not depend on flax's internal Variable classes.
 
 import json
 import os
-import pathlib
-import shutil
 from typing import Any
 
+from etils import epath
 from flax import nnx
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from ctx_jax import paths
 from ctx_jax import models
 
 MODEL_CONFIG_FILE = "model_config.json"
@@ -34,7 +34,7 @@ def abstract_pure_state(module: nnx.Module) -> dict[str, Any]:
 
 
 def export_model(directory: str | os.PathLike[str], model: nnx.Module,
-                 model_config: ml_collections.ConfigDict) -> pathlib.Path:
+                 model_config: ml_collections.ConfigDict) -> epath.Path:
   """Writes `model`'s state and config to `directory` (must not exist).
 
   Args:
@@ -46,7 +46,7 @@ def export_model(directory: str | os.PathLike[str], model: nnx.Module,
   Returns:
     The absolute path of the export.
   """
-  directory = pathlib.Path(directory).absolute()
+  directory = paths.resolve(directory)
   if directory.exists() and any(directory.iterdir()):
     raise FileExistsError(
         f"export directory {directory} exists and is not empty; choose a new "
@@ -79,7 +79,7 @@ def sync(name: str) -> None:
 def load_model_config(directory: str | os.PathLike[str]
                       ) -> ml_collections.ConfigDict:
   """Reads the model config of an export, with a clear error if absent."""
-  path = pathlib.Path(directory) / MODEL_CONFIG_FILE
+  path = paths.resolve(directory) / MODEL_CONFIG_FILE
   if not path.is_file():
     raise FileNotFoundError(
         f"{path} not found: {directory} is not a complete exported model "
@@ -101,7 +101,7 @@ def restore_model_state(directory: str | os.PathLike[str],
       names devices of the process that wrote it). Default: the model's
       current shardings, or the export's for an abstract model.
   """
-  directory = pathlib.Path(directory).absolute()
+  directory = paths.resolve(directory)
   target = abstract_pure_state(model)
   if sharding is not None:
     target = jax.tree.map(
@@ -158,14 +158,16 @@ def load_exported_model_or_explain(directory: str | os.PathLike[str],
                      f"({type(e).__name__}: {message})") from e
 
 
-def export_atomically(directory: pathlib.Path, model: nnx.Module,
+def export_atomically(directory: epath.Path, model: nnx.Module,
                       model_config, extra: dict[str, Any] | None = None
                       ) -> None:
   """Writes an export to `directory`, replacing any earlier one atomically.
 
   The new export is written beside the old one and renamed over it, so a
   crash leaves either the old or the new export, never a mix (a leftover
-  `<name>.old` is put back by `recover_export`).
+  `<name>.old` is put back by `recover_export`). On an object store a
+  folder rename is a copy of its objects, not atomic, but the same recovery
+  applies: `<name>.old` is deleted only once `<name>` is complete.
 
   Args:
     directory: the export folder.
@@ -174,10 +176,11 @@ def export_atomically(directory: pathlib.Path, model: nnx.Module,
     extra: `{file name: JSON-able}` written into the export before it
       becomes visible.
   """
+  directory = paths.resolve(directory)
   tmp = directory.parent / f"{directory.name}.tmp"
   old = directory.parent / f"{directory.name}.old"
   if jax.process_index() == 0 and tmp.exists():
-    shutil.rmtree(tmp)
+    tmp.rmtree()
   export_model(tmp, model, model_config)
   if jax.process_index() == 0:
     for name, value in (extra or {}).items():
@@ -186,16 +189,17 @@ def export_atomically(directory: pathlib.Path, model: nnx.Module,
       directory.rename(old)
     tmp.rename(directory)
     if old.exists():
-      shutil.rmtree(old)
+      old.rmtree()
   sync("ctx_jax_export_swap")
 
 
-def recover_export(directory: pathlib.Path) -> None:
+def recover_export(directory: epath.Path) -> None:
   """Undoes a swap of `export_atomically` interrupted between its renames."""
+  directory = paths.resolve(directory)
   old = directory.parent / f"{directory.name}.old"
   if jax.process_index() == 0 and old.exists():
     if directory.exists():
-      shutil.rmtree(old)
+      old.rmtree()
     else:
       old.rename(directory)
   sync("ctx_jax_export_recover")

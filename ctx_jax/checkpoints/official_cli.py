@@ -9,10 +9,10 @@ conversion can be checked against outputs of the official code.
 
 from collections.abc import Sequence
 import json
-import pathlib
 
 import numpy as np
 
+from ctx_jax import paths
 from ctx_jax.checkpoints import export
 from ctx_jax.checkpoints import official
 from meta_dataset_pipeline import cli
@@ -46,7 +46,7 @@ def run(argv: Sequence[str] | None = None) -> None:
 
 
 def _import(args) -> None:
-  if pathlib.Path(args.outdir).exists():
+  if paths.resolve(args.outdir).exists():
     raise FileExistsError(f'{args.outdir} already exists: give a new export '
                           'folder')
   variables = official.read_official_checkpoint(args.checkpoint)
@@ -57,7 +57,7 @@ def _import(args) -> None:
   path = export.export_model(args.outdir, model, config)
   # Marks a released official checkpoint: ctx-eval compares it with the
   # official leaderboard row.
-  (pathlib.Path(path) / 'imported_from.json').write_text(json.dumps(
+  (path / 'imported_from.json').write_text(json.dumps(
       {'checkpoint': str(args.checkpoint)}) + '\n')
   print(f'imported {len(variables)} variables from {args.checkpoint} '
         f'into {path}')

@@ -8,12 +8,12 @@ up. States are stored as pure nested dicts of arrays, as exports are.
 """
 
 import os
-import pathlib
 from typing import Any
 
 from flax import nnx
 import orbax.checkpoint as ocp
 
+from ctx_jax import paths
 from ctx_jax.checkpoints import export
 
 
@@ -30,7 +30,7 @@ class TrainCheckpointer:
 
   def __init__(self, workdir: str | os.PathLike[str], save_every: int,
                max_to_keep: int = 3):
-    self.directory = pathlib.Path(workdir).absolute() / "ckpt"
+    self.directory = paths.resolve(workdir) / "ckpt"
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=max(1, save_every), max_to_keep=max_to_keep,
         create=True)

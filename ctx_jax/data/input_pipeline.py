@@ -6,34 +6,19 @@ TensorFlow); the model and the train step never do.
 
 import dataclasses
 import functools
-import os
-import pathlib
 from typing import Iterator, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 
+from ctx_jax import config_checks
 from ctx_jax.data import augment
 import meta_dataset_pipeline as mdp
 
 
-def source_dir(records_root: str, source: str) -> pathlib.Path:
-  """`<records_root>/<source>`, with a clear error when it is missing."""
-  if not records_root:
-    raise FileNotFoundError(
-        "config.data.records_root is empty: set it to the folder holding one "
-        "folder of Meta-Dataset records per source")
-  path = pathlib.Path(records_root) / source
-  if not path.is_dir():
-    raise FileNotFoundError(
-        f"records of source '{source}' not found: {os.path.abspath(path)} is "
-        "not a directory (check config.data.records_root and the sources)")
-  return path
-
-
 def load_specs(records_root: str, sources: Sequence[str]):
-  return [mdp.load_dataset_spec(source_dir(records_root, s)) for s in sources]
+  return [mdp.load_dataset_spec(config_checks.source_dir(records_root, s)) for s in sources]
 
 
 def episode_description_config(cfg: ml_collections.ConfigDict
@@ -46,11 +31,12 @@ def max_ways(config: ml_collections.ConfigDict, split: str) -> int:
 
   With SimCLR episodes (`simclr_episode_fraction` > 0) every support image
   is a class, so the width also covers the largest support set: ways x
-  shots for a fixed shot count, else `max_support_set_size`.
+  shots for a fixed shot count, else `max_support_set_size`. The ways bound
+  itself is the sampler's (`sampling.max_ways`, as upstream).
   """
   data = config.data
   cfg = data.train_episode if split == "TRAIN" else data.eval_episode
-  ways = int(cfg.num_ways or cfg.max_ways_upper_bound)
+  ways = int(mdp.max_ways(episode_description_config(cfg)))
   if not cfg.get("simclr_episode_fraction"):
     return ways
   shots = cfg.num_support
@@ -168,65 +154,31 @@ def episodes(config: ml_collections.ConfigDict, split: str,
 
 def local_rows(episode: dict[str, np.ndarray], process_index: int,
                process_count: int) -> dict[str, np.ndarray]:
-  """This process's contiguous block of the support and query rows.
+  """This process's block of the support and query rows of a whole episode.
 
-  The reference for the pipeline's `row_block`, which gives the same block
+  The same block (`padding.row_block`) as the pipeline's `row_block` gives
   without reading the other rows.
   """
   out = dict(episode)
   for prefix in ("support_", "query_"):
     keys = [k for k in episode if k.startswith(prefix)]
-    rows = episode[keys[0]].shape[0]
-    if rows % process_count:
-      raise ValueError(f"{rows} {prefix[:-1]} rows do not split over "
-                       f"{process_count} processes")
-    block = rows // process_count
+    rows = mdp.padding.row_block(episode[keys[0]].shape[0], process_index,
+                                 process_count)
     for k in keys:
-      out[k] = episode[k][process_index * block:(process_index + 1) * block]
+      out[k] = episode[k][rows.start:rows.stop]
   return out
 
 
 # Data prepared as records or by the official TFDS builder
 # (config.data.format).
 
-DATA_FORMATS = ("records", "tfds")
-
-
-def data_format(data: ml_collections.ConfigDict) -> str:
-  """`config.data.format`, checked ("records" when a saved config has
-  none)."""
-  fmt = data.get("format", "records")
-  if fmt not in DATA_FORMATS:
-    raise ValueError(f"config.data.format must be one of {DATA_FORMATS}, "
-                     f"got {fmt!r}")
-  return fmt
-
-
-def data_source_dir(data: ml_collections.ConfigDict, source: str):
-  """Where `source`'s data is, as `config.data.format` says, with a clear
-  error when it is missing (records: `source_dir`; TFDS:
-  `<records_root>/meta_dataset/<source>`)."""
-  if data_format(data) == "records":
-    return source_dir(data.records_root, source)
-  if not data.records_root:
-    raise FileNotFoundError(
-        "config.data.records_root is empty: with config.data.format='tfds' "
-        "set it to the TFDS data dir that `tfds build` wrote")
-  path = mdp.tfds_source.source_dir(data.records_root, source)
-  if not path.is_dir():
-    raise FileNotFoundError(
-        f"TFDS-prepared source '{source}' not found: {path} is not a "
-        "directory (check config.data.records_root and the sources)")
-  return path
-
-
 def load_config_specs(data: ml_collections.ConfigDict,
                       sources: Sequence[str]):
   """The specs of `sources`, read as `config.data.format` says."""
-  if data_format(data) == "records":
+  if config_checks.data_format(data) == "records":
     return load_specs(data.records_root, sources)
   for source in sources:
-    data_source_dir(data, source)
+    config_checks.data_source_dir(data, source)
   version = data.get("tfds_md_version", "v1")
   if version not in mdp.tfds_source.MD_VERSIONS:
     raise ValueError(f"config.data.tfds_md_version must be one of "

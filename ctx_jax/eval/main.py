@@ -28,16 +28,17 @@ are still evaluated; the exit code is then 1.
 """
 
 import json
-import pathlib
 import sys
 from typing import Any
 
 from absl import app
 from absl import flags
 from absl import logging
+from etils import epath
 from ml_collections import config_flags
 
 from ctx_jax import distributed
+from ctx_jax import paths
 from ctx_jax import xla_config
 from ctx_jax.eval import references
 from ctx_jax.eval import report
@@ -113,9 +114,8 @@ def load_model(model_dir: str, mesh):
   return model
 
 
-def default_output(model_dir: str | None, split: str) -> pathlib.Path:
-  base = pathlib.Path(model_dir).absolute().parent if model_dir else (
-      pathlib.Path.cwd())
+def default_output(model_dir: str | None, split: str) -> epath.Path:
+  base = paths.resolve(model_dir).parent if model_dir else paths.resolve(".")
   suffix = "" if model_dir else "_pixels"
   return base / f"eval_{split.lower()}{suffix}.json"
 
@@ -132,7 +132,7 @@ def resolve_model_dir(model_dir: str) -> tuple[str, dict[str, Any]]:
     "step": int|None, "imported": bool}.
   """
   config_file = "model_config.json"  # export.MODEL_CONFIG_FILE (no JAX yet)
-  path = pathlib.Path(model_dir)
+  path = epath.Path(model_dir)
   info = {"selected": "given", "step": None,
           "imported": (path / IMPORTED_FILE).is_file()}
   if not path.exists():
@@ -207,11 +207,11 @@ def _evaluate():
   num_episodes = _NUM_EPISODES.value or config.eval.num_episodes
   seed = config.eval.seed if _SEED.value is None else _SEED.value
   split = _SPLIT.value
-  output = pathlib.Path(_OUTPUT.value or default_output(model_dir, split))
+  output = paths.resolve(_OUTPUT.value or default_output(model_dir, split))
   if is_chief:
     output.parent.mkdir(parents=True, exist_ok=True)
-  cache = resumable.EpisodeCache(output.with_suffix(EPISODES_SUFFIX), _RESUME.value,
-                       write=is_chief)
+  cache = resumable.EpisodeCache(output.with_suffix(EPISODES_SUFFIX),
+                                 _RESUME.value, write=is_chief)
   if is_chief:
     print(f"{PROG}: {len(sources)} domain(s), {num_episodes} {split} "
           f"episodes each, seed {seed}, {mesh.size} device(s) over "

@@ -5,10 +5,12 @@ interrupted evaluation never leaves a half-written result.
 """
 
 import csv
-import os
-import pathlib
+import io
 from typing import Any
 
+from etils import epath
+
+from ctx_jax import paths
 from ctx_jax.eval import references
 
 
@@ -64,14 +66,12 @@ def average_row(rows: dict[str, dict]) -> dict[str, Any] | None:
           "num_sources": len(good)}
 
 
-def write_atomic(path: pathlib.Path, text: str) -> None:
+def write_atomic(path: epath.Path, text: str) -> None:
   """Writes `text` to `path` through a temporary file and a rename."""
-  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-  tmp.write_text(text)
-  os.replace(tmp, path)
+  paths.write_atomic(path, text)
 
 
-def write_csv(path: pathlib.Path, rows: dict[str, dict],
+def write_csv(path: epath.Path, rows: dict[str, dict],
               reference: dict[str, float] | None = None) -> None:
   """Per-domain rows (%), with the reference's accuracy when there is one."""
   lines = [["source", "accuracy_pct", "ci95_pct", "num_episodes",
@@ -87,13 +87,12 @@ def write_csv(path: pathlib.Path, rows: dict[str, dict],
   avg = average_row(rows)
   if avg and avg["num_sources"] > 1:
     lines.append(["average", f"{100 * avg['mean']:.4f}", "", "", "", ""])
-  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-  with tmp.open("w", newline="") as f:
-    csv.writer(f).writerows(lines)
-  os.replace(tmp, path)
+  text = io.StringIO(newline="")
+  csv.writer(text).writerows(lines)
+  paths.write_atomic(path, text.getvalue())
 
 
-def write_chart(path: pathlib.Path, rows: dict[str, dict], label: str,
+def write_chart(path: epath.Path, rows: dict[str, dict], label: str,
                 reference: references.Reference | None = None) -> None:
   """Bar chart: our accuracy (95% CI whiskers) next to the reference's."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -125,10 +124,10 @@ def write_chart(path: pathlib.Path, rows: dict[str, dict], label: str,
   ax.legend(loc="upper right", fontsize=8)
   ax.set_title("Meta-Dataset episodic accuracy (95% CI)")
   fig.tight_layout()
-  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-  fig.savefig(tmp, dpi=100)
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=100)
   plt.close(fig)
-  os.replace(tmp, path)
+  paths.write_atomic(path, png.getvalue())
 
 
 def describe_reference(reference: references.Reference | None,

@@ -9,21 +9,27 @@ starts that domain afresh.
 
 import hashlib
 import json
-import pathlib
+import os
 from typing import Any
 
 from absl import logging
+from etils import epath
 
+from ctx_jax import paths
 from ctx_jax.eval import report
 
 
-def _fingerprint_dir(path: pathlib.Path) -> str:
+def _fingerprint_dir(path: epath.Path) -> str:
   """Hash of the names, sizes and modification times of files under `path`."""
   digest = hashlib.sha256()
   for f in sorted(p for p in path.rglob("*") if p.is_file()):
-    stat = f.stat()
-    digest.update(f"{f.relative_to(path)}\0{stat.st_size}\0"
-                  f"{stat.st_mtime_ns}\n".encode())
+    if paths.is_local(f):  # Nanosecond times; epath's stat has seconds.
+      stat = os.stat(f)
+      size, mtime = stat.st_size, stat.st_mtime_ns
+    else:
+      stat = f.stat()
+      size, mtime = stat.length, stat.mtime
+    digest.update(f"{f.relative_to(path)}\0{size}\0{mtime}\n".encode())
   return digest.hexdigest()
 
 
@@ -31,7 +37,7 @@ def model_key(model_dir: str | None) -> dict[str, Any]:
   """What identifies the evaluated model: its export's config and state."""
   if model_dir is None:
     return {"model": "pixels"}
-  path = pathlib.Path(model_dir).absolute()
+  path = paths.resolve(model_dir)
   from ctx_jax.checkpoints import export  # pylint: disable=g-import-not-at-top
   return {"model": str(path),
           "model_config": export.load_model_config(path).to_dict(),
@@ -43,7 +49,7 @@ def source_key(config, split: str, source: str, num_episodes: int,
   """What determines one domain's episodes (beyond the model)."""
   data = config.data
   episode = data.train_episode if split == "TRAIN" else data.eval_episode
-  root = pathlib.Path(data.records_root or ".").absolute()
+  root = paths.resolve(data.records_root or ".")
   spec = root / source / "dataset_spec.json"
   spec_hash = (hashlib.sha256(spec.read_bytes()).hexdigest()
                if spec.is_file() else None)
@@ -70,7 +76,7 @@ class EpisodeCache:
   evaluation never loses (or corrupts) what was already saved.
   """
 
-  def __init__(self, path: pathlib.Path, resume: bool, write: bool):
+  def __init__(self, path: epath.Path, resume: bool, write: bool):
     self.path, self.write = path, write
     self.data = {"sources": {}}
     if resume and path.is_file():
@@ -112,7 +118,7 @@ def evaluate_sources(model, model_dir, config, mesh, split, sources,
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from ctx_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from ctx_jax import config_checks  # pylint: disable=g-import-not-at-top
   from ctx_jax.eval import episodic  # pylint: disable=g-import-not-at-top
   from ctx_jax.eval import evaluate  # pylint: disable=g-import-not-at-top
   log = print if is_chief else (lambda _: None)
@@ -120,7 +126,7 @@ def evaluate_sources(model, model_dir, config, mesh, split, sources,
   rows = {}
   for source in sources:
     try:
-      input_pipeline.data_source_dir(config.data, source)
+      config_checks.data_source_dir(config.data, source)
       key = dict(base_key, **source_key(config, split, source, num_episodes,
                                         seed))
       accuracies = cache.done(source, key)

@@ -12,10 +12,11 @@
 import json
 import math
 import os
-import pathlib
 
+from etils import epath
 from flax import nnx
 
+from ctx_jax import paths
 from ctx_jax.checkpoints import export
 
 EXPORT_DIR = "export"
@@ -24,16 +25,18 @@ BEST_FILE = "valid.json"  # Inside BEST_DIR: step and validation accuracy.
 RESULTS_FILE = "results.json"
 
 
-def prepare_workdir(workdir: str) -> pathlib.Path:
-  """Creates `workdir` and checks it is writable, with a clear error."""
-  path = pathlib.Path(workdir).absolute()
+def prepare_workdir(workdir: str) -> epath.Path:
+  """Creates `workdir` (local or e.g. `gs://`) and checks it is writable."""
+  path = paths.resolve(workdir)
   try:
     path.mkdir(parents=True, exist_ok=True)
     probe = path / f".write_test_{os.getpid()}"
     probe.write_text("ok")
     probe.unlink()
-  except OSError as e:
-    raise PermissionError(f"work dir {path} is not writable: {e}") from e
+  except Exception as e:  # pylint: disable=broad-except
+    # OSError locally; tf.errors.OpError (not an OSError) on gs:// and co.
+    raise PermissionError(f"work dir {path} is not writable: "
+                          f"{type(e).__name__}: {e}") from e
   return path
 
 
@@ -44,7 +47,7 @@ class BestExport:
   run reads it, so "best" spans the whole run.
   """
 
-  def __init__(self, workdir: pathlib.Path):
+  def __init__(self, workdir: epath.Path):
     self.directory = workdir / BEST_DIR
     export.recover_export(self.directory)
     self.record = None
