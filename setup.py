@@ -36,7 +36,13 @@ setuptools.setup(
         "google-crc32c>=1.5",
         "matplotlib>=3.8",
         "tensorflow-cpu>=2.21,<2.22",
+        # config.data.format="tfds": Meta-Dataset prepared by the official
+        # TFDS builder, read by index (array_record).
         "tensorflow-datasets>=4.9.10",
+        "array-record>=0.8",
+        # tensorflow-datasets' builders (`tfds build`, the tests' small TFDS
+        # dataset) import it on Python >= 3.9 without declaring it.
+        "importlib_resources>=6.0",
         "tensorboard>=2.20",
     ],
     extras_require={

@@ -75,6 +75,38 @@ def source_dir(records_root: str, source: str) -> epath.Path:
   return path
 
 
+DATA_FORMATS = ("records", "tfds")
+
+
+def data_format(data: ml_collections.ConfigDict) -> str:
+  """`config.data.format`, checked ("records" when a saved config has
+  none)."""
+  fmt = data.get("format", "records")
+  if fmt not in DATA_FORMATS:
+    raise ValueError(f"config.data.format must be one of {DATA_FORMATS}, "
+                     f"got {fmt!r}")
+  return fmt
+
+
+def data_source_dir(data: ml_collections.ConfigDict, source: str):
+  """Where `source`'s data is, as `config.data.format` says, with a clear
+  error when it is missing (records: `source_dir`; TFDS:
+  `<records_root>/meta_dataset/<source>`)."""
+  if data_format(data) == "records":
+    return source_dir(data.records_root, source)
+  if not data.records_root:
+    raise FileNotFoundError(
+        "config.data.records_root is empty: with config.data.format='tfds' "
+        "set it to the TFDS data dir that `tfds build` wrote")
+  from meta_dataset_pipeline import tfds_source  # pylint: disable=g-import-not-at-top
+  path = tfds_source.source_dir(data.records_root, source)
+  if not path.is_dir():
+    raise FileNotFoundError(
+        f"TFDS-prepared source '{source}' not found: {path} is not a "
+        "directory (check config.data.records_root and the sources)")
+  return path
+
+
 def check_data(config: ml_collections.ConfigDict) -> None:
   """Every source's records folder exists and holds a readable spec.
 
@@ -83,6 +115,9 @@ def check_data(config: ml_collections.ConfigDict) -> None:
     ValueError: naming a malformed `dataset_spec.json`.
   """
   from meta_dataset_pipeline import dataset_spec  # pylint: disable=g-import-not-at-top
+  if data_format(config.data) == "tfds":
+    _check_tfds_data(config)
+    return
   root = config.data.records_root
   if not root:
     raise FileNotFoundError(
@@ -94,6 +129,20 @@ def check_data(config: ml_collections.ConfigDict) -> None:
   for source in sources:
     dataset_spec.load_dataset_spec(
         str(source_dir(root, source)))
+
+
+def _check_tfds_data(config: ml_collections.ConfigDict) -> None:
+  """`check_data` for TFDS-prepared data: every split's class slices
+  against the spec, from the metadata (examples are checked when read)."""
+  from ctx_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from meta_dataset_pipeline import dataset_spec  # pylint: disable=g-import-not-at-top
+  from meta_dataset_pipeline import reader  # pylint: disable=g-import-not-at-top
+  data = config.data
+  sources = dict.fromkeys(tuple(data.train_sources) + tuple(
+      data.valid_sources) + tuple(data.test_sources))
+  for spec in input_pipeline.load_config_specs(data, tuple(sources)):
+    for split in dataset_spec.Split:
+      reader.check_class_files(spec, split)
 
 
 def check_workdir(workdir: str) -> None:

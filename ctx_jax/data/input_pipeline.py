@@ -130,7 +130,7 @@ def episodes(config: ml_collections.ConfigDict, split: str,
     Episode dicts (see `meta_dataset_pipeline`), rows of this process only.
   """
   data = config.data
-  specs = load_specs(data.records_root, sources)
+  specs = load_config_specs(data, sources)
   episode_cfg = episode_description_config(
       data.train_episode if split == "TRAIN" else data.eval_episode)
   kwargs = dict(split=mdp.Split[split], episode_config=episode_cfg,
@@ -167,3 +167,20 @@ def local_rows(episode: dict[str, np.ndarray], process_index: int,
     for k in keys:
       out[k] = episode[k][rows.start:rows.stop]
   return out
+
+
+# Data prepared as records or by the official TFDS builder
+# (config.data.format).
+
+def load_config_specs(data: ml_collections.ConfigDict,
+                      sources: Sequence[str]):
+  """The specs of `sources`, read as `config.data.format` says."""
+  if config_checks.data_format(data) == "records":
+    return load_specs(data.records_root, sources)
+  for source in sources:
+    config_checks.data_source_dir(data, source)
+  version = data.get("tfds_md_version", "v1")
+  if version not in mdp.tfds_source.MD_VERSIONS:
+    raise ValueError(f"config.data.tfds_md_version must be one of "
+                     f"{mdp.tfds_source.MD_VERSIONS}, got {version!r}")
+  return mdp.tfds_source.load_tfds_specs(data.records_root, sources, version)

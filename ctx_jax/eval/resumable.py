@@ -57,11 +57,19 @@ def source_key(config, split: str, source: str, num_episodes: int,
   spec = root / source / "dataset_spec.json"
   spec_hash = (hashlib.sha256(spec.read_bytes()).hexdigest()
                if spec.is_file() else None)
-  return {"split": split, "source": source, "records_root": str(root),
-          "dataset_spec_sha256": spec_hash, "episode": episode.to_dict(),
-          "image_size": int(data.image_size),
-          "shuffle_buffer_size": int(data.shuffle_buffer_size),
-          "seed": int(seed), "num_episodes": int(num_episodes)}
+  key = {"split": split, "source": source, "records_root": str(root),
+         "dataset_spec_sha256": spec_hash, "episode": episode.to_dict(),
+         "image_size": int(data.image_size),
+         "shuffle_buffer_size": int(data.shuffle_buffer_size),
+         "seed": int(seed), "num_episodes": int(num_episodes)}
+  if data.get("format", "records") == "tfds":
+    # The spec and class slices live in the TFDS metadata; the benchmark
+    # version picks the splits.
+    metadata = sorted((root / "meta_dataset" / source).glob("*/metadata.json"))
+    key.update(format="tfds", tfds_md_version=data.tfds_md_version,
+               dataset_spec_sha256=hashlib.sha256(b"".join(
+                   m.read_bytes() for m in metadata)).hexdigest())
+  return key
 
 
 class EpisodeCache:
@@ -122,7 +130,7 @@ def evaluate_sources(model, model_dir, config, mesh, split, sources,
   rows = {}
   for source in sources:
     try:
-      config_checks.source_dir(config.data.records_root, source)
+      config_checks.data_source_dir(config.data, source)
       key = dict(base_key, **source_key(config, split, source, num_episodes,
                                         seed))
       accuracies = cache.done(source, key)
