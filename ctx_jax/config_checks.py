@@ -1,10 +1,12 @@
 """Start-up checks of a config that the official trainer also refuses.
 
 Run before the work dir is created or anything is compiled, so a bad config
-costs nothing and leaves nothing behind.
+costs nothing and leaves nothing behind. The specs of a config's sources are
+loaded here too (`load_config_specs`), for the checks and the pipeline.
 """
 
 import os
+from typing import Sequence
 
 from etils import epath
 import ml_collections
@@ -134,13 +136,12 @@ def check_data(config: ml_collections.ConfigDict) -> None:
 def _check_tfds_data(config: ml_collections.ConfigDict) -> None:
   """`check_data` for TFDS-prepared data: every split's class slices
   against the spec, from the metadata (examples are checked when read)."""
-  from ctx_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from meta_dataset_pipeline import dataset_spec  # pylint: disable=g-import-not-at-top
   from meta_dataset_pipeline import reader  # pylint: disable=g-import-not-at-top
   data = config.data
   sources = dict.fromkeys(tuple(data.train_sources) + tuple(
       data.valid_sources) + tuple(data.test_sources))
-  for spec in input_pipeline.load_config_specs(data, tuple(sources)):
+  for spec in load_config_specs(data, tuple(sources)):
     for split in dataset_spec.Split:
       reader.check_class_files(spec, split)
 
@@ -181,3 +182,25 @@ def check_start_up(config: ml_collections.ConfigDict, workdir: str) -> None:
   check_config(config)
   check_data(config)
   check_init_from(config)
+
+
+def load_specs(records_root: str, sources: Sequence[str]):
+  """The record specs of `sources` under `records_root`."""
+  from meta_dataset_pipeline import dataset_spec  # pylint: disable=g-import-not-at-top
+  return [dataset_spec.load_dataset_spec(source_dir(records_root, s))
+          for s in sources]
+
+
+def load_config_specs(data: ml_collections.ConfigDict,
+                      sources: Sequence[str]):
+  """The specs of `sources`, read as `config.data.format` says."""
+  from meta_dataset_pipeline import tfds_source  # pylint: disable=g-import-not-at-top
+  if data_format(data) == "records":
+    return load_specs(data.records_root, sources)
+  for source in sources:
+    data_source_dir(data, source)
+  version = data.get("tfds_md_version", "v1")
+  if version not in tfds_source.MD_VERSIONS:
+    raise ValueError(f"config.data.tfds_md_version must be one of "
+                     f"{tfds_source.MD_VERSIONS}, got {version!r}")
+  return tfds_source.load_tfds_specs(data.records_root, sources, version)

@@ -17,10 +17,6 @@ from ctx_jax.data import augment
 import meta_dataset_pipeline as mdp
 
 
-def load_specs(records_root: str, sources: Sequence[str]):
-  return [mdp.load_dataset_spec(config_checks.source_dir(records_root, s)) for s in sources]
-
-
 def episode_description_config(cfg: ml_collections.ConfigDict
                                ) -> "mdp.EpisodeDescriptionConfig":
   return mdp.EpisodeDescriptionConfig(**cfg.to_dict())
@@ -130,7 +126,7 @@ def episodes(config: ml_collections.ConfigDict, split: str,
     Episode dicts (see `meta_dataset_pipeline`), rows of this process only.
   """
   data = config.data
-  specs = load_config_specs(data, sources)
+  specs = config_checks.load_config_specs(data, sources)
   episode_cfg = episode_description_config(
       data.train_episode if split == "TRAIN" else data.eval_episode)
   kwargs = dict(split=mdp.Split[split], episode_config=episode_cfg,
@@ -171,16 +167,3 @@ def local_rows(episode: dict[str, np.ndarray], process_index: int,
 
 # Data prepared as records or by the official TFDS builder
 # (config.data.format).
-
-def load_config_specs(data: ml_collections.ConfigDict,
-                      sources: Sequence[str]):
-  """The specs of `sources`, read as `config.data.format` says."""
-  if config_checks.data_format(data) == "records":
-    return load_specs(data.records_root, sources)
-  for source in sources:
-    config_checks.data_source_dir(data, source)
-  version = data.get("tfds_md_version", "v1")
-  if version not in mdp.tfds_source.MD_VERSIONS:
-    raise ValueError(f"config.data.tfds_md_version must be one of "
-                     f"{mdp.tfds_source.MD_VERSIONS}, got {version!r}")
-  return mdp.tfds_source.load_tfds_specs(data.records_root, sources, version)
