@@ -21,6 +21,10 @@ setuptools.setup(
         "flax>=0.12.8,<0.13",
         "optax>=0.2.8,<0.3",
         "orbax-checkpoint>=0.12,<0.13",
+        # Paths on any file system (local, gs://), as orbax uses them.
+        "etils[epath]>=1.7",
+        # orbax writes gs:// checkpoints through it (it does not declare it).
+        "google-cloud-storage>=3",
         "chex>=0.1.90",
         "ml-collections>=1.1",
         "absl-py>=2.1",
@@ -32,23 +36,36 @@ setuptools.setup(
         "google-crc32c>=1.5",
         "matplotlib>=3.8",
         "tensorflow-cpu>=2.21,<2.22",
+        # config.data.format="tfds": Meta-Dataset prepared by the official
+        # TFDS builder, read by index (array_record).
         "tensorflow-datasets>=4.9.10",
+        "array-record>=0.8",
+        # tensorflow-datasets' builders (`tfds build`, the tests' small TFDS
+        # dataset) import it on Python >= 3.9 without declaring it.
+        "importlib_resources>=6.0",
         "tensorboard>=2.20",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "test": [
+            "pytest>=8", "pytest-xdist>=3.5",
+            # tests/gcs_emulator.py: a loopback Cloud Storage emulator for
+            # gs:// tests and its TLS certificate.
+            "gcp-storage-emulator>=2026.7",
+            "cryptography>=42",
+        ],
     },
     entry_points={
         "console_scripts": [
-            "ctx-demo=ctx_jax.demo:run",
+            "ctx-demo=ctx_jax.demo.run:run",
             "ctx-train=ctx_jax.main:run",
             "ctx-eval=ctx_jax.eval.main:run",
-            "ctx-make-demo-data=meta_dataset_pipeline.demo_data:run",
+            "ctx-make-demo-data=ctx_jax.demo.dataset:run",
             "md-episodes=meta_dataset_pipeline.episodes_cli:run",
             "md-episode-grid=meta_dataset_pipeline.episode_grid:run",
             "md-convert=meta_dataset_pipeline.conversion.cli:run",
-            "ctx-import-official=ctx_jax.models.official_import:run",
-            "ctx-run-episode=ctx_jax.models.official_import:run_episode_main",
+            "ctx-import-official=ctx_jax.checkpoints.official_cli:run",
+            "ctx-run-episode=ctx_jax.checkpoints.official_cli:run_episode_main",
+            "ctx-attention=ctx_jax.eval.attention_main:run",
         ],
     },
 )

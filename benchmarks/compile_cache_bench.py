@@ -38,15 +38,18 @@ def worker(args):
   """One process: enable the cache (or not), time one train step."""
   sys.path.insert(0, ROOT)
   # pylint: disable=g-import-not-at-top
-  from ctx_jax import xla_config
+  import importlib.util
+
   import jax
   from jax import monitoring
-  from ctx_jax.training import mesh as mesh_lib
+
+  from ctx_jax import mesh as mesh_lib
+  from ctx_jax import xla_config
+  from ctx_jax.models import episode as episode_lib
   from ctx_jax.training import sharded_step
-  from ctx_jax.training import train
-  from ctx_jax.training import train_step as step_lib
+  from ctx_jax.training import state as state_lib
   from tests import fakes
-  import importlib.util
+
   # pylint: enable=g-import-not-at-top
   events = []
   monitoring.register_event_listener(
@@ -62,11 +65,11 @@ def worker(args):
   if args.size:
     config.data.image_size = args.size
   mesh = mesh_lib.make_mesh(1)
-  model, optimizer = train.create_train_state(config, mesh)
+  model, optimizer = state_lib.create_train_state(config, mesh)
   model.train()
   episode = fakes.fake_episode(args.support, args.query, args.ways,
                                image_size=config.data.image_size)
-  episode = mesh_lib.shard_episode(episode, mesh, step_lib.MODEL_INPUT_KEYS)
+  episode = mesh_lib.shard_episode(episode, mesh, episode_lib.MODEL_INPUT_KEYS)
   train_fn, _ = sharded_step.select_steps(config.train.parallelism, mesh)
   start = time.perf_counter()
   with jax.set_mesh(mesh):

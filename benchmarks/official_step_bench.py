@@ -60,15 +60,17 @@ def worker(args):
   jax.config.update('jax_num_cpu_devices', args.devices)
   # pylint: disable=g-import-not-at-top
   sys.path.insert(0, ROOT)
-  from ctx_jax import xla_config  # Sets the default XLA flags.
   from flax import nnx
   import numpy as np
-  from ctx_jax.training import checkpoint
-  from ctx_jax.training import mesh as mesh_lib
+
+  from ctx_jax import mesh as mesh_lib
+  from ctx_jax import xla_config  # Sets the default XLA flags.
+  from ctx_jax.checkpoints import export
+  from ctx_jax.models import episode as episode_lib
   from ctx_jax.training import optim
   from ctx_jax.training import sharded_step
-  from ctx_jax.training import train_step as step_lib
   from experiments import common
+
   # pylint: enable=g-import-not-at-top
   del xla_config
   ep = load_episode(args.episode)
@@ -88,7 +90,7 @@ def worker(args):
   mesh = mesh_lib.make_mesh(args.devices)
   train_fn, eval_fn = sharded_step.select_steps('shard_map', mesh)
   with jax.set_mesh(mesh):
-    model, _ = checkpoint.load_exported_model(args.export, mesh=mesh)
+    model, _ = export.load_exported_model(args.export, mesh=mesh)
     optimizer = nnx.Optimizer(model, optim.make_optimizer(config.optimizer),
                               wrt=nnx.Param)
     wd = float(config.optimizer.weight_decay)
@@ -104,7 +106,7 @@ def worker(args):
         metrics = eval_fn(model, episode, num_ways)
       return nnx.state((model, optimizer)), metrics
 
-    dev = mesh_lib.shard_episode(episode, mesh, step_lib.MODEL_INPUT_KEYS)
+    dev = mesh_lib.shard_episode(episode, mesh, episode_lib.MODEL_INPUT_KEYS)
     start = time.perf_counter()
     compiled = jax.jit(pure, donate_argnums=0).lower(state, dev).compile()
     compile_s = time.perf_counter() - start
@@ -134,6 +136,7 @@ def padded_rows(episode_path, mode, pad_multiple, specs_dir, num_buckets):
   from meta_dataset_pipeline import dataset_spec
   from meta_dataset_pipeline import padding
   from meta_dataset_pipeline import sampling
+
   # pylint: enable=g-import-not-at-top
   ep = load_episode(episode_path)
   config = common.get_base_config()

@@ -52,13 +52,15 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
+import train_step_bench  # A sibling script (benchmarks/).
+
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from ctx_jax.training import mesh as mesh_lib
+from ctx_jax import mesh as mesh_lib
 from experiments import common
 from meta_dataset_pipeline import dataset_spec
 from meta_dataset_pipeline import padding
 from meta_dataset_pipeline import sampling
-import train_step_bench  # A sibling script (benchmarks/).
+
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 MD_WAYS, SIMCLR_WAYS = 50, 500

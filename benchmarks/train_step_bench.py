@@ -52,13 +52,15 @@ import numpy as np
 # Run as a script from anywhere: the repo root holds `experiments`.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
+from ctx_head_bench import cpu_name  # A sibling script (benchmarks/).
+
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from ctx_jax.training import mesh as mesh_lib
+from ctx_jax import mesh as mesh_lib
+from ctx_jax.models import episode as episode_lib
 from ctx_jax.training import sharded_step
 from ctx_jax.training import state as state_lib
-from ctx_jax.training import train_step as step_lib
 from experiments import common
-from ctx_head_bench import cpu_name  # A sibling script (benchmarks/).
+
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 # name: (support, query, ways, image size); the episodes of
@@ -169,7 +171,7 @@ def compile_step(config, mesh, episode, num_ways):
   """AOT-compiled pure step (state, episode) -> (state, metrics) and state."""
   graphdef, state = nnx.split(state_lib.create_train_state(config, mesh))
   pure = pure_train_step(config, mesh, graphdef, num_ways)
-  dev = mesh_lib.shard_episode(episode, mesh, step_lib.MODEL_INPUT_KEYS)
+  dev = mesh_lib.shard_episode(episode, mesh, episode_lib.MODEL_INPUT_KEYS)
   start = time.perf_counter()
   with jax.set_mesh(mesh):
     compiled = jax.jit(pure, donate_argnums=0).lower(state, dev).compile()
@@ -220,7 +222,7 @@ def count_flops(args, mesh, episode_spec):
   config = make_config(args, size, 'float32', 'shard_map',
                        chunk_size=local_queries)
   episode = mesh_lib.shard_episode(make_episode(episode_spec, mesh.size),
-                                   mesh, step_lib.MODEL_INPUT_KEYS)
+                                   mesh, episode_lib.MODEL_INPUT_KEYS)
   return lowered_flops(config, mesh, episode, ways)
 
 

@@ -51,19 +51,21 @@ def main(argv):
 
 def _train():
   # Bad config, data or work dir: one line, before JAX or TF start.
-  from ctx_jax.training import config_checks  # pylint: disable=g-import-not-at-top
+  from ctx_jax import config_checks  # pylint: disable=g-import-not-at-top
   config_checks.check_start_up(_CONFIG.value, _WORKDIR.value)
   distributed.maybe_initialize()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   # tf.data runs on the host only; keep TF off the accelerators.
   tf.config.set_visible_devices([], "GPU")
+  from ctx_jax.training import preemption  # pylint: disable=g-import-not-at-top
   from ctx_jax.training import train  # pylint: disable=g-import-not-at-top
   logging.info("config:\n%s", _CONFIG.value)
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except train.Preempted as e:
+  except preemption.Preempted as e:
     print(f"{PROG}: {e}", file=sys.stderr)
-    sys.exit(train.PREEMPTED_EXIT_CODE)
+    sys.exit(preemption.PREEMPTED_EXIT_CODE)
 
 
 def run():

@@ -41,6 +41,9 @@ def episode_config(**overrides) -> ml_collections.ConfigDict:
       # Fraction of episodes turned into SimCLR episodes (CTX+SimCLR Eps:
       # 0.5 for training; see meta_dataset_pipeline/simclr.py).
       "simclr_episode_fraction": 0.0,
+      # "official": the official sampler's RandomState scheme, so a seed
+      # gives exactly its episode descriptions (default: numpy Generator).
+      "rng": "generator",
   })
   cfg.update(overrides)
   return cfg
@@ -61,8 +64,16 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.compilation_cache_dir = ""
 
   config.data = ml_collections.ConfigDict()
-  # Folder holding one folder of records per source (`<root>/<source>/`).
+  # How the data was prepared (README, "Preparing data: records or TFDS"):
+  # "records" (md-convert or the official converter; `records_root` holds
+  # one folder of records per source, `<root>/<source>/`) or "tfds" (the
+  # official TFDS builder, `tfds build`; `records_root` is its data dir,
+  # holding `meta_dataset/<source>/1.0.0/` in the array_record format).
+  config.data.format = "records"
   config.data.records_root = ""
+  # With format "tfds": the benchmark version whose splits are used, "v1"
+  # (Meta-Dataset paper) or "v2" (VTAB+MD).
+  config.data.tfds_md_version = "v1"
   config.data.train_sources = ("ilsvrc_2012",)
   config.data.valid_sources = ("ilsvrc_2012",)
   config.data.test_sources = ("ilsvrc_2012",)
@@ -147,6 +158,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict()
   config.eval.num_episodes = 600
   config.eval.seed = 0
+  # At each validation, write TensorBoard images per valid source: one
+  # episode's CTX attention figure and the confusion of the validation
+  # episodes (ctx_jax/eval/figures.py; one more forward pass over them).
+  config.eval.attention_images = False
   return config
 
 

@@ -15,14 +15,16 @@ results is listed as missing, not dropped.
 
 import argparse
 import csv
+import io
 import json
-import pathlib
 import sys
+
+from etils import epath
 
 from launch import sweep as sweep_lib
 
 
-def find_runs(root: pathlib.Path) -> list[dict]:
+def find_runs(root: epath.Path) -> list[dict]:
   """`[{"name", "workdir", "overrides"}]` from sweep.json or the folders."""
   listing = root / sweep_lib.SWEEP_FILE
   if listing.is_file():
@@ -42,7 +44,7 @@ def run_row(run: dict) -> dict:
   """One table row: overrides, step, `<kind>/<source>` accuracies (%)."""
   row = {"run": run["name"], **{k.removeprefix("config."): v
                                 for k, v in run["overrides"].items()}}
-  workdir = pathlib.Path(run["workdir"])
+  workdir = epath.Path(run["workdir"])
   results = workdir / sweep_lib.RESULTS_FILE
   if not results.is_file():
     row["status"] = f"missing {results}"
@@ -85,7 +87,7 @@ def main(argv=None) -> int:
                       help="path without extension (default: "
                       "<root>/collected)")
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-  root = pathlib.Path(args.root)
+  root = epath.Path(args.root)
   if not root.is_dir():
     print(f"launch.collect: error: {root} is not a directory",
           file=sys.stderr)
@@ -101,13 +103,14 @@ def main(argv=None) -> int:
   for r in rows:
     columns += [c for c in r if c not in columns]
   print(format_rows(rows, columns))
-  output = pathlib.Path(args.output or root / "collected")
-  csv_path = pathlib.Path(f"{output}.csv")
-  json_path = pathlib.Path(f"{output}.json")
-  with csv_path.open("w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
+  output = epath.Path(args.output or root / "collected")
+  csv_path = epath.Path(f"{output}.csv")
+  json_path = epath.Path(f"{output}.json")
+  text = io.StringIO(newline="")
+  writer = csv.DictWriter(text, fieldnames=columns)
+  writer.writeheader()
+  writer.writerows(rows)
+  csv_path.write_text(text.getvalue())
   json_path.write_text(json.dumps(rows, indent=2) + "\n")
   print(f"wrote {csv_path}, {json_path}")
   return 0

@@ -31,12 +31,13 @@ Extra `ctx-train` flags for every run go after `--`.
 import argparse
 import itertools
 import json
-import pathlib
 import shlex
 import subprocess
 import sys
 from typing import Sequence
 import warnings
+
+from etils import epath
 
 from absl import flags as absl_flags
 from ml_collections import config_flags
@@ -178,7 +179,7 @@ def plan(args, extra: Sequence[str]) -> list[dict]:
   """Validated runs: name, overrides, workdir, command."""
   short = dict(parse_override(n) for n in args.name)
   runs = expand(args.grid, args.list)
-  root = pathlib.Path(args.root)
+  root = epath.Path(args.root)
   out, names = [], set()
   for overrides in runs:
     validate(args.config, overrides)
@@ -208,7 +209,7 @@ def main(argv=None) -> int:
   except ValueError as e:
     print(f"launch.sweep: error: {e}", file=sys.stderr)
     return 2
-  root = pathlib.Path(args.root)
+  root = epath.Path(args.root)
   if not args.run:
     for run in runs:
       print(shlex.join(run["command"]))
@@ -218,7 +219,7 @@ def main(argv=None) -> int:
       {"config": args.config, "runs": runs}, indent=2) + "\n")
   failed = []
   for i, run in enumerate(runs):
-    if (pathlib.Path(run["workdir"]) / RESULTS_FILE).is_file():
+    if (epath.Path(run["workdir"]) / RESULTS_FILE).is_file():
       print(f"[{i + 1}/{len(runs)}] {run['name']}: done already, skipped",
             flush=True)
       continue

@@ -3,16 +3,23 @@ r"""Starts the same program on every worker of a Cloud TPU VM pod slice.
   python -m launch.tpu --tpu my-v4-32 --zone us-central2-b \
       --remote_dir '~/ctx-jax' -- \
       ctx-train --config experiments/ctx_ilsvrc.py \
-          --config.data.records_root=/mnt/records \
-          --workdir /mnt/runs/ctx
+          --config.data.records_root=gs://my-bucket/records \
+          --workdir gs://my-bucket/runs/ctx
 
 runs one `gcloud compute tpus tpu-vm ssh <tpu> --worker=all --command ...`:
 every worker changes to `--remote_dir`, gets CTX_JAX_DISTRIBUTED=1 (plus any
 `--env`), and runs the program, which calls `jax.distributed.initialize()`;
 on Cloud TPU that auto-detects the coordinator, the process count and the
-process ids. The code and data must already be on the workers (or in GCS):
-`--setup` runs a command first on every worker, e.g. a `git pull` and
-`pip install -e .`. `--dry_run` prints the exact gcloud command.
+process ids. The code must be on the workers (`--setup` runs a command first
+on every worker, e.g. a `git pull` and `pip install -e .`); records and the
+work dir can be in a bucket, read and written through TensorFlow's file
+systems and orbax:
+
+  gs://my-bucket/records/<source>/dataset_spec.json, <class>.tfrecords
+  gs://my-bucket/runs/ctx/  ckpt/<step>/, best/, export/, results.json,
+                            config.json, TensorBoard events
+
+`--dry_run` prints the exact gcloud command.
 """
 
 import argparse

@@ -25,6 +25,7 @@ _EXPORTS = {
     "DatasetSpecification": "dataset_spec",
     "HierarchicalDatasetSpecification": "dataset_spec",
     "load_dataset_spec": "dataset_spec",
+    "load_tfds_spec": "tfds_source",
     "Split": "dataset_spec",
     "SpecError": "dataset_spec",
     "DataAugmentation": "decoder",

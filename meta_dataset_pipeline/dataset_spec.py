@@ -511,3 +511,29 @@ def has_dag_ontology(spec: AnySpec) -> bool:
 
 def has_bilevel_ontology(spec: AnySpec) -> bool:
   return isinstance(spec, BiLevelDatasetSpecification)
+
+
+def spec_from_dict(dct, path: str, where: str) -> AnySpec:
+  """A spec from its JSON object, e.g. the `dataset_specs` metadata of a
+  TFDS-prepared source (`tfds_source.py`).
+
+  Args:
+    dct: the spec's `to_dict()` JSON object.
+    path: the spec's `path` (where its data is).
+    where: names the object in errors, like a file name.
+
+  Returns:
+    A spec, validated as by `load_dataset_spec` (no leaf-count file).
+
+  Raises:
+    SpecError: the object is malformed (naming `where` and the key).
+  """
+  r = _Reader(where)
+  kind = r.get(dct, "__class__", str)
+  build = {"DatasetSpecification": _flat,
+           "BiLevelDatasetSpecification": _bilevel}.get(kind)
+  if build is not None:
+    return build(r, dct, path)
+  if kind == "HierarchicalDatasetSpecification":
+    return _hierarchical(r, dct, path, None)
+  r.fail("__class__", f"unknown specification class {kind!r}")

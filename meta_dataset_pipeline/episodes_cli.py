@@ -75,6 +75,8 @@ FIELD_HELP = {
                                "episode descriptions",
     "episode_description_switch_frequency": "episodes that share one "
                                             "description before the next",
+    "rng": "official: the official sampler's RandomState scheme, so --seed "
+           "gives exactly its descriptions (default: numpy Generator)",
 }
 
 
@@ -103,6 +105,10 @@ def _parser() -> argparse.ArgumentParser:
     default = field.default
     if field.name == "num_support":
       kind = _num_support
+    elif field.name == "rng":
+      config.add_argument("--rng", choices=sampling.RNG_MODES,
+                          default=default, help=FIELD_HELP.get("rng", ""))
+      continue
     elif isinstance(default, bool):
       kind = _bool
     elif isinstance(default, float):
@@ -224,9 +230,10 @@ def _main(args) -> int:
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(sampling.EpisodeDescriptionConfig)})
     # Same seeding as the pipelines (source 0 of process 0).
+    seed = (sampling.official_rngs(args.seed, 1)[0] if cfg.rng == "official"
+            else reader.derive_seeds([args.seed, 0], 2, 0, count=2))
     sampler = sampling.EpisodeDescriptionSampler(
-        spec, split, cfg, seed=reader.derive_seeds([args.seed, 0], 2, 0,
-                                                   count=2),
+        spec, split, cfg, seed=seed,
         use_dag_hierarchy=args.use_dag_ontology,
         use_bilevel_hierarchy=args.use_bilevel_ontology)
   except (OSError, ValueError, NotImplementedError) as e:

@@ -330,3 +330,21 @@ def _report():
 
 if __name__ == "__main__":
   _report()
+
+
+def row_block(num_padded: int, block: int, num_blocks: int) -> range:
+  """Padded rows `[b*P/n, (b+1)*P/n)` of a set: block `b` of `n`.
+
+  How a padded support or query set is cut into contiguous blocks, one per
+  process (the pipeline's `row_block`) or per device (`shard_map`'s split of
+  the leading axis): the one definition both follow.
+
+  Raises:
+    ValueError: `num_padded` does not split into `num_blocks` blocks.
+  """
+  if num_padded % num_blocks:
+    raise ValueError(f"{num_padded} padded rows do not split into "
+                     f"{num_blocks} row blocks; use a pad_multiple divisible "
+                     f"by {num_blocks}")
+  size = num_padded // num_blocks
+  return range(block * size, (block + 1) * size)

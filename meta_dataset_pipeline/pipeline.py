@@ -164,10 +164,15 @@ def _as_spec_list(dataset_specs):
 def _make_sources(specs, split, episode_config, seed, use_dag_ontology,
                   use_bilevel_ontology):
   sources = []
+  # rng="official": the official samplers' RandomStates, built in source
+  # order from the run's seed, as upstream after seeding its module RNG.
+  official = (sampling.official_rngs(seed[0], len(specs))
+              if episode_config.rng == "official" else None)
   for i, spec in enumerate(specs):
     sampler = sampling.EpisodeDescriptionSampler(
         spec, split, episode_config,
-        seed=reader.derive_seeds(seed, 2, i, count=2),
+        seed=(official[i] if official else
+              reader.derive_seeds(seed, 2, i, count=2)),
         use_dag_hierarchy=use_dag_ontology,
         use_bilevel_hierarchy=use_bilevel_ontology)
     sources.append(reader.Source(spec, sampler.split, sampler))
@@ -220,19 +225,16 @@ def _unpack(blob, lengths):
 def _row_block(num_support, num_rows, s_pad, q_pad, row_block):
   """Indices (into support-then-query rows) of one block of the padded sets.
 
-  Block `b` of `n` holds padded rows `[b*S/n, (b+1)*S/n)` of the support set
-  and likewise of the query set; only the real ones among them exist here.
+  Block `b` of `n` holds `padding.row_block` of the padded support set and of
+  the padded query set; only the real rows among them exist here.
   """
   b, n = row_block
-  if s_pad % n or q_pad % n:
-    raise ValueError(f"padded sizes ({s_pad}, {q_pad}) do not split into "
-                     f"{n} row blocks; use a pad_multiple divisible by {n}")
-  bs, bq = s_pad // n, q_pad // n
-  support = list(range(b * bs, min((b + 1) * bs, num_support)))
+  support_rows = padding.row_block(s_pad, b, n)
+  query_rows = padding.row_block(q_pad, b, n)
   num_query = num_rows - num_support
-  query = [num_support + r for r in range(b * bq, min((b + 1) * bq,
-                                                      num_query))]
-  return support + query, len(support), bs, bq
+  support = [r for r in support_rows if r < num_support]
+  query = [num_support + r for r in query_rows if r < num_query]
+  return support + query, len(support), len(support_rows), len(query_rows)
 
 
 def _episode_generator(sources, seed, buckets, shuffle_buffer_size,

@@ -235,6 +235,29 @@ class ClassStream:
     return image
 
 
+def open_class_streams(spec, split, rngs, shuffle_buffer_size: int,
+                       open_files: "OpenFiles | None" = None) -> list:
+  """One stream per class of `split`, in class order, after checks.
+
+  From the class record files, or from the spec's own data when it has
+  some (`open_class_streams` of a TFDS-backed spec, `tfds_source.py`).
+
+  Args:
+    spec: a dataset spec.
+    split: the split.
+    rngs: one `np.random.Generator` per class (shuffles its passes).
+    shuffle_buffer_size: per-class shuffle buffer bound.
+    open_files: bound on open class files (files only).
+  """
+  own = getattr(spec, "open_class_streams", None)
+  if own is not None:
+    return own(split, rngs, shuffle_buffer_size)
+  paths = check_class_files(spec, split)
+  return [ClassStream(p, spec.get_total_images_per_class(c), c, rng,
+                      shuffle_buffer_size, open_files)
+          for p, c, rng in zip(paths, spec.get_classes(split), rngs)]
+
+
 def derive_seeds(seed, *keys, count: int) -> np.ndarray:
   """`count` int64 seeds derived from `seed` and integer `keys`."""
   entropy = [int(s) for s in np.atleast_1d(seed)]
@@ -286,7 +309,9 @@ class EpisodeReader:
     """
     self.sources = list(sources)
     if read_threads is None:
-      remote = any(files.is_url(s.spec.path) for s in self.sources)
+      # Class files only: other streams (TFDS-backed specs) read serially.
+      remote = any(not hasattr(s.spec, "open_class_streams") and
+                   files.is_url(s.spec.path) for s in self.sources)
       read_threads = DEFAULT_URL_READ_THREADS if remote else 1
     # Reads run in threads, one task per class of an episode: file reads
     # release the GIL, so a bucket (or cold disk) serves several at once.
@@ -298,13 +323,10 @@ class EpisodeReader:
     self._streams = []
     open_files = OpenFiles()
     for i, s in enumerate(self.sources):
-      paths = check_class_files(s.spec, s.split)
-      seeds = derive_seeds(seed, 4, i, count=len(paths))
-      self._streams.append([
-          ClassStream(p, s.spec.get_total_images_per_class(c), c,
-                      np.random.default_rng(int(k)), shuffle_buffer_size,
-                      open_files)
-          for p, c, k in zip(paths, s.class_set, seeds)])
+      seeds = derive_seeds(seed, 4, i, count=len(s.class_set))
+      self._streams.append(open_class_streams(
+          s.spec, s.split, [np.random.default_rng(int(k)) for k in seeds],
+          shuffle_buffer_size, open_files))
     self._descriptions = [
         sampling.description_stream(s.sampler, self._rng)
         for s in self.sources]
@@ -426,13 +448,11 @@ class BatchReader:
 
   def __init__(self, spec, split, seed,
                shuffle_buffer_size: int = DEFAULT_SHUFFLE_BUFFER_SIZE):
-    paths = check_class_files(spec, split)
     classes = spec.get_classes(split)
     self._rng = np.random.default_rng(derive_seeds(seed, 5, count=2))
-    open_files = OpenFiles()
-    self._streams = [ClassStream(p, spec.get_total_images_per_class(c), c,
-                                 self._rng, 0, open_files)
-                     for p, c in zip(paths, classes)]
+    self._streams = open_class_streams(spec, split,
+                                       [self._rng] * len(classes), 0,
+                                       OpenFiles())
     self._counts = np.array([s.num_records for s in self._streams])
     if not self._counts.sum():
       raise ValueError(f"split {spec_lib.as_split(split).name} of "

@@ -76,6 +76,9 @@ def check_class_files(spec, split) -> list[str]:
     NotImplementedError: sharded files (`{}_{}.tfrecords`), as upstream.
     RecordError: a file is too small for the spec's count, or truncated.
   """
+  own_check = getattr(spec, "check_split", None)
+  if own_check is not None:  # Not class files (TFDS data: `tfds_source`).
+    return own_check(split)
   if spec.file_pattern not in spec_lib.SUPPORTED_FILE_PATTERNS:
     raise NotImplementedError(
         f"{spec.name}: file_pattern {spec.file_pattern!r} (sharded class "

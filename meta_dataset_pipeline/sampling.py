@@ -2,9 +2,13 @@
 
 This mirrors the official `EpisodeDescriptionSampler`
 (`meta_dataset/data/sampling.py`): same configuration names and defaults
-(`data_config_common.gin`), same distributions, but a seeded
-`numpy.random.Generator` per sampler instead of the official module-level
-`RandomState`, so draws are reproducible but not bit-identical to upstream.
+(`data_config_common.gin`), same distributions. By default each sampler
+draws from its own seeded `numpy.random.Generator`: reproducible, but not
+the official draws. `EpisodeDescriptionConfig.rng="official"` uses the
+official scheme instead (a legacy `RandomState` per sampler, seeded from a
+module-level one, `official_rngs`), and then a seed gives exactly the
+official sampler's episode descriptions (tests/official_sampler_test.py
+compares with descriptions written by the official code).
 
 For one episode of a split with classes C (after dropping classes with fewer
 than `min_examples_in_class` images):
@@ -87,6 +91,10 @@ class EpisodeDescriptionConfig:
   min_examples_in_class: int = 0
   num_unique_descriptions: int = 0
   episode_description_switch_frequency: int = 1
+  # "generator": a seeded numpy Generator per sampler (default).
+  # "official": the official legacy RandomState scheme (`official_rngs`), so
+  # a seed gives exactly the official sampler's episode descriptions.
+  rng: str = "generator"
 
   def __post_init__(self):
     if isinstance(self.num_support, list):
@@ -110,6 +118,7 @@ class EpisodeDescriptionConfig:
          ">= 0"),
         (0.0 <= self.simclr_episode_fraction <= 1.0,
          "simclr_episode_fraction", "in [0, 1]"),
+        (self.rng in RNG_MODES, "rng", f"one of {RNG_MODES}"),
     ]
     ns = self.num_support
     if isinstance(ns, tuple):
@@ -199,6 +208,46 @@ def _class_label(spec, abs_id: int) -> str:
   return f"{abs_id} ({spec.class_names.get(abs_id, '?')})"
 
 
+RNG_MODES = ("generator", "official")
+
+
+def official_rngs(seed: int, count: int) -> list[np.random.RandomState]:
+  """The RandomStates of `count` official samplers built after seeding.
+
+  Upstream keeps a module-level `RandomState`; each sampler, when built,
+  seeds its own `RandomState` with one uint32 drawn from it. Seeding the
+  module state with `seed` and building `count` samplers (one per source, in
+  source order) gives these.
+  """
+  module_rng = np.random.RandomState(seed)
+  return [np.random.RandomState(module_rng.randint(0, 2**32, dtype="uint32"))
+          for _ in range(count)]
+
+
+class _LegacyGenerator:
+  """A `RandomState` behind the `Generator` methods this module calls.
+
+  `integers(lo, hi)` is upstream's `randint(lo, hi)`; `choice`, `uniform`
+  and `permutation` are the same calls on both. `legacy` is the RandomState,
+  for the few draws whose upstream form differs.
+  """
+
+  def __init__(self, legacy: np.random.RandomState):
+    self.legacy = legacy
+
+  def integers(self, low, high=None, size=None):
+    return self.legacy.randint(low, high, size=size)
+
+  def choice(self, *args, **kwargs):
+    return self.legacy.choice(*args, **kwargs)
+
+  def uniform(self, *args, **kwargs):
+    return self.legacy.uniform(*args, **kwargs)
+
+  def permutation(self, *args, **kwargs):
+    return self.legacy.permutation(*args, **kwargs)
+
+
 class EpisodeDescriptionSampler:
   """Samples episode descriptions for one split of one source."""
 
@@ -211,7 +260,10 @@ class EpisodeDescriptionSampler:
       dataset_spec: a spec from `load_dataset_spec`.
       split: a `Split` (or its name).
       episode_config: an `EpisodeDescriptionConfig`.
-      seed: an int, a sequence of ints, or a `numpy.random.Generator`.
+      seed: an int, a sequence of ints, a `numpy.random.Generator`, or a
+        legacy `numpy.random.RandomState` (the official scheme, see
+        `official_rngs`: draws then follow the official sampler call for
+        call).
       use_dag_hierarchy: sample ILSVRC classes through the DAG; None means
         "if the spec has a DAG, ways are variable, and the config does not
         set `ignore_dag_ontology`".
@@ -227,8 +279,13 @@ class EpisodeDescriptionSampler:
     self.dataset_spec = dataset_spec
     self.split = spec_lib.as_split(split)
     self.config = cfg
-    self._rng = (seed if isinstance(seed, np.random.Generator)
-                 else np.random.default_rng(seed))
+    self._legacy = isinstance(seed, np.random.RandomState)
+    if self._legacy:
+      self._rng = _LegacyGenerator(seed)
+    elif isinstance(seed, np.random.Generator):
+      self._rng = seed
+    else:
+      self._rng = np.random.default_rng(seed)
     self.class_set = dataset_spec.get_classes(self.split)
     self.num_classes = len(self.class_set)
     where = f"split {self.split.name} of '{dataset_spec.name}'"
@@ -349,6 +406,8 @@ class EpisodeDescriptionSampler:
 
   def _use_hierarchy(self) -> bool:
     p = self.config.ignore_hierarchy_probability
+    if self._legacy:  # Upstream draws this coin even when p is 0.
+      return bool(self._rng.legacy.choice([True, False], p=[1.0 - p, p]))
     return not p or self._rng.uniform() >= p
 
   def sample_class_ids(self) -> np.ndarray:
@@ -361,8 +420,11 @@ class EpisodeDescriptionSampler:
       return leaves
     if self.use_bilevel_hierarchy and self._use_hierarchy():
       spec = self.dataset_spec
-      superclass = int(self.superclass_set[rng.integers(
-          len(self.superclass_set))])
+      if self._legacy:  # Upstream's call, a 1-element draw.
+        superclass = int(rng.legacy.choice(self.superclass_set, 1)[0])
+      else:
+        superclass = int(self.superclass_set[rng.integers(
+            len(self.superclass_set))])
       size = spec.classes_per_superclass[superclass]
       ways = sample_num_ways_uniformly(size, cfg.min_ways,
                                        cfg.max_ways_upper_bound, rng)

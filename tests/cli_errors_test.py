@@ -20,7 +20,7 @@ from flax import nnx
 import pytest
 
 from ctx_jax import models
-from ctx_jax.training import checkpoint
+from ctx_jax.checkpoints import export
 from experiments import demo
 from tests import fakes
 
@@ -161,12 +161,12 @@ def _make_inputs(tmp: pathlib.Path) -> dict[str, str]:
   (badspec / "glyphs").mkdir(parents=True)
   (badspec / "glyphs" / "dataset_spec.json").write_text('{"name": ')
   config = demo.get_config("smoke")
-  export = checkpoint.export_model(
+  exported = export.export_model(
       tmp / "export", models.build_model(config.model, rngs=nnx.Rngs(0)),
       config.model)
   bad_export = tmp / "bad_export"
-  shutil.copytree(export, bad_export)
-  for f in (bad_export / checkpoint.STATE_DIR).rglob("*"):
+  shutil.copytree(exported, bad_export)
+  for f in (bad_export / export.STATE_DIR).rglob("*"):
     if f.is_file():
       f.write_bytes(f.read_bytes()[:7])  # Truncated state.
   garbage = tmp / "garbage"
@@ -178,7 +178,7 @@ def _make_inputs(tmp: pathlib.Path) -> dict[str, str]:
   (tmp / "keep" / "precious.txt").write_text("precious")
   (tmp / "blocker").write_text("not a directory")
   return {"tmp": str(tmp), "data": str(data.parent), "badrec": str(badrec),
-          "badspec": str(badspec), "export": str(export),
+          "badspec": str(badspec), "export": str(exported),
           "bad_export": str(bad_export), "garbage": str(garbage),
           "empty": str(tmp / "empty"), "keep": str(tmp / "keep"),
           "blocker": str(tmp / "blocker")}
@@ -254,16 +254,18 @@ def test_absl_help_is_short_and_exits_0(ran, command):
 
 
 @pytest.mark.parametrize("module, entry, flags", [
-    ("ctx_jax.demo", "parse_args", ["--workdir", "--steps", "--methods"]),
-    ("meta_dataset_pipeline.demo_data", "main",
+    ("ctx_jax.demo.run", "parse_args", ["--workdir", "--steps", "--methods"]),
+    ("ctx_jax.demo.dataset", "main",
      ["--output_dir", "--num_classes", "--seed"]),
     ("meta_dataset_pipeline.episodes_cli", "main",
      ["--num_episodes", "--min_ways", "--ignore_hierarchy_probability"]),
     ("meta_dataset_pipeline.episode_grid", "main",
      ["--output", "--image_size", "--md_augmentation"]),
-    ("ctx_jax.models.official_import", "run", ["--max_stride", "--dtype"]),
-    ("ctx_jax.models.official_import", "run_episode_main",
+    ("ctx_jax.checkpoints.official_cli", "run", ["--max_stride", "--dtype"]),
+    ("ctx_jax.checkpoints.official_cli", "run_episode_main",
      ["--model_dir", "--episode", "--gradients"]),
+    ("ctx_jax.eval.attention_main", "main",
+     ["--model_dir", "--records", "--queries", "--positions", "--grid"]),
 ])
 def test_argparse_help_lists_every_flag_with_its_default(module, entry, flags,
                                                          capsys):

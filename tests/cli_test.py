@@ -65,3 +65,30 @@ def test_demo_main_job_end_to_end(tmp_path):
   for row in results["test"].values():
     assert row["num_episodes"] == 3 and 0 <= row["mean"] <= 1
   assert (tmp_path / "demo" / "ctx" / "export").is_dir()
+
+
+def test_demo_over_seeds(tmp_path):
+  # Two seeds per method (ProtoNet only, to stay fast): one run dir per seed,
+  # the mean and spread over seeds in the table and demo_results.json.
+  data = fakes.make_tiny_demo(tmp_path / "data")
+  proc = _run([str(BIN / "ctx-demo"), "--workdir", str(tmp_path / "demo"),
+               "--data_dir", str(data), "--steps", "2", "--eval_episodes",
+               "3", "--methods", "protonet", "--seeds", "0,1"], cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "over 2 training seeds" in proc.stdout
+  results = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
+  runs = results["test_per_seed"]["protonet"]
+  assert set(runs) == {"0", "1"}
+  accs = [r["mean"] for r in runs.values()]
+  summary = results["over_seeds"]["protonet"]
+  assert summary["num_seeds"] == 2
+  assert abs(summary["mean"] - sum(accs) / 2) < 1e-12
+  assert summary["min"] == min(accs) and summary["max"] == max(accs)
+  for name in ("protonet", "protonet_seed1"):
+    assert (tmp_path / "demo" / name / "results.json").is_file()
+  # Different seeds: different initialisations and episode streams.
+  cfg0 = json.loads((tmp_path / "demo" / "protonet" / "config.json")
+                    .read_text())
+  cfg1 = json.loads((tmp_path / "demo" / "protonet_seed1" / "config.json")
+                    .read_text())
+  assert (cfg0["seed"], cfg1["seed"]) == (0, 1)

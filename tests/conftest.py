@@ -14,13 +14,14 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # roughly double it. Subprocesses (CLI tests) inherit this too.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
+import jax  # pylint: disable=g-import-not-at-top
+import pytest  # pylint: disable=g-import-not-at-top
+
 # ctx_jax sets its default XLA flags (xla_config) when imported; import it
 # before any test module can start a JAX backend, so this process runs the
 # same XLA:CPU kernels as the command-line runs it spawns (which import
 # ctx_jax first): the resume and launch tests compare the two bit for bit.
 import ctx_jax  # pylint: disable=g-import-not-at-top,unused-import
-import jax  # pylint: disable=g-import-not-at-top
-import pytest  # pylint: disable=g-import-not-at-top
 
 jax.config.update("jax_num_cpu_devices", 8)
 

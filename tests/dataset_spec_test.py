@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-import meta_dataset_pipeline as mdp
 from meta_dataset_pipeline import dataset_spec as spec_lib
+import meta_dataset_pipeline as mdp
 
 # (type, TRAIN, VALID, TEST classes, total images) of the canonical specs.
 EXPECTED = {

@@ -11,11 +11,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from meta_dataset_pipeline import demo_data
+from ctx_jax.demo import dataset as demo_dataset
+from ctx_jax.demo import glyphs
+from ctx_jax.demo import render
+from ctx_jax.eval import baselines
 from meta_dataset_pipeline import records_writer
 
 # 9 classes -> 6 train, 1 valid, 2 test (16% and 20%, at least 1 each).
-TINY = demo_data.DemoConfig(num_classes=9, images_per_class=4, image_size=32,
+TINY = glyphs.DemoConfig(num_classes=9, images_per_class=4, image_size=32,
                             seed=0)
 TINY_ARGS = ["--num_classes", "9", "--images_per_class", "4",
              "--image_size", "32", "--seed", "0"]
@@ -45,7 +48,7 @@ def _parse_class_file(path):
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
   out = tmp_path_factory.mktemp("records") / "glyphs"
-  demo_data.generate_dataset(str(out), TINY)
+  demo_dataset.generate_dataset(str(out), TINY)
   return out
 
 
@@ -159,15 +162,15 @@ def test_splits_disjoint_and_contiguous(tiny_dir):
   assert not ids["VALID"] & ids["TEST"]
   # Every class has its own glyph program (no class is reused in another
   # split under another id).
-  glyphs = [demo_data.class_glyph(TINY, c) for c in range(9)]
-  flat = [np.concatenate([s.points.ravel() for s in g]) for g in glyphs]
+  programs = [glyphs.class_glyph(TINY, c) for c in range(9)]
+  flat = [np.concatenate([s.points.ravel() for s in g]) for g in programs]
   for i in range(9):
     for j in range(i + 1, 9):
       assert flat[i].shape != flat[j].shape or not np.allclose(
           flat[i], flat[j])
   # Families never straddle splits.
   for c in range(9):
-    start = demo_data.family_start(TINY, c)
+    start = glyphs.family_start(TINY, c)
     split_of = [s for s in ids if c in ids[s]][0]
     assert start in ids[split_of]
 
@@ -178,29 +181,29 @@ def test_deterministic_byte_identical(tmp_path, monkeypatch):
   for sub in ("a", "b"):
     (tmp_path / sub).mkdir()
     monkeypatch.chdir(tmp_path / sub)
-    assert demo_data.main(["--output_dir", "glyphs"] + TINY_ARGS) == 0
+    assert demo_dataset.main(["--output_dir", "glyphs"] + TINY_ARGS) == 0
   first = _read_dir(tmp_path / "a" / "glyphs")
   assert first == _read_dir(tmp_path / "b" / "glyphs")
   # A different seed changes the images.
   monkeypatch.chdir(tmp_path)
-  demo_data.generate_dataset(
-      "other", demo_data.DemoConfig(num_classes=9, images_per_class=4,
+  demo_dataset.generate_dataset(
+      "other", glyphs.DemoConfig(num_classes=9, images_per_class=4,
                                     image_size=32, seed=1))
   other = _read_dir(tmp_path / "other")
   assert other["0.tfrecords"] != first["0.tfrecords"]
 
 
 def test_instances_do_not_depend_on_count():
-  few = demo_data.render_class(TINY, 3, num_images=2)
-  many = demo_data.render_class(TINY, 3, num_images=4)
+  few = render.render_class(TINY, 3, num_images=2)
+  many = render.render_class(TINY, 3, num_images=4)
   np.testing.assert_array_equal(few[0], many[0])
   np.testing.assert_array_equal(few[1], many[1])
 
 
 def test_png_format(tmp_path):
-  cfg = demo_data.DemoConfig(num_classes=3, images_per_class=2,
+  cfg = glyphs.DemoConfig(num_classes=3, images_per_class=2,
                              image_size=16, image_format="png")
-  demo_data.generate_dataset(str(tmp_path / "p"), cfg)
+  demo_dataset.generate_dataset(str(tmp_path / "p"), cfg)
   (image, label, _, encoded), _ = _parse_class_file(tmp_path / "p" /
                                                      "2.tfrecords")
   assert encoded[:4] == b"\x89PNG" and label == 2
@@ -212,7 +215,7 @@ def test_refuses_non_empty_dir_without_overwrite(tmp_path, capsys):
   out.mkdir()
   (out / "keep.txt").write_text("precious")
   with pytest.raises(SystemExit) as e:
-    demo_data.main(["--output_dir", str(out)] + TINY_ARGS)
+    demo_dataset.main(["--output_dir", str(out)] + TINY_ARGS)
   err = _err(e, capsys)
   assert str(out) in err and "not empty" in err
   assert os.listdir(out) == ["keep.txt"]
@@ -223,23 +226,23 @@ def test_refuses_non_empty_dir_without_overwrite(tmp_path, capsys):
 
 def test_overwrite_replaces_only_a_generated_dataset(tmp_path, capsys):
   out = tmp_path / "glyphs"
-  demo_data.main(["--output_dir", str(out)] + TINY_ARGS)
+  demo_dataset.main(["--output_dir", str(out)] + TINY_ARGS)
   before = _read_dir(out)
   # Without --overwrite: error, old dataset untouched.
   with pytest.raises(SystemExit) as e:
-    demo_data.main(["--output_dir", str(out), "--seed", "1"] + TINY_ARGS[:6])
+    demo_dataset.main(["--output_dir", str(out), "--seed", "1"] + TINY_ARGS[:6])
   err = _err(e, capsys)
   assert str(out) in err
   assert _read_dir(out) == before
   # With --overwrite: replaced.
-  assert demo_data.main(["--output_dir", str(out), "--overwrite", "--seed",
+  assert demo_dataset.main(["--output_dir", str(out), "--overwrite", "--seed",
                          "1"] + TINY_ARGS[:6]) == 0
   after = _read_dir(out)
   assert after.keys() == before.keys() and after != before
   # A folder with a foreign file is never deleted, even with --overwrite.
   (out / "notes.txt").write_text("mine")
   with pytest.raises(SystemExit) as e:
-    demo_data.main(["--output_dir", str(out), "--overwrite"] + TINY_ARGS)
+    demo_dataset.main(["--output_dir", str(out), "--overwrite"] + TINY_ARGS)
   err = _err(e, capsys)
   assert str(out) in err and "notes.txt" in err
   assert (out / "notes.txt").read_text() == "mine"
@@ -253,12 +256,12 @@ def test_unwritable_output(tmp_path, capsys):
   blocker.write_text("x")
   out = blocker / "glyphs"
   with pytest.raises(SystemExit) as e:
-    demo_data.main(["--output_dir", str(out)] + TINY_ARGS)
+    demo_dataset.main(["--output_dir", str(out)] + TINY_ARGS)
   err = _err(e, capsys)
   assert str(out) in err
   assert blocker.read_text() == "x"
   with pytest.raises(SystemExit) as e:
-    demo_data.main(["--output_dir", str(blocker)] + TINY_ARGS)
+    demo_dataset.main(["--output_dir", str(blocker)] + TINY_ARGS)
   err = _err(e, capsys)
   assert str(blocker) in err
   assert blocker.read_text() == "x"
@@ -271,7 +274,7 @@ def test_read_only_parent(tmp_path, capsys):
   parent.chmod(0o555)
   try:
     with pytest.raises(SystemExit) as e:
-      demo_data.main(["--output_dir", str(parent / "glyphs")] + TINY_ARGS)
+      demo_dataset.main(["--output_dir", str(parent / "glyphs")] + TINY_ARGS)
     err = _err(e, capsys)
     assert str(parent / "glyphs") in err
   finally:
@@ -280,7 +283,7 @@ def test_read_only_parent(tmp_path, capsys):
 
 def test_interrupted_run_keeps_old_dataset(tmp_path, monkeypatch):
   out = tmp_path / "glyphs"
-  demo_data.generate_dataset(str(out), TINY)
+  demo_dataset.generate_dataset(str(out), TINY)
   before = _read_dir(out)
   real_write = records_writer.write_class_records
 
@@ -291,10 +294,10 @@ def test_interrupted_run_keeps_old_dataset(tmp_path, monkeypatch):
 
   monkeypatch.setattr(records_writer, "write_class_records", failing_write)
   with pytest.raises(KeyboardInterrupt):
-    demo_data.generate_dataset(str(out), TINY, overwrite=True)
+    demo_dataset.generate_dataset(str(out), TINY, overwrite=True)
   assert _read_dir(out) == before
   with pytest.raises(KeyboardInterrupt):
-    demo_data.generate_dataset(str(tmp_path / "new"), TINY)
+    demo_dataset.generate_dataset(str(tmp_path / "new"), TINY)
   # No partial dataset, no staging folder left behind.
   assert sorted(os.listdir(tmp_path)) == ["glyphs"]
 
@@ -312,61 +315,97 @@ def test_atomic_output_path_keeps_old_file_on_error(tmp_path):
 
 def test_bad_config_exits(capsys):
   with pytest.raises(SystemExit) as e:
-    demo_data.main(["--output_dir", "unused", "--num_classes", "2"])
+    demo_dataset.main(["--output_dir", "unused", "--num_classes", "2"])
   err = _err(e, capsys)
   assert "num_classes" in err or "2 classes" in err
   assert not os.path.exists("unused")
 
 
-def test_baselines_run_on_tiny(tiny_dir):
-  acc = demo_data.pixel_nn_accuracy(str(tiny_dir), split="TRAIN",
-                                    num_episodes=4, ways=3, shots=2,
-                                    queries=2, image_size=24)
-  assert set(acc) == {"1nn", "ncm"}
-  for mean, ci in acc.values():
-    assert 0.0 <= mean <= 1.0 and ci >= 0.0
-  acc = demo_data.shape_feature_nn_accuracy(
-      str(tiny_dir), split="TRAIN", num_episodes=4, ways=3, shots=2,
-      queries=2, image_size=24)
-  for mean, ci in acc.values():
-    assert 0.0 <= mean <= 1.0 and ci >= 0.0
+def _episode(support, s_labels, query, q_labels, pad=2):
+  """A numpy episode with `pad` padding rows (mask False) on each set."""
+  def padded(x, value):
+    return np.concatenate([x, np.full((pad,) + x.shape[1:], value, x.dtype)])
+  return {"support_images": padded(support, 9.0),
+          "support_labels": padded(s_labels, 0),
+          "support_mask": padded(np.ones(len(support), bool), False),
+          "query_images": padded(query, -9.0),
+          "query_labels": padded(q_labels, 1),
+          "query_mask": padded(np.ones(len(query), bool), False)}
+
+
+def test_baselines_classify_real_rows_only():
+  rng = np.random.default_rng(0)
+  support = rng.normal(size=(6, 4, 4, 3)).astype(np.float32)
+  s_labels = np.array([0, 0, 1, 1, 2, 2])
+  # Queries: small perturbations of support images 0, 3, 5.
+  query = support[[0, 3, 5]] + 0.01
+  q_labels = np.array([0, 1, 2])
+  ep = _episode(support, s_labels, query, q_labels)
+  assert baselines.nearest_neighbour(ep)["accuracy"] == 1.0
+  assert baselines.pixel_nearest_neighbour(ep)["accuracy"] == 1.0
+  # Wrong labels on the queries: accuracy 0 (padding never counted).
+  wrong = _episode(support, s_labels, query, (q_labels + 1) % 3)
+  assert baselines.nearest_neighbour(wrong)["accuracy"] == 0.0
+  # Class means: queries at the means of classes 2, 0.
+  means = support.reshape(3, 2, -1).mean(1).reshape(3, 4, 4, 3)
+  ep = _episode(support, s_labels, means[[2, 0]], np.array([2, 0]))
+  assert baselines.nearest_class_mean(ep)["accuracy"] == 1.0
+  # Features are applied to the real rows only.
+  seen = []
+  baselines.nearest_neighbour(ep, lambda x: seen.append(len(x)) or x)
+  assert seen == [6, 2]
+
+
+def test_baselines_run_on_pipeline_episodes(tiny_dir):
+  from ctx_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from ctx_jax.eval import evaluate  # pylint: disable=g-import-not-at-top
+  from experiments import demo  # pylint: disable=g-import-not-at-top
+  config = demo.get_config("smoke")
+  config.data.records_root = str(tiny_dir.parent)
+  mesh = mesh_lib.make_mesh(1)
+  accs = {}
+  for name, fn in (("pixels", None),
+                   ("hog", lambda ep: baselines.nearest_class_mean(
+                       ep, baselines.hog_features))):
+    accs[name] = evaluate.source_accuracies(
+        None, config, mesh, "TRAIN", tiny_dir.name, 3, 0, baseline=fn)
+  for values in accs.values():
+    assert len(values) == 3 and all(0.0 <= a <= 1.0 for a in values)
 
 
 def test_hog_features_ignore_colour_and_polarity():
   rng = np.random.default_rng(0)
   images = rng.uniform(-1, 1, (2, 24, 24, 3)).astype(np.float32)
-  f = demo_data.hog_features(images)
+  f = baselines.hog_features(images)
   assert f.shape[0] == 2
-  np.testing.assert_allclose(f, demo_data.hog_features(-images), atol=1e-5)
-  np.testing.assert_allclose(f, demo_data.hog_features(0.5 * images + 0.2),
+  np.testing.assert_allclose(f, baselines.hog_features(-images), atol=1e-5)
+  np.testing.assert_allclose(f, baselines.hog_features(0.5 * images + 0.2),
                              atol=1e-4)
 
 
 def test_preview(tmp_path):
   path = tmp_path / "grid.png"
-  demo_data.render_preview(TINY, str(path), class_ids=(0, 1),
-                           num_instances=3)
+  demo_dataset.render_preview(TINY, str(path), class_ids=(0, 1),
+                              num_instances=3)
   assert path.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_works_without_jax(tmp_path):
-  # The data package must not need JAX: with `import jax` made to fail,
-  # generation and the baselines still run. (TF 2.21 itself tries
+  # Generating the data must not need JAX (only `--baselines` does): with
+  # `import jax` made to fail, generation still runs. (TF 2.21 itself tries
   # `from jax import jit` in tensorflow/lite/python/util.py and tolerates
   # the ImportError, so `jax` in sys.modules after importing TF is not ours.)
   code = (
       "import sys\n"
       "sys.modules['jax'] = sys.modules['jaxlib'] = None\n"
-      "from meta_dataset_pipeline import demo_data\n"
-      "demo_data.main(sys.argv[1:])\n"
-      "print(demo_data.pixel_nn_accuracy(sys.argv[2], 'TRAIN', 2, 2, 1, 1, "
-      "16))\n")
+      "from ctx_jax.demo import dataset\n"
+      "dataset.main(sys.argv[1:])\n")
   subprocess.run(
       [sys.executable, "-c", code, "--output_dir", str(tmp_path / "g"),
        "--num_classes", "5", "--images_per_class", "2", "--image_size",
        "16"], check=True, capture_output=True, text=True)
   assert os.path.isfile(tmp_path / "g" / "dataset_spec.json")
-  for module in (demo_data, records_writer):
+  for module in (glyphs, demo_dataset, records_writer):
     tree = ast.parse(pathlib.Path(module.__file__).read_text())
     imported = {alias.name.split(".")[0] for node in ast.walk(tree)
                 if isinstance(node, (ast.Import, ast.ImportFrom))

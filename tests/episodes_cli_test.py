@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-import meta_dataset_pipeline as mdp
 from meta_dataset_pipeline import episodes_cli
+import meta_dataset_pipeline as mdp
 
 
 def _run(capsys, *argv):

@@ -7,7 +7,7 @@ import pytest
 
 from ctx_jax.eval import baselines
 from ctx_jax.eval import episodic
-from ctx_jax.eval import main as eval_main
+from ctx_jax.eval import report as eval_report
 
 
 def test_ci_formula_matches_official():
@@ -49,7 +49,7 @@ def test_pixel_nn_ignores_padding():
 
 
 def test_format_table_marks_failed_sources():
-  table = eval_main.format_table({
+  table = eval_report.format_table({
       "omniglot": {"mean": 0.8, "ci95": 0.01, "num_episodes": 10},
       "dtd": {"error": "records of source 'dtd' not found"},
       "aircraft": {"mean": 0.6, "ci95": 0.02, "num_episodes": 10}})

@@ -10,12 +10,14 @@ import sys
 from flax import nnx
 import pytest
 
+from ctx_jax import mesh as mesh_lib
 from ctx_jax import models
+from ctx_jax.checkpoints import export
 from ctx_jax.eval import episodic
 from ctx_jax.eval import evaluate
 from ctx_jax.eval import main as eval_main
-from ctx_jax.training import checkpoint
-from ctx_jax.training import mesh as mesh_lib
+from ctx_jax.eval import report as eval_report
+from ctx_jax.eval import resumable
 from experiments import common
 from experiments import demo
 from tests import fakes
@@ -35,8 +37,8 @@ def tiny(tmp_path_factory):
   data = fakes.make_tiny_demo(root / "data")
   config = demo.get_config("smoke")
   model = models.build_model(config.model, rngs=nnx.Rngs(0))
-  export = checkpoint.export_model(root / "export", model, config.model)
-  return data.parent, export
+  exported = export.export_model(root / "export", model, config.model)
+  return data.parent, exported
 
 
 def _config(records_root):
@@ -84,18 +86,18 @@ def test_episodes_are_reproducible_under_a_seed_and_resumable(tiny):
 def test_episode_cache_keys_and_atomic_writes(tmp_path):
   path = tmp_path / "e.episodes.json"
   key = {"seed": 0, "num_episodes": 4}
-  cache = eval_main.EpisodeCache(path, resume=True, write=True)
+  cache = resumable.EpisodeCache(path, resume=True, write=True)
   cache.save("dtd", key, [0.5, 0.25])
   assert not list(tmp_path.glob(".*tmp*"))
-  again = eval_main.EpisodeCache(path, resume=True, write=True)
+  again = resumable.EpisodeCache(path, resume=True, write=True)
   assert again.done("dtd", key) == [0.5, 0.25]
   assert again.done("dtd", dict(key, seed=1)) == []  # changed key: afresh
   assert again.done("omniglot", key) == []
-  assert eval_main.EpisodeCache(path, resume=False, write=True).done(
+  assert resumable.EpisodeCache(path, resume=False, write=True).done(
       "dtd", key) == []
   path.write_text("{not json")
   with pytest.raises(ValueError, match="e.episodes.json"):
-    eval_main.EpisodeCache(path, resume=True, write=True)
+    resumable.EpisodeCache(path, resume=True, write=True)
 
 
 def test_sources_all_and_table_reference():
@@ -103,7 +105,7 @@ def test_sources_all_and_table_reference():
   assert len(eval_main.ALL_SOURCES) == 10
   assert set(eval_main.PAPER_CTX) == set(eval_main.ALL_SOURCES)
   assert sum(eval_main.PAPER_CTX.values()) / 10 == pytest.approx(74.281)
-  table = eval_main.format_table(
+  table = eval_report.format_table(
       {"dtd": {"mean": 0.7, "ci95": 0.01, "num_episodes": 600},
        "omniglot": {"mean": 0.8, "ci95": 0.01, "num_episodes": 600}},
       reference=eval_main.PAPER_CTX)
@@ -184,6 +186,7 @@ def test_test_split_too_small_is_reported(shared_dir):
 
 def test_reference_row_matches_the_config():
   import importlib  # pylint: disable=g-import-not-at-top
+
   from ctx_jax.eval import references  # pylint: disable=g-import-not-at-top
   get = lambda name, arg=None: importlib.import_module(
       f"experiments.{name}").get_config(arg)

@@ -8,7 +8,7 @@ from absl import flags
 from ml_collections import config_flags
 import pytest
 
-from ctx_jax.training import config_checks
+from ctx_jax import config_checks
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
 CONFIG_FILES = sorted(p.stem for p in EXPERIMENTS.glob("*.py")

@@ -4,9 +4,10 @@ import pathlib
 
 import numpy as np
 
-from meta_dataset_pipeline import demo_data
+from ctx_jax.demo import dataset as demo_dataset
+from ctx_jax.demo import glyphs
 
-TINY_DEMO = demo_data.DemoConfig(num_classes=16, num_valid_classes=5,
+TINY_DEMO = glyphs.DemoConfig(num_classes=16, num_valid_classes=5,
                                  num_test_classes=5, images_per_class=16,
                                  image_size=32, seed=3)
 
@@ -15,7 +16,7 @@ def make_tiny_demo(root: pathlib.Path, name: str = "glyphs") -> pathlib.Path:
   """Writes a tiny demo dataset to `root/name` (once) and returns the path."""
   path = root / name
   if not (path / "dataset_spec.json").exists():
-    demo_data.generate_dataset(str(path), TINY_DEMO)
+    demo_dataset.generate_dataset(str(path), TINY_DEMO)
   return path
 
 

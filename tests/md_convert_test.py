@@ -19,8 +19,8 @@ import tarfile
 import time
 
 import numpy as np
-from PIL import Image
 import PIL
+from PIL import Image
 import pytest
 
 from meta_dataset_pipeline import records_writer

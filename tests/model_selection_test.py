@@ -7,17 +7,18 @@ from flax import nnx
 import jax
 import numpy as np
 
+from ctx_jax import mesh as mesh_lib
+from ctx_jax.checkpoints import export
 from ctx_jax.eval import episodic
 from ctx_jax.eval import evaluate
-from ctx_jax.training import checkpoint
-from ctx_jax.training import mesh as mesh_lib
 from ctx_jax.training import train
+from ctx_jax.training import workdir as workdir_lib
 from experiments import demo
 from tests import fakes
 
 
 def _params(export_dir):
-  model, _ = checkpoint.load_exported_model(export_dir)
+  model, _ = export.load_exported_model(export_dir)
   return nnx.to_pure_dict(jax.device_get(nnx.state(model, nnx.Param)))
 
 
@@ -56,8 +57,8 @@ def test_results_report_the_best_validation_checkpoint(tmp_path, monkeypatch):
   assert results["selected"] == {"model": "best", "step": 2,
                                  "reason": "best validation accuracy"}
   assert results["best_valid"] == {"step": 2, "accuracy": 0.9}
-  assert json.loads((workdir / train.RESULTS_FILE).read_text()) == results
-  assert json.loads((workdir / "best" / train.BEST_FILE).read_text())[
+  assert json.loads((workdir / workdir_lib.RESULTS_FILE).read_text()) == results
+  assert json.loads((workdir / "best" / workdir_lib.BEST_FILE).read_text())[
       "step"] == 2
 
   # best/ holds the step-2 model, export/ the step-4 one: they differ.
@@ -70,7 +71,7 @@ def test_results_report_the_best_validation_checkpoint(tmp_path, monkeypatch):
   # episodes, the final one the final model's: re-evaluate both independently.
   mesh = mesh_lib.make_mesh(1)
   for name, key in (("best", "test"), ("export", "final_test")):
-    model, _ = checkpoint.load_exported_model(workdir / name, mesh=mesh)
+    model, _ = export.load_exported_model(workdir / name, mesh=mesh)
     summary = evaluate.evaluate_split(model, config, mesh, "TEST", "glyphs",
                                       config.eval.num_episodes,
                                       seed=config.eval.seed)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from ctx_jax import models
-from ctx_jax.models import official_import
+from ctx_jax.checkpoints import official as official_import
 
 SIZE = 48  # resnet_tiny with max_stride 8 gives 6x6 feature maps.
 
@@ -324,10 +324,11 @@ def test_kernel_init():
 
 def test_input_validation(tiny_model, base_episode):
   ep = base_episode
-  with pytest.raises(ValueError, match='support_mask'):
+  # Shapes and dtypes: chex assertions at the model's boundary.
+  with pytest.raises(AssertionError, match='prefix'):
     tiny_model(ep['support_images'], ep['support_labels'],
                ep['support_mask'][:1], ep['query_images'], num_ways=4)
-  with pytest.raises(ValueError, match='one size'):
+  with pytest.raises(AssertionError, match='suffix'):
     tiny_model(ep['support_images'], ep['support_labels'],
                ep['support_mask'], ep['query_images'][:, :40], num_ways=4)
   with pytest.raises(ValueError, match='num_ways'):
@@ -337,3 +338,17 @@ def test_input_validation(tiny_model, base_episode):
     models.build_model(tiny_config(head='matchingnet'), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match='init'):
     models.build_model(tiny_config(init='xavier'), rngs=nnx.Rngs(0))
+
+
+def test_model_checks_episode_shapes_and_dtypes():
+  # chex assertions at the model's boundary name the offending argument.
+  model = models.build_model(tiny_config(), rngs=nnx.Rngs(0))
+  ep = make_episode(0, [0, 1], 2)
+  s, labels = ep['support_images'], ep['support_labels']
+  mask, q = ep['support_mask'], ep['query_images']
+  with pytest.raises(AssertionError, match='prefix'):
+    model(s, labels[:1], mask, q, num_ways=2)
+  with pytest.raises(AssertionError, match='type'):
+    model(s, labels.astype(np.float32), mask, q, num_ways=2)
+  with pytest.raises(AssertionError, match='rank'):
+    model(s[0], labels, mask, q, num_ways=2)

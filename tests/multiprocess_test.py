@@ -11,14 +11,14 @@ import subprocess
 import sys
 import time
 
-import jax
 from flax import nnx
+import jax
 import numpy as np
 
-from ctx_jax.training import mesh as mesh_lib
+from ctx_jax import mesh as mesh_lib
+from ctx_jax.models import episode as episode_lib
 from ctx_jax.training import sharded_step
-from ctx_jax.training import train
-from ctx_jax.training import train_step as step_lib
+from ctx_jax.training import state as state_lib
 from tests import sharded_step_test as cases
 
 NUM_PROCESSES = 2
@@ -80,9 +80,9 @@ def _single_process(head):
   """The same steps in this process on a 4-device mesh."""
   config = cases.config_for(head)
   mesh = mesh_lib.make_mesh(NUM_PROCESSES * DEVICES_PER_PROCESS)
-  model, optimizer = train.create_train_state(config, mesh)
+  model, optimizer = state_lib.create_train_state(config, mesh)
   dev = mesh_lib.shard_episode(cases.make_episode(), mesh,
-                               step_lib.MODEL_INPUT_KEYS)
+                               episode_lib.MODEL_INPUT_KEYS)
   results = {}
   with jax.set_mesh(mesh):
     model.train()

@@ -15,8 +15,8 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
-import jax  # pylint: disable=g-import-not-at-top
 from flax import nnx  # pylint: disable=g-import-not-at-top
+import jax  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 
@@ -36,21 +36,22 @@ def run(args) -> None:
       initialization_timeout=120)
   # Imported after initialize: nothing may touch a device before it.
   # pylint: disable=g-import-not-at-top
-  from ctx_jax.training import input_pipeline
-  from ctx_jax.training import mesh as mesh_lib
+  from ctx_jax import mesh as mesh_lib
+  from ctx_jax.data import input_pipeline
+  from ctx_jax.models import episode as episode_lib
   from ctx_jax.training import sharded_step
-  from ctx_jax.training import train
-  from ctx_jax.training import train_step as step_lib
+  from ctx_jax.training import state as state_lib
   from tests import sharded_step_test as cases
+
   # pylint: enable=g-import-not-at-top
 
   assert jax.process_count() == args.num_processes
   config = cases.config_for(args.head)
   mesh = mesh_lib.make_mesh()
-  model, optimizer = train.create_train_state(config, mesh)
+  model, optimizer = state_lib.create_train_state(config, mesh)
   episode = input_pipeline.local_rows(cases.make_episode(), jax.process_index(),
                                       jax.process_count())
-  dev = mesh_lib.shard_episode(episode, mesh, step_lib.MODEL_INPUT_KEYS)
+  dev = mesh_lib.shard_episode(episode, mesh, episode_lib.MODEL_INPUT_KEYS)
   results = {}
   with jax.set_mesh(mesh):
     model.train()

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from ctx_jax import xla_config
-from ctx_jax.models import official_import
+from ctx_jax.checkpoints import official as official_import
 
 GRADIENT_RTOL = {
     'tformer_keys__weight': 1e-3,
@@ -83,7 +83,7 @@ def test_gradients_match_official(outputs, expected):
 _FLOAT64_SCRIPT = r"""
 import json, sys
 import numpy as np
-from ctx_jax.models import official_import
+from ctx_jax.checkpoints import official as official_import
 folder = sys.argv[1]
 variables = official_import.read_official_checkpoint(folder + '/model.ckpt')
 model, _ = official_import.build_official_model(variables, dtype='float64')

@@ -6,8 +6,9 @@ import pytest
 import tensorflow as tf
 
 from ctx_jax import models
-from ctx_jax.models import official_import
-from ctx_jax.training import checkpoint
+from ctx_jax.checkpoints import export
+from ctx_jax.checkpoints import official as official_import
+from ctx_jax.checkpoints import official_cli
 from tests.models_test import make_episode
 from tests.models_test import random_model
 from tests.models_test import tiny_config
@@ -126,9 +127,9 @@ def test_console_mains_round_trip(tmp_path, tiny_variables):
   prefix.parent.mkdir()
   write_tf_checkpoint(prefix, with_optimizer_state(tiny_variables))
   outdir = tmp_path / 'export'
-  official_import.run([str(prefix), str(outdir), '--max_stride', '8',
+  official_cli.run([str(prefix), str(outdir), '--max_stride', '8',
                        '--query_chunk_size', '4'])
-  model, config = checkpoint.load_exported_model(outdir)
+  model, config = export.load_exported_model(outdir)
   assert (config.backbone, config.max_stride) == ('resnet_tiny', 8)
   back = official_import.official_variables(model)
   for name, value in tiny_variables.items():
@@ -138,7 +139,7 @@ def test_console_mains_round_trip(tmp_path, tiny_variables):
   del episode['support_mask']
   np.savez(tmp_path / 'episode.npz', **episode)
   output = tmp_path / 'out.npz'
-  official_import.run_episode_main([
+  official_cli.run_episode_main([
       '--model_dir', str(outdir), '--episode', str(tmp_path / 'episode.npz'),
       '--output', str(output)])
   with np.load(output) as out:

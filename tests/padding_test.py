@@ -6,14 +6,14 @@ import jax
 import numpy as np
 import pytest
 
-import meta_dataset_pipeline as mdp
+from ctx_jax import mesh as mesh_lib
+from ctx_jax.models import episode as episode_lib
+from ctx_jax.training import sharded_step
+from ctx_jax.training import state as state_lib
+from experiments import demo
 from meta_dataset_pipeline import padding
 from meta_dataset_pipeline import sampling
-from ctx_jax.training import mesh as mesh_lib
-from ctx_jax.training import sharded_step
-from ctx_jax.training import train
-from ctx_jax.training import train_step as step_lib
-from experiments import demo
+import meta_dataset_pipeline as mdp
 from tests import fakes
 
 
@@ -82,11 +82,11 @@ def test_logit_width_caps_ways_at_the_support_rows():
   config = demo.get_config("smoke")
   config.model.query_dim = config.model.val_dim = 16
   episode = fakes.fake_episode(8, 8, ways=4, real_support=6, real_query=7)
-  assert step_lib.logit_width(500, episode) == 8
-  assert step_lib.logit_width(5, episode) == 5
+  assert episode_lib.logit_width(500, episode) == 8
+  assert episode_lib.logit_width(5, episode) == 5
   mesh = mesh_lib.make_mesh(2)
-  dev = mesh_lib.shard_episode(episode, mesh, step_lib.MODEL_INPUT_KEYS)
-  model, _ = train.create_train_state(config, mesh)
+  dev = mesh_lib.shard_episode(episode, mesh, episode_lib.MODEL_INPUT_KEYS)
+  model, _ = state_lib.create_train_state(config, mesh)
   model.eval()
   _, eval_fn = sharded_step.select_steps("shard_map", mesh)
   with jax.set_mesh(mesh):

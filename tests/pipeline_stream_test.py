@@ -7,11 +7,11 @@ import itertools
 import numpy as np
 import pytest
 
-from ctx_jax.training import input_pipeline
-import meta_dataset_pipeline as mdp
+from ctx_jax.data import input_pipeline
 from meta_dataset_pipeline import padding
 from meta_dataset_pipeline import pipeline
 from meta_dataset_pipeline import reader
+import meta_dataset_pipeline as mdp
 
 SIZE = 16
 # Small variable episodes keep the tests quick; flushes still happen (dtd's

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import meta_dataset_pipeline as mdp
 from meta_dataset_pipeline import decoder
 from meta_dataset_pipeline import padding
 from meta_dataset_pipeline import reader
+import meta_dataset_pipeline as mdp
 
 SIZE = 28  # Small images keep the tests fast; the maths is size-agnostic.
 CFG = mdp.EpisodeDescriptionConfig()

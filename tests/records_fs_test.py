@@ -6,7 +6,6 @@ import subprocess
 import sys
 import uuid
 
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -128,31 +127,6 @@ def test_every_read_verifies_the_record_crc(tmp_path):
                      "of class 7 is corrupt: data CRC mismatch"):
     stream.read(2)
   stream.close()
-
-
-def test_input_pipeline_checks_every_split_before_a_run(dtd_dir, tmp_path):
-  from ctx_jax.training import input_pipeline  # pylint: disable=g-import-not-at-top
-  target = _copy(dtd_dir, tmp_path)
-  by_split = {"TRAIN": ["dtd"], "VALID": ["dtd"], "TEST": ["dtd"]}
-  input_pipeline.check_records(str(tmp_path), by_split)
-  path = target / "46.tfrecords"
-  path.write_bytes(path.read_bytes()[:-10])
-  with pytest.raises(mdp.RecordError, match=r"dtd/46\.tfrecords"):
-    input_pipeline.check_records(str(tmp_path), by_split)
-  config = ml_collections.ConfigDict({"data": {
-      "records_root": str(tmp_path), "train_sources": ("dtd",),
-      "valid_sources": ("dtd",), "test_sources": ()}})
-  input_pipeline.check_run_records(config)  # 46 is a test class.
-  config.data.test_sources = ("dtd",)
-  with pytest.raises(mdp.RecordError, match=r"dtd/46\.tfrecords"):
-    input_pipeline.check_run_records(config)
-  with pytest.raises(FileNotFoundError, match="records of source 'nope'"):
-    input_pipeline.check_records(str(tmp_path), {"TEST": ["nope"]})
-  # A URL root keeps its scheme (pathlib would make `ram:/x` of it).
-  root = f"ram://root-{uuid.uuid4().hex}"
-  tf.io.gfile.makedirs(f"{root}/dtd")
-  assert input_pipeline.source_dir(root, "dtd") == f"{root}/dtd"
-  tf.io.gfile.rmtree(root)
 
 
 def test_ilsvrc_replica_has_the_official_structure(shared_dir, tmp_path):

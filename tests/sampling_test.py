@@ -18,8 +18,8 @@ import pytest
 from scipy import special
 from scipy import stats
 
-import meta_dataset_pipeline as mdp
 from meta_dataset_pipeline import sampling
+import meta_dataset_pipeline as mdp
 
 ALPHA = 1e-3
 CFG = mdp.EpisodeDescriptionConfig()  # Official variable way and shot.

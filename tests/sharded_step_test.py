@@ -11,14 +11,17 @@ the classes present.
 
 import functools
 
+import chex
 from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ctx_jax import mesh as mesh_lib
 from ctx_jax import models
-from ctx_jax.training import mesh as mesh_lib
+from ctx_jax.eval import step as eval_step_lib
+from ctx_jax.models import episode as episode_lib
 from ctx_jax.training import optim
 from ctx_jax.training import sharded_step
 from ctx_jax.training import train_step as step_lib
@@ -85,9 +88,9 @@ def _host(tree):
 
 def _assert_trees_close(actual, expected, rtol=TREE_RTOL):
   """Per-array relative L2 error below rtol (abs floor for ~0 arrays)."""
+  chex.assert_trees_all_equal_structs(actual, expected)
   flat_a = jax.tree_util.tree_flatten_with_path(actual)[0]
   flat_e = jax.tree_util.tree_flatten_with_path(expected)[0]
-  assert [k for k, _ in flat_a] == [k for k, _ in flat_e]
   worst = 0.0
   for (path, a), (_, e) in zip(flat_a, flat_e):
     a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
@@ -107,7 +110,7 @@ def _reference_grads(model, episode, num_ways, weight_decay):
 def _gspmd_grads(config, episode):
   mesh = mesh_lib.make_mesh(1)
   model, _ = _state(config, mesh)
-  dev = mesh_lib.shard_episode(episode, mesh, step_lib.MODEL_INPUT_KEYS)
+  dev = mesh_lib.shard_episode(episode, mesh, episode_lib.MODEL_INPUT_KEYS)
   with jax.set_mesh(mesh):
     return _host(_reference_grads(model, dev, NUM_WAYS, WEIGHT_DECAY))
 
@@ -116,13 +119,13 @@ def _sharded_grads(config, episode, num_devices):
   mesh = mesh_lib.make_mesh(num_devices)
   model, _ = _state(config, mesh)
   before = _host(nnx.to_pure_dict(nnx.state(model)))
-  dev = mesh_lib.shard_episode(episode, mesh, step_lib.MODEL_INPUT_KEYS)
+  dev = mesh_lib.shard_episode(episode, mesh, episode_lib.MODEL_INPUT_KEYS)
   with jax.set_mesh(mesh):
     out = sharded_step.loss_and_grads(model, dev, NUM_WAYS, WEIGHT_DECAY,
                                       mesh=mesh)
   # The gradient function leaves the model (and its EMA) untouched.
-  jax.tree.map(np.testing.assert_array_equal,
-               _host(nnx.to_pure_dict(nnx.state(model))), before)
+  chex.assert_trees_all_equal(_host(nnx.to_pure_dict(nnx.state(model))),
+                              before)
   return _host(out)
 
 
@@ -130,7 +133,7 @@ def _run_steps(config, episode, num_devices, parallelism, num_steps=2):
   """Metrics of each step and the final model + optimiser state."""
   mesh = mesh_lib.make_mesh(num_devices)
   model, optimizer = _state(config, mesh)
-  dev = mesh_lib.shard_episode(episode, mesh, step_lib.MODEL_INPUT_KEYS)
+  dev = mesh_lib.shard_episode(episode, mesh, episode_lib.MODEL_INPUT_KEYS)
   metrics = []
   with jax.set_mesh(mesh):
     for _ in range(num_steps):
@@ -210,12 +213,12 @@ def test_eval_step_matches_gspmd():
     mesh = mesh_lib.make_mesh(n)
     model, _ = _state(config, mesh)
     model.eval()
-    dev = mesh_lib.shard_episode(episode, mesh, step_lib.MODEL_INPUT_KEYS)
+    dev = mesh_lib.shard_episode(episode, mesh, episode_lib.MODEL_INPUT_KEYS)
     with jax.set_mesh(mesh):
       if parallelism == "gspmd":
-        results.append(_host(step_lib.eval_step(model, dev, NUM_WAYS)))
+        results.append(_host(eval_step_lib.eval_step(model, dev, NUM_WAYS)))
       else:
-        results.append(_host(sharded_step.eval_step(model, dev, NUM_WAYS,
+        results.append(_host(eval_step_lib.sharded_eval_step(model, dev, NUM_WAYS,
                                                     mesh=mesh)))
   assert results[0]["num_queries"] == 5
   for key in results[0]:
@@ -266,8 +269,8 @@ def test_parallelism_config_selects_the_step():
   train_fn, eval_fn = sharded_step.select_steps("shard_map", mesh)
   assert train_fn.func is sharded_step.train_step
   assert train_fn.keywords == {"mesh": mesh}
-  assert eval_fn.func is sharded_step.eval_step
+  assert eval_fn.func is eval_step_lib.sharded_eval_step
   assert sharded_step.select_steps("gspmd", mesh) == (step_lib.train_step,
-                                                      step_lib.eval_step)
+                                                      eval_step_lib.eval_step)
   with pytest.raises(ValueError, match="config.train.parallelism.*'pmap'"):
     sharded_step.select_steps("pmap", mesh)

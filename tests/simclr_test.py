@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import meta_dataset_pipeline as mdp
 from meta_dataset_pipeline import padding
 from meta_dataset_pipeline import pipeline
 from meta_dataset_pipeline import simclr
+import meta_dataset_pipeline as mdp
 
 SIZE = 28
 # No randomness at all: SimCLR query rows must equal their support rows.
@@ -240,7 +240,7 @@ def test_md_augmentation_only_on_ordinary_episodes(omniglot):
 
 
 def test_max_ways_covers_simclr_support_sets():
-  from ctx_jax.training import input_pipeline  # pylint: disable=g-import-not-at-top
+  from ctx_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from experiments import common  # pylint: disable=g-import-not-at-top
   from experiments import ctx_simclr  # pylint: disable=g-import-not-at-top
   config = common.get_base_config()
@@ -283,7 +283,7 @@ def test_max_ways_covers_simclr_support_sets():
 
 
 def test_demo_simclr_trains_with_converted_episodes(tmp_path, monkeypatch):
-  from ctx_jax.training import input_pipeline  # pylint: disable=g-import-not-at-top
+  from ctx_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from ctx_jax.training import train  # pylint: disable=g-import-not-at-top
   from experiments import demo  # pylint: disable=g-import-not-at-top
   from tests import fakes  # pylint: disable=g-import-not-at-top
@@ -334,6 +334,7 @@ def test_episode_grid_png(shared_dir, tmp_path, capsys):
 
 def test_jax_augmentation_batch():
   import jax  # pylint: disable=g-import-not-at-top
+
   from ctx_jax.data import augment  # pylint: disable=g-import-not-at-top
   images = np.stack([_image(s, 32).numpy() for s in range(6)])
   params = augment.AugmentParams()
@@ -373,8 +374,9 @@ def test_jax_ops_match_tf():
 
 def test_on_device_augmentation(omniglot):
   import jax  # pylint: disable=g-import-not-at-top
+
   from ctx_jax.data import augment  # pylint: disable=g-import-not-at-top
-  from ctx_jax.training import input_pipeline  # pylint: disable=g-import-not-at-top
+  from ctx_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from experiments import demo  # pylint: disable=g-import-not-at-top
   cfg = mdp.EpisodeDescriptionConfig(num_ways=3, num_support=2, num_query=2,
                                      simclr_episode_fraction=0.5)

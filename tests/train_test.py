@@ -7,11 +7,15 @@ import jax
 import numpy as np
 import pytest
 
+from ctx_jax import mesh as mesh_lib
 from ctx_jax import models
-from ctx_jax.training import checkpoint
-from ctx_jax.training import mesh as mesh_lib
+from ctx_jax.checkpoints import export
+from ctx_jax.checkpoints import train_state
+from ctx_jax.models import episode as episode_lib
+from ctx_jax.training import state as state_lib
 from ctx_jax.training import train
 from ctx_jax.training import train_step as step_lib
+from ctx_jax.training import workdir as workdir_lib
 from experiments import demo
 from tests import fakes
 
@@ -25,13 +29,13 @@ def _tiny_config():
 
 def _state(config, num_devices):
   mesh = mesh_lib.make_mesh(num_devices)
-  model, optimizer = train.create_train_state(config, mesh)
+  model, optimizer = state_lib.create_train_state(config, mesh)
   return mesh, model, optimizer
 
 
 def _step(config, num_devices, episode):
   mesh, model, optimizer = _state(config, num_devices)
-  dev = mesh_lib.shard_episode(episode, mesh, step_lib.MODEL_INPUT_KEYS)
+  dev = mesh_lib.shard_episode(episode, mesh, episode_lib.MODEL_INPUT_KEYS)
   with jax.set_mesh(mesh):
     model.train()
     metrics = step_lib.train_step(model, optimizer, dev, 4, 1e-4)
@@ -69,7 +73,7 @@ def test_padding_rows_do_not_change_the_loss():
   config = _tiny_config()
   episode = fakes.fake_episode(8, 8, ways=4)
   padded = fakes.fake_episode(16, 16, ways=4, real_support=8, real_query=8)
-  for key in step_lib.MODEL_INPUT_KEYS:
+  for key in episode_lib.MODEL_INPUT_KEYS:
     padded[key][:8] = episode[key]
   m_small, _ = _step(config, 1, episode)
   m_pad, _ = _step(config, 1, padded)
@@ -95,7 +99,7 @@ def test_train_step_compiles_once_per_bucket():
       for seed, (real_s, real_q) in enumerate([(5, 3), (8, 8), (3, 6)]):
         ep = fakes.fake_episode(8, 8, ways=4, real_support=real_s,
                                 real_query=real_q, seed=seed)
-        dev = mesh_lib.shard_episode(ep, mesh, step_lib.MODEL_INPUT_KEYS)
+        dev = mesh_lib.shard_episode(ep, mesh, episode_lib.MODEL_INPUT_KEYS)
         step_lib.train_step(model, optimizer, dev, 4, 1e-4)
   finally:
     step_lib.episode_loss = original
@@ -112,24 +116,24 @@ def test_train_and_evaluate_end_to_end_with_resume(tmp_path):
   assert results["step"] == 3
   acc = results["test"]["glyphs"]
   assert 0.0 <= acc["mean"] <= 1.0 and acc["num_episodes"] == 4
-  saved = json.loads((workdir / train.RESULTS_FILE).read_text())
+  saved = json.loads((workdir / workdir_lib.RESULTS_FILE).read_text())
   assert saved["test"]["glyphs"] == acc
-  assert (workdir / "export" / checkpoint.MODEL_CONFIG_FILE).is_file()
-  ckpt = checkpoint.TrainCheckpointer(workdir, 2)
+  assert (workdir / "export" / export.MODEL_CONFIG_FILE).is_file()
+  ckpt = train_state.TrainCheckpointer(workdir, 2)
   assert ckpt.latest_step() == 3
   ckpt.close()
 
   # Resume: a longer run continues from step 3 instead of starting over.
   config.train.num_steps = 5
-  (workdir / train.RESULTS_FILE).unlink()
+  (workdir / workdir_lib.RESULTS_FILE).unlink()
   results = train.train_and_evaluate(config, str(workdir))
   assert results["step"] == 5
-  ckpt = checkpoint.TrainCheckpointer(workdir, 2)
+  ckpt = train_state.TrainCheckpointer(workdir, 2)
   assert ckpt.latest_step() == 5
   ckpt.close()
 
   # The export reloads into a model that gives the training run's logits.
-  model, model_config = checkpoint.load_exported_model(workdir / "export")
+  model, model_config = export.load_exported_model(workdir / "export")
   assert model_config.backbone == "resnet_tiny"
 
 
@@ -139,10 +143,10 @@ def test_export_round_trip(tmp_path):
   config.max_stride = 8
   config.query_dim = config.val_dim = 8
   model = models.build_model(config, rngs=nnx.Rngs(1))
-  checkpoint.export_model(tmp_path / "m", model, config)
+  export.export_model(tmp_path / "m", model, config)
   with pytest.raises(FileExistsError, match="not empty"):
-    checkpoint.export_model(tmp_path / "m", model, config)
-  loaded, loaded_config = checkpoint.load_exported_model(tmp_path / "m")
+    export.export_model(tmp_path / "m", model, config)
+  loaded, loaded_config = export.load_exported_model(tmp_path / "m")
   assert loaded_config.to_dict() == config.to_dict()
   ep = fakes.fake_episode(6, 4, ways=3)
   model.eval()
@@ -161,10 +165,10 @@ def test_nan_guard_message():
 def test_init_from_copies_the_backbone_only(tmp_path):
   config = _tiny_config()
   source = models.build_model(config.model, rngs=nnx.Rngs(5))
-  checkpoint.export_model(tmp_path / "pretrained", source, config.model)
+  export.export_model(tmp_path / "pretrained", source, config.model)
   _, model, _ = _state(config, 1)
   fresh = nnx.to_flat_state(nnx.state(model))
-  copied = train.init_backbone_from(model, str(tmp_path / "pretrained"))
+  copied = state_lib.init_backbone_from(model, str(tmp_path / "pretrained"))
   src = dict(nnx.to_flat_state(nnx.state(source)))
   now = dict(nnx.to_flat_state(nnx.state(model)))
   heads = 0
@@ -178,4 +182,4 @@ def test_init_from_copies_the_backbone_only(tmp_path):
   config.model.backbone = "resnet18"
   _, other, _ = _state(config, 1)
   with pytest.raises(ValueError, match="init_from"):
-    train.init_backbone_from(other, str(tmp_path / "pretrained"))
+    state_lib.init_backbone_from(other, str(tmp_path / "pretrained"))

@@ -18,28 +18,19 @@ hue goes through HSV as `tf.image.adjust_hue` does, saturation uses the
 closed form of `meta_dataset_pipeline.simclr.adjust_saturation`.
 """
 
-import dataclasses
-
 import jax
 from jax import numpy as jnp
+
+from meta_dataset_pipeline import augmentation
 
 # `sample_distorted_bounding_box` as `simclr.py` calls it.
 CROP_MAX_ATTEMPTS = 100
 CROP_MIN_OBJECT_COVERED = 0.1
 
 
-@dataclasses.dataclass(frozen=True)
-class AugmentParams:
-  """Same fields and defaults as `meta_dataset_pipeline.SimCLRAugmentation`."""
-  color_jitter_strength: float = 1.0
-  crop: bool = True
-  crop_area_range: tuple[float, float] = (0.08, 1.0)
-  crop_aspect_ratio_range: tuple[float, float] = (3 / 4, 4 / 3)
-  flip: bool = True
-  color_jitter_probability: float = 0.8
-  grayscale_probability: float = 0.2
-  query_blur: bool = True
-  blur_sigma_range: tuple[float, float] = (0.1, 2.0)
+# The settings: the pipeline's dataclass (TF-free), one definition for the
+# tf.data and the on-device augmentation.
+AugmentParams = augmentation.SimCLRAugmentation
 
 
 def sample_crop_box(key: jax.Array, h: int, w: int,

@@ -1,17 +1,17 @@
 """Evaluation of a model (or a pixel baseline) on one source and split."""
 
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from flax import nnx
 import jax
 import ml_collections
 
+from ctx_jax import mesh as mesh_lib
+from ctx_jax.data import input_pipeline
 from ctx_jax.eval import baselines
 from ctx_jax.eval import episodic
-from ctx_jax.training import input_pipeline
-from ctx_jax.training import mesh as mesh_lib
-from ctx_jax.training import sharded_step
-from ctx_jax.training import train_step as step_lib
+from ctx_jax.eval import step as eval_step_lib
+from ctx_jax.models import episode as episode_lib
 
 
 def source_accuracies(model: nnx.Module | None,
@@ -19,7 +19,9 @@ def source_accuracies(model: nnx.Module | None,
                       mesh: jax.sharding.Mesh, split: str, source: str,
                       num_episodes: int, seed: int, start: int = 0,
                       chunk_size: int = 0,
-                      on_chunk: Callable[[Sequence[float]], None] | None = None
+                      on_chunk: Callable[[Sequence[float]], None]
+                      | None = None,
+                      baseline: Callable[[Mapping], Mapping] | None = None
                       ) -> list[float]:
   """Per-episode accuracies on episodes `start..num_episodes-1` of a source.
 
@@ -31,7 +33,7 @@ def source_accuracies(model: nnx.Module | None,
   Args:
     model: a few-shot model, run in eval mode (EMA batch-norm statistics, as
       the official evaluation); None evaluates the raw-pixel 1-NN baseline on
-      the same episodes instead.
+      the same episodes instead (or `baseline`).
     config: experiment config (data settings, episode config).
     mesh: device mesh; each episode's images are split over its devices.
     split: "TRAIN", "VALID" or "TEST".
@@ -41,6 +43,8 @@ def source_accuracies(model: nnx.Module | None,
     start: episodes already done (skipped here).
     chunk_size: see `episodic.episode_accuracies`.
     on_chunk: see `episodic.episode_accuracies`.
+    baseline: with `model` None, the non-learned classifier to run on the
+      host-side episodes (`baselines.py`); default raw-pixel 1-NN.
 
   Returns:
     The accuracies of episodes `start` to `num_episodes - 1`.
@@ -54,17 +58,17 @@ def source_accuracies(model: nnx.Module | None,
     episodes = stream
     if model is None:
       return episodic.episode_accuracies(
-          baselines.pixel_nearest_neighbour, episodes, remaining, chunk_size,
-          on_chunk)
+          baseline or baselines.pixel_nearest_neighbour, episodes, remaining,
+          chunk_size, on_chunk)
     num_ways = input_pipeline.max_ways(config, split)
-    _, eval_fn = sharded_step.select_steps(config.train.parallelism, mesh)
+    eval_fn = eval_step_lib.select_eval_step(config.train.parallelism, mesh)
     model.eval()
     try:
       with jax.set_mesh(mesh):
         return episodic.episode_accuracies(
             lambda ep: eval_fn(model, ep, num_ways),
             (dev for dev, _ in mesh_lib.prefetch_to_mesh(
-                episodes, mesh, step_lib.MODEL_INPUT_KEYS)),
+                episodes, mesh, episode_lib.MODEL_INPUT_KEYS)),
             remaining, chunk_size, on_chunk)
     finally:
       # Back to train mode: validation runs in the middle of training.

@@ -16,13 +16,13 @@ from ctx_jax.models.backbone import ResNet
 from ctx_jax.models.crosstransformer import ABSENT_CLASS_LOGIT
 from ctx_jax.models.crosstransformer import crosstransformer_logits
 from ctx_jax.models.crosstransformer import crosstransformer_logits_naive
+from ctx_jax.models.crosstransformer import crosstransformer_attention
 from ctx_jax.models.crosstransformer import CrossTransformerHead
+from ctx_jax.models.inspection import inspect_episode
+from ctx_jax.models.inspection import Inspection
 from ctx_jax.models.learner import build_model
 from ctx_jax.models.learner import default_model_config
 from ctx_jax.models.learner import EpisodicModel
 from ctx_jax.models.learner import weight_decay_sum
-from ctx_jax.models.official_import import assign_official_weights
-from ctx_jax.models.official_import import official_variables
-from ctx_jax.models.official_import import read_official_checkpoint
 from ctx_jax.models.protonet import protonet_logits
 from ctx_jax.models.protonet import ProtoNetHead

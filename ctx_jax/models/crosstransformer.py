@@ -13,6 +13,11 @@ chunks under `jax.lax.map`, and each chunk is rematerialised
 (`jax.checkpoint`) in the backward pass, as the official
 `_get_dist_rematerialize` does one query at a time.
 
+Inspection: `_aligned_prototypes` is the one implementation of the attention;
+the training head keeps its prototypes, while `crosstransformer_attention`
+(and `CrossTransformerHead.attention`, used by `models.inspect_episode` and
+ctx-attention) also returns its weights.
+
 Shape letters: S support images, Q query images, B queries in a chunk,
 W ways (classes), J spatial positions of a support image, P spatial positions
 of a query image, D key/query channels, C value channels, E embedding
@@ -61,18 +66,17 @@ def _einsum(spec: str, a: jax.Array, b: jax.Array, acc: jnp.dtype):
   return jnp.einsum(spec, a, b, preferred_element_type=acc)
 
 
-def _chunk_distances(queries, query_values, keys, values, labels, mask,
-                     num_ways):
-  """Distances [B,W] of a chunk of B queries to their aligned prototypes.
+def _aligned_prototypes(queries, keys, values, labels, mask, num_ways):
+  """Per-class attention of B queries and their query-aligned prototypes.
 
   Classes are aggregated with segment sums over the support rows
   (`class_sum`), so the cost is that of the S*J attention plus O(W) per
   query position, whatever the padded `num_ways` (a one-hot matmul would
-  cost S*W per position and channel).
+  cost S*W per position and channel). The training path keeps only the
+  prototypes; `crosstransformer_attention` also returns the weights.
 
   Args:
     queries: [B,P,D] projected query features (the key projection).
-    query_values: [B,P,C].
     keys: [S,J,D].
     values: [S,J,C].
     labels: [S] int32 in [0, num_ways).
@@ -80,11 +84,14 @@ def _chunk_distances(queries, query_values, keys, values, labels, mask,
     num_ways: static number of classes W.
 
   Returns:
-    [B,W] float32 distances.
+    (exp_logits [S,B,P,J], denom [W,B,P], prototypes [W,B,P,C]): the
+    attention of position p of query b on position j of support image s is
+    `exp_logits[s,b,p,j] / denom[labels[s],b,p]`, a softmax over the
+    positions of the images of that class; prototypes in float32 (at least).
   """
-  # Softmax and distances in at least float32, whatever the compute dtype.
-  # Support rows lead every intermediate: the class sums scatter whole
-  # [B,P,...] slabs of one support image at a time.
+  # Softmax in at least float32, whatever the compute dtype. Support rows
+  # lead every intermediate: the class sums scatter whole [B,P,...] slabs of
+  # one support image at a time.
   acc = jnp.promote_types(queries.dtype, jnp.float32)
   scale = 1.0 / math.sqrt(keys.shape[-1])
   logits = _einsum('bpd,sjd->sbpj', queries, keys, acc) * scale
@@ -106,8 +113,29 @@ def _chunk_distances(queries, query_values, keys, values, labels, mask,
   per_image = _einsum('sbpj,sjc->sbpc', exp_logits.astype(values.dtype),
                       values, acc)
   prototypes = class_sum(per_image, labels, num_ways) / denom[..., None]
-  diff = query_values.astype(acc)[None] - prototypes  # [W,B,P,C]
-  return jnp.sum(jnp.square(diff), axis=(2, 3)).T / queries.shape[1]
+  return exp_logits, denom, prototypes
+
+
+def _prototype_distances(query_values, prototypes):
+  """[B,W] mean over the B queries' P positions of |value - prototype|^2.
+
+  Args:
+    query_values: [B,P,C].
+    prototypes: [W,B,P,C] float32 (at least).
+  """
+  diff = query_values.astype(prototypes.dtype)[None] - prototypes
+  return jnp.sum(jnp.square(diff), axis=(2, 3)).T / query_values.shape[1]
+
+
+def _chunk_distances(queries, query_values, keys, values, labels, mask,
+                     num_ways):
+  """Distances [B,W] float32 of a chunk of B queries to their prototypes.
+
+  Args: as `_aligned_prototypes`, plus query_values [B,P,C].
+  """
+  _, _, prototypes = _aligned_prototypes(queries, keys, values, labels, mask,
+                                         num_ways)
+  return _prototype_distances(query_values, prototypes)
 
 
 def _check_head_inputs(queries, query_values, keys, values, labels, mask):
@@ -201,6 +229,40 @@ def crosstransformer_logits_naive(queries, query_values, keys, values,
                    ABSENT_CLASS_LOGIT)
 
 
+def crosstransformer_attention(queries, query_values, keys, values, labels,
+                                mask, *, num_ways: int) -> dict[str, jax.Array]:
+  """The head's intermediates, materialising the whole attention.
+
+  The same computation as `crosstransformer_logits` (the same functions),
+  for inspection: its memory is Q*P*S*J floats, so pass few queries.
+
+  Args: as `crosstransformer_logits_naive`.
+
+  Returns:
+    `attention` [Q,P,S,J] float32: weight of query position p on position j
+    of support image s. For each class c, the weights over the positions of
+    the (real) support images of class c sum to one; padded rows get 0.
+    `prototypes` [Q,W,P,C]: the query-aligned prototypes (attention-weighted
+    sums of the support values of each class). `distances` [Q,W]: mean over
+    positions of the squared distance between the query values and the
+    prototypes. `logits` [Q,W]: minus the distances, ABSENT_CLASS_LOGIT for
+    classes without support, as the head returns them.
+  """
+  _check_head_inputs(queries, query_values, keys, values, labels, mask)
+  keys, values, labels = _sanitise_padding(keys, values, labels, mask)
+  exp_logits, denom, prototypes = _aligned_prototypes(
+      queries, keys, values, labels, mask, num_ways)
+  dist = _prototype_distances(query_values, prototypes)
+  attention = exp_logits / denom[labels][..., None]  # [S,Q,P,J]
+  return {
+      'attention': jnp.transpose(attention, (1, 2, 0, 3)),
+      'prototypes': jnp.transpose(prototypes, (1, 0, 2, 3)),
+      'distances': dist,
+      'logits': jnp.where(_present(labels, mask, num_ways), -dist,
+                          ABSENT_CLASS_LOGIT),
+  }
+
+
 class PointwiseConv(nnx.Module):
   """A bias-free 1x1 convolution with an HWIO kernel `weight` [1,1,E,D]."""
 
@@ -241,14 +303,36 @@ class CrossTransformerHead(nnx.Module):
     order), as the official distributed CTX learner aggregates them, so every
     device attends over the whole support set; the queries stay local.
     """
-    if support_emb.ndim != 4 or query_emb.ndim != 4:
-      raise ValueError('embeddings must be [N,h,w,E]; got '
-                       f'{support_emb.shape} and {query_emb.shape}')
-    support = (self.tformer_keys(support_emb), self.tformer_values(support_emb),
-               support_labels, support_mask)
+    support = self._project_support(support_emb, support_labels,
+                                    support_mask, query_emb)
     if axis_name is not None:
       support = lax.all_gather(support, axis_name, tiled=True)
     return crosstransformer_logits(
         self.tformer_keys(query_emb), self.tformer_values(query_emb),
         *support, num_ways=num_ways, chunk_size=self.query_chunk_size)
 
+  def _project_support(self, support_emb, support_labels, support_mask,
+                       query_emb):
+    """(keys [S,J,D], values [S,J,C], labels, mask) of the support set."""
+    if support_emb.ndim != 4 or query_emb.ndim != 4:
+      raise ValueError('embeddings must be [N,h,w,E]; got '
+                       f'{support_emb.shape} and {query_emb.shape}')
+    return (self.tformer_keys(support_emb), self.tformer_values(support_emb),
+            support_labels, support_mask)
+
+  def attention(self, support_emb: jax.Array, support_labels: jax.Array,
+                support_mask: jax.Array, query_emb: jax.Array, *,
+                num_ways: int) -> dict[str, jax.Array]:
+    """`crosstransformer_attention` of embeddings, plus the projections.
+
+    Single-device (no `axis_name`); memory Q*P*S*J floats, so pass few
+    queries. Returns the keys of `crosstransformer_attention` and
+    `support_values` [S,J,C], `query_values` [Q,P,C].
+    """
+    keys, values, labels, mask = self._project_support(
+        support_emb, support_labels, support_mask, query_emb)
+    query_values = self.tformer_values(query_emb)
+    out = crosstransformer_attention(
+        self.tformer_keys(query_emb), query_values, keys, values, labels,
+        mask, num_ways=num_ways)
+    return dict(out, support_values=values, query_values=query_values)

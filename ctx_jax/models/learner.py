@@ -10,6 +10,7 @@ Shape letters: S support images, Q query images, W ways, H and X image height
 and width, E embedding channels.
 """
 
+import chex
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -136,9 +137,13 @@ class EpisodicModel(nnx.Module):
     """
     if not isinstance(num_ways, int) or num_ways < 1:
       raise ValueError(f'num_ways must be a positive int, got {num_ways!r}')
-    if support_labels.shape != support_images.shape[:1]:
-      raise ValueError(f'support_labels must be [{support_images.shape[0]}]'
-                       f', got {support_labels.shape}')
+    # Static checks at the model's boundary (free under jit: shapes only).
+    chex.assert_rank([support_images, query_images], 4)
+    chex.assert_rank([support_labels, support_mask], 1)
+    chex.assert_equal_shape_prefix(
+        [support_images, support_labels, support_mask], 1)
+    chex.assert_equal_shape_suffix([support_images, query_images], 3)
+    chex.assert_type([support_labels, support_mask], [int, bool])
     support_emb, query_emb = self.embed(support_images, support_mask,
                                         query_images, axis_name)
     return self.head(support_emb, support_labels, support_mask, query_emb,

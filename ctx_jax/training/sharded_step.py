@@ -1,7 +1,8 @@
 """Train and eval steps that split an episode over devices with `shard_map`.
 
 These are the explicit-collective counterparts of `train_step.train_step` and
-`train_step.eval_step` (which leave the partitioning to GSPMD), and follow
+`eval.step.eval_step` (which leave the partitioning to GSPMD; the sharded
+eval step is `eval.step.sharded_eval_step`), and follow
 the official distributed learner (shared/ALIGNMENT.md, "Distributed mode"):
 
 * the episode's support and query sets are each cut into contiguous chunks,
@@ -31,7 +32,7 @@ against one device and against the GSPMD step).
 
 The episode's leading axes must be divisible by the number of devices (the
 pipeline's `pad_multiple`; `mesh.shard_episode` checks it). Shape letters as
-in train_step.py.
+in `ctx_jax/models/episode.py`.
 """
 
 import functools
@@ -40,31 +41,13 @@ from flax import nnx
 import jax
 from jax.sharding import PartitionSpec as P
 
-from ctx_jax.training import mesh as mesh_lib
+from ctx_jax import mesh as mesh_lib
+from ctx_jax.eval import step as eval_step_lib
+from ctx_jax.models import episode as episode_lib
 from ctx_jax.training import train_step as step_lib
 
-Episode = step_lib.Episode
+Episode = episode_lib.Episode
 AXIS = mesh_lib.DATA_AXIS
-
-
-def _check_episode(episode: Episode, mesh: jax.sharding.Mesh) -> None:
-  """Raises ValueError unless every entry splits evenly over `mesh`."""
-  if mesh.axis_names != (AXIS,):
-    raise ValueError(f"the shard_map step needs the 1-D '{AXIS}' mesh of "
-                     f"mesh.make_mesh, got axes {mesh.axis_names}")
-  for key in step_lib.MODEL_INPUT_KEYS:
-    if key not in episode:
-      raise KeyError(f"episode has no '{key}'")
-    rows = episode[key].shape[0]
-    if rows % mesh.size:
-      raise ValueError(
-          f"episode['{key}'] has {rows} rows, not divisible by the {mesh.size}"
-          " devices of the mesh; pad episodes to a multiple of the device "
-          "count (pipeline `pad_multiple`)")
-
-
-def _model_inputs(episode: Episode) -> Episode:
-  return {key: episode[key] for key in step_lib.MODEL_INPUT_KEYS}
 
 
 def _loss_and_grads(model: nnx.Module, local_episode: Episode, num_ways: int,
@@ -98,9 +81,9 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, episode: Episode,
     Scalar metrics (replicated): loss, total_loss, accuracy, regularizer,
     grad_norm, param_norm, update_norm, num_queries.
   """
-  episode = _model_inputs(episode)
-  _check_episode(episode, mesh)
-  num_ways = step_lib.logit_width(num_ways, episode)
+  episode = eval_step_lib.model_inputs(episode)
+  eval_step_lib.check_episode(episode, mesh)
+  num_ways = episode_lib.logit_width(num_ways, episode)
   graphdef, state = nnx.split((model, optimizer))
 
   def step(state, local_episode):
@@ -130,9 +113,9 @@ def loss_and_grads(model: nnx.Module, episode: Episode, num_ways: int,
     (total_loss, metrics, grads), all replicated; grads is a pure dict shaped
     like `nnx.to_pure_dict(nnx.state(model, nnx.Param))`.
   """
-  episode = _model_inputs(episode)
-  _check_episode(episode, mesh)
-  num_ways = step_lib.logit_width(num_ways, episode)
+  episode = eval_step_lib.model_inputs(episode)
+  eval_step_lib.check_episode(episode, mesh)
+  num_ways = episode_lib.logit_width(num_ways, episode)
   graphdef, state = nnx.split(model)
 
   def step(state, local_episode):
@@ -145,37 +128,6 @@ def loss_and_grads(model: nnx.Module, episode: Episode, num_ways: int,
                        out_specs=P(), check_vma=True)(state, episode)
 
 
-@nnx.jit(static_argnames=("num_ways", "mesh"))
-def eval_step(model: nnx.Module, episode: Episode, num_ways: int, *,
-              mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-  """Loss and accuracy of one episode split over `mesh` (model in eval mode).
-
-  The `shard_map` counterpart of `train_step.eval_step`: each device embeds
-  its own rows, the head gathers the support set, and the metrics are means
-  over all real queries of the episode (replicated scalars).
-  """
-  episode = _model_inputs(episode)
-  _check_episode(episode, mesh)
-  num_ways = step_lib.logit_width(num_ways, episode)
-  graphdef, state = nnx.split(model)
-
-  def step(state, local_episode):
-    local_model = nnx.merge(graphdef, state)
-    logits = local_model(
-        local_episode["support_images"], local_episode["support_labels"],
-        local_episode["support_mask"], local_episode["query_images"],
-        num_ways=num_ways, axis_name=AXIS)
-    return step_lib.masked_episode_metrics(
-        logits, local_episode["query_labels"], local_episode["query_mask"],
-        AXIS)
-
-  return jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)),
-                       out_specs=P(), check_vma=True)(state, episode)
-
-
-PARALLELISM = ("shard_map", "gspmd")
-
-
 def select_steps(parallelism: str, mesh: jax.sharding.Mesh):
   """The train and eval steps for `config.train.parallelism`.
 
@@ -186,12 +138,9 @@ def select_steps(parallelism: str, mesh: jax.sharding.Mesh):
   Returns:
     (train_fn, eval_fn) with the signatures of `train_step.train_step`
     `(model, optimizer, episode, num_ways, weight_decay)` and
-    `train_step.eval_step` `(model, episode, num_ways)`.
+    `eval.step.eval_step` `(model, episode, num_ways)`.
   """
+  eval_fn = eval_step_lib.select_eval_step(parallelism, mesh)
   if parallelism == "shard_map":
-    return (functools.partial(train_step, mesh=mesh),
-            functools.partial(eval_step, mesh=mesh))
-  if parallelism == "gspmd":
-    return step_lib.train_step, step_lib.eval_step
-  raise ValueError(f"config.train.parallelism must be one of {PARALLELISM}, "
-                   f"got {parallelism!r}")
+    return functools.partial(train_step, mesh=mesh), eval_fn
+  return step_lib.train_step, eval_fn

@@ -8,8 +8,9 @@ from flax import nnx
 import jax
 import ml_collections
 
+from ctx_jax import mesh as mesh_lib
 from ctx_jax import models
-from ctx_jax.training import mesh as mesh_lib
+from ctx_jax.checkpoints import export
 from ctx_jax.training import optim
 
 
@@ -42,3 +43,37 @@ def create_train_state(config: ml_collections.ConfigDict,
 def abstract_train_state(config: ml_collections.ConfigDict):
   """Shapes-only `(model, optimizer)` (`nnx.eval_shape`): for lowering."""
   return nnx.eval_shape(lambda: build_train_state(config))
+
+
+def init_backbone_from(model: nnx.Module, export_dir: str,
+                       mesh: jax.sharding.Mesh | None = None) -> int:
+  """Copies the backbone (not the transformer head) of an export into `model`.
+
+  Mirrors the official warm start, which restores backbone variables and
+  their batch-norm EMA statistics but no `tformer_*` variable.
+
+  Returns:
+    The number of arrays copied.
+  """
+  source, _ = export.load_exported_model_or_explain(export_dir, mesh=mesh)
+  src = nnx.to_flat_state(nnx.state(source))
+  src = {path: var for path, var in src}
+  state = nnx.state(model)
+  copied = 0
+  new_flat = []
+  for path, var in nnx.to_flat_state(state):
+    is_head = any(str(p).startswith("tformer") for p in path)
+    if not is_head and path in src:
+      value = src[path].get_value()
+      if value.shape != var.get_value().shape:
+        raise ValueError(f"init_from {export_dir}: {'/'.join(map(str, path))}"
+                         f" has shape {value.shape}, expected "
+                         f"{var.get_value().shape}")
+      var = var.replace(value)
+      copied += 1
+    new_flat.append((path, var))
+  if not copied:
+    raise ValueError(f"init_from {export_dir}: no backbone variable matches "
+                     "this model (different backbone?)")
+  nnx.update(model, nnx.from_flat_state(new_flat))
+  return copied

@@ -12,8 +12,9 @@ import collections
 from typing import Iterator, Mapping
 
 import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
 

@@ -1,13 +1,17 @@
 """Start-up checks of a config that the official trainer also refuses.
 
 Run before the work dir is created or anything is compiled, so a bad config
-costs nothing and leaves nothing behind.
+costs nothing and leaves nothing behind. The specs of a config's sources are
+loaded here too (`load_config_specs`), for the checks and the pipeline.
 """
 
 import os
-import pathlib
+from typing import Sequence
 
+from etils import epath
 import ml_collections
+
+from ctx_jax import paths
 
 # The only official source with a class hierarchy that episodes can ignore
 # (the ImageNet DAG; Omniglot's alphabets are the bilevel ontology, which
@@ -59,6 +63,52 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     check_hierarchy(data.eval_episode, (source,), "config.data.eval_episode")
 
 
+def source_dir(records_root: str, source: str) -> epath.Path:
+  """`<records_root>/<source>`, with a clear error when it is missing."""
+  if not records_root:
+    raise FileNotFoundError(
+        "config.data.records_root is empty: set it to the folder holding one "
+        "folder of Meta-Dataset records per source")
+  path = paths.resolve(records_root) / source
+  if not path.is_dir():
+    raise FileNotFoundError(
+        f"records of source '{source}' not found: {path} is "
+        "not a directory (check config.data.records_root and the sources)")
+  return path
+
+
+DATA_FORMATS = ("records", "tfds")
+
+
+def data_format(data: ml_collections.ConfigDict) -> str:
+  """`config.data.format`, checked ("records" when a saved config has
+  none)."""
+  fmt = data.get("format", "records")
+  if fmt not in DATA_FORMATS:
+    raise ValueError(f"config.data.format must be one of {DATA_FORMATS}, "
+                     f"got {fmt!r}")
+  return fmt
+
+
+def data_source_dir(data: ml_collections.ConfigDict, source: str):
+  """Where `source`'s data is, as `config.data.format` says, with a clear
+  error when it is missing (records: `source_dir`; TFDS:
+  `<records_root>/meta_dataset/<source>`)."""
+  if data_format(data) == "records":
+    return source_dir(data.records_root, source)
+  if not data.records_root:
+    raise FileNotFoundError(
+        "config.data.records_root is empty: with config.data.format='tfds' "
+        "set it to the TFDS data dir that `tfds build` wrote")
+  from meta_dataset_pipeline import tfds_source  # pylint: disable=g-import-not-at-top
+  path = tfds_source.source_dir(data.records_root, source)
+  if not path.is_dir():
+    raise FileNotFoundError(
+        f"TFDS-prepared source '{source}' not found: {path} is not a "
+        "directory (check config.data.records_root and the sources)")
+  return path
+
+
 def check_data(config: ml_collections.ConfigDict) -> None:
   """Every source's records folder exists and holds a readable spec.
 
@@ -67,6 +117,9 @@ def check_data(config: ml_collections.ConfigDict) -> None:
     ValueError: naming a malformed `dataset_spec.json`.
   """
   from meta_dataset_pipeline import dataset_spec  # pylint: disable=g-import-not-at-top
+  if data_format(config.data) == "tfds":
+    _check_tfds_data(config)
+    return
   root = config.data.records_root
   if not root:
     raise FileNotFoundError(
@@ -76,13 +129,21 @@ def check_data(config: ml_collections.ConfigDict) -> None:
                           + tuple(config.data.valid_sources)
                           + tuple(config.data.test_sources))
   for source in sources:
-    path = pathlib.Path(root) / source
-    if not path.is_dir():
-      raise FileNotFoundError(
-          f"records of source '{source}' not found: {os.path.abspath(path)} "
-          "is not a directory (check config.data.records_root and the "
-          "sources)")
-    dataset_spec.load_dataset_spec(str(path))
+    dataset_spec.load_dataset_spec(
+        str(source_dir(root, source)))
+
+
+def _check_tfds_data(config: ml_collections.ConfigDict) -> None:
+  """`check_data` for TFDS-prepared data: every split's class slices
+  against the spec, from the metadata (examples are checked when read)."""
+  from meta_dataset_pipeline import dataset_spec  # pylint: disable=g-import-not-at-top
+  from meta_dataset_pipeline import reader  # pylint: disable=g-import-not-at-top
+  data = config.data
+  sources = dict.fromkeys(tuple(data.train_sources) + tuple(
+      data.valid_sources) + tuple(data.test_sources))
+  for spec in load_config_specs(data, tuple(sources)):
+    for split in dataset_spec.Split:
+      reader.check_class_files(spec, split)
 
 
 def check_workdir(workdir: str) -> None:
@@ -91,7 +152,9 @@ def check_workdir(workdir: str) -> None:
   Raises:
     PermissionError: naming the work dir and the reason.
   """
-  path = pathlib.Path(workdir).absolute()
+  if not paths.is_local(workdir):
+    return  # Object stores: `prepare_workdir` probes with a real write.
+  path = paths.resolve(workdir)
   ancestor = path
   while not ancestor.exists():
     ancestor = ancestor.parent
@@ -106,7 +169,7 @@ def check_workdir(workdir: str) -> None:
 def check_init_from(config: ml_collections.ConfigDict) -> None:
   """`config.init_from`, if set, is a complete exported model."""
   if config.get("init_from") and not (
-      pathlib.Path(config.init_from) / "model_config.json").is_file():
+      paths.resolve(config.init_from) / "model_config.json").is_file():
     raise FileNotFoundError(
         f"config.init_from={config.init_from} is not an exported model (no "
         "model_config.json): give a ctx-import-official output or a run's "
@@ -119,3 +182,25 @@ def check_start_up(config: ml_collections.ConfigDict, workdir: str) -> None:
   check_config(config)
   check_data(config)
   check_init_from(config)
+
+
+def load_specs(records_root: str, sources: Sequence[str]):
+  """The record specs of `sources` under `records_root`."""
+  from meta_dataset_pipeline import dataset_spec  # pylint: disable=g-import-not-at-top
+  return [dataset_spec.load_dataset_spec(source_dir(records_root, s))
+          for s in sources]
+
+
+def load_config_specs(data: ml_collections.ConfigDict,
+                      sources: Sequence[str]):
+  """The specs of `sources`, read as `config.data.format` says."""
+  from meta_dataset_pipeline import tfds_source  # pylint: disable=g-import-not-at-top
+  if data_format(data) == "records":
+    return load_specs(data.records_root, sources)
+  for source in sources:
+    data_source_dir(data, source)
+  version = data.get("tfds_md_version", "v1")
+  if version not in tfds_source.MD_VERSIONS:
+    raise ValueError(f"config.data.tfds_md_version must be one of "
+                     f"{tfds_source.MD_VERSIONS}, got {version!r}")
+  return tfds_source.load_tfds_specs(data.records_root, sources, version)

@@ -5,18 +5,13 @@ Our parameter paths mirror the TF variable names: `backbone/<X>` is
 `head/<X>` is `<X>` (`tformer_keys/weight`). Conv kernels are HWIO in both;
 TF stores BN tensors as [1,1,1,C] and we store [C].
 
-Console mains:
-  ctx-import-official CKPT_PREFIX OUTDIR [--backbone ... --max_stride ...]
-  ctx-run-episode --model_dir OUTDIR --episode episode.npz --output out.npz
-The second writes the keys of the official fixture's `expected.npz`, so any
-conversion can be checked against outputs of the official code.
+The command-line tools built on this (`ctx-import-official`,
+`ctx-run-episode`) are in `official_cli.py`.
 
 TensorFlow is imported only inside `read_official_checkpoint`.
 """
 
 from collections.abc import Mapping, Sequence
-import json
-import pathlib
 import re
 
 from flax import nnx
@@ -278,85 +273,3 @@ def episode_outputs(model: learner.EpisodicModel,
     keys.append(key)
   out['gradient_keys'] = np.array(keys)
   return out
-
-
-def run(argv: Sequence[str] | None = None) -> None:
-  """`ctx-import-official CKPT_PREFIX OUTDIR`: converts and exports a model."""
-  parser = cli.ArgumentParser(
-      prog='ctx-import-official',
-      description='Convert an official TF CTX checkpoint to a ctx_jax '
-      'exported model (orbax state + model_config.json).')
-  parser.add_argument('checkpoint', help='TF checkpoint prefix')
-  parser.add_argument('outdir', help='export folder (must not exist)')
-  parser.add_argument('--backbone', default=None,
-                      help='default: from the variable names')
-  parser.add_argument('--max_stride', type=int, default=16,
-                      help='not stored in checkpoints; official CTX: 16')
-  parser.add_argument('--query_dim', type=int, default=None,
-                      help='CTX query/key width (default: from the '
-                      'checkpoint)')
-  parser.add_argument('--val_dim', type=int, default=None,
-                      help='CTX value width (default: from the checkpoint)')
-  parser.add_argument('--query_chunk_size', type=int, default=None,
-                      help='queries per rematerialised chunk of the CTX '
-                      'head (default: the model default)')
-  parser.add_argument('--dtype', default=None, choices=('float32',
-                                                        'bfloat16'),
-                      help='compute dtype (default: float32)')
-  args = parser.parse_args(argv)
-  cli.guarded('ctx-import-official', lambda: _import(args), args.verbose)
-
-
-def _import(args) -> None:
-  # pylint: disable-next=g-import-not-at-top
-  from ctx_jax.training import checkpoint
-  if pathlib.Path(args.outdir).exists():
-    raise FileExistsError(f'{args.outdir} already exists: give a new export '
-                          'folder')
-  variables = read_official_checkpoint(args.checkpoint)
-  model, config = build_official_model(
-      variables, backbone=args.backbone, max_stride=args.max_stride,
-      query_dim=args.query_dim, val_dim=args.val_dim,
-      query_chunk_size=args.query_chunk_size, dtype=args.dtype)
-  path = checkpoint.export_model(args.outdir, model, config)
-  # Marks a released official checkpoint: ctx-eval compares it with the
-  # official leaderboard row.
-  (pathlib.Path(path) / 'imported_from.json').write_text(json.dumps(
-      {'checkpoint': str(args.checkpoint)}) + '\n')
-  print(f'imported {len(variables)} variables from {args.checkpoint} '
-        f'into {path}')
-
-
-def run_episode_main(argv: Sequence[str] | None = None) -> None:
-  """`ctx-run-episode`: writes the fixture's keys for an exported model."""
-  parser = cli.ArgumentParser(
-      prog='ctx-run-episode',
-      description='Run an exported model on one episode in train and eval '
-      "mode and write the keys of the official fixture's expected.npz.")
-  parser.add_argument('--model_dir', required=True,
-                      help='exported model (ctx-import-official or '
-                      'ctx-train output)')
-  parser.add_argument('--episode', required=True,
-                      help='npz with support_images, support_labels, '
-                      'query_images, query_labels')
-  parser.add_argument('--output', required=True, help='npz to write')
-  parser.add_argument('--gradients', default=None,
-                      help="comma-separated TF names ('/' or '__'); default "
-                      'all parameters')
-  args = parser.parse_args(argv)
-  cli.guarded('ctx-run-episode', lambda: _run_episode(args), args.verbose)
-
-
-def _run_episode(args) -> None:
-  # pylint: disable-next=g-import-not-at-top
-  from ctx_jax.training import checkpoint
-  model, _ = checkpoint.load_exported_model_or_explain(args.model_dir)
-  names = None
-  if args.gradients:
-    names = [n.strip().replace('__', '/') for n in args.gradients.split(',')]
-  with np.load(args.episode) as episode:
-    out = episode_outputs(model, dict(episode), gradient_names=names)
-  np.savez(args.output, **out)
-  print(f"wrote {len(out)} arrays to {args.output} (train loss "
-        f"{float(out['loss_train']):.6f}, eval loss "
-        f"{float(out['loss_eval']):.6f})")

@@ -1,16 +1,10 @@
-"""Checkpoints: the only module that imports orbax.
+"""Exported models: writing, swapping and loading them.
 
-Two formats live here:
-
-* Training checkpoints, `<workdir>/ckpt/<step>/`, written by an orbax
-  `CheckpointManager`: model state, optimizer state, the step, and the data
-  position (`state/` and `data/`). Resume picks the latest *finalized* step;
-  orbax writes into a temporary directory and renames it when complete, so a
-  checkpoint interrupted half-way (a killed job) is never picked up.
-* Exported models, `<dir>/model_config.json` + `<dir>/state/`: just the model
-  state (parameters and batch-norm EMA statistics) and the model config needed
-  to rebuild it. `ctx-import-official` writes this format, `ctx-eval` and
-  `init_from` read it, and training can export its final model to it.
+An export is `<dir>/model_config.json` + `<dir>/state/`: just the model
+state (parameters and batch-norm EMA statistics) and the model config needed
+to rebuild it. `ctx-import-official` writes this format, `ctx-eval` and
+`init_from` read it, and training exports its final and best models to it
+(`export_atomically`, so a crash never leaves a half-written export).
 
 States are stored as pure nested dicts of arrays (`nnx.to_pure_dict`) so the
 files do not depend on flax's internal Variable classes.
@@ -18,26 +12,29 @@ files do not depend on flax's internal Variable classes.
 
 import json
 import os
-import pathlib
 from typing import Any
 
+from etils import epath
 from flax import nnx
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from ctx_jax import paths
+from ctx_jax import models
+
 MODEL_CONFIG_FILE = "model_config.json"
 STATE_DIR = "state"
 
 
-def _abstract_pure_state(module: nnx.Module) -> dict[str, Any]:
+def abstract_pure_state(module: nnx.Module) -> dict[str, Any]:
   """Pure-dict pytree of ShapeDtypeStructs (with shardings) for `module`."""
   pure = nnx.to_pure_dict(nnx.state(module))
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, pure)
 
 
 def export_model(directory: str | os.PathLike[str], model: nnx.Module,
-                 model_config: ml_collections.ConfigDict) -> pathlib.Path:
+                 model_config: ml_collections.ConfigDict) -> epath.Path:
   """Writes `model`'s state and config to `directory` (must not exist).
 
   Args:
@@ -49,14 +46,14 @@ def export_model(directory: str | os.PathLike[str], model: nnx.Module,
   Returns:
     The absolute path of the export.
   """
-  directory = pathlib.Path(directory).absolute()
+  directory = paths.resolve(directory)
   if directory.exists() and any(directory.iterdir()):
     raise FileExistsError(
         f"export directory {directory} exists and is not empty; choose a new "
         "one so that nothing already written is overwritten")
   # Every process takes part in the save (orbax is collective); they must
   # all have checked the folder before any of them writes into it.
-  _sync("ctx_jax_export_check")
+  sync("ctx_jax_export_check")
   if jax.process_index() == 0:
     directory.mkdir(parents=True, exist_ok=True)
   checkpointer = ocp.StandardCheckpointer()
@@ -68,11 +65,12 @@ def export_model(directory: str | os.PathLike[str], model: nnx.Module,
     tmp = directory / (MODEL_CONFIG_FILE + ".tmp")
     tmp.write_text(model_config.to_json_best_effort(indent=2) + "\n")
     tmp.rename(directory / MODEL_CONFIG_FILE)
-  _sync("ctx_jax_export_done")
+  sync("ctx_jax_export_done")
   return directory
 
 
-def _sync(name: str) -> None:
+def sync(name: str) -> None:
+  """Barrier over all processes (no-op with one)."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)
@@ -81,7 +79,7 @@ def _sync(name: str) -> None:
 def load_model_config(directory: str | os.PathLike[str]
                       ) -> ml_collections.ConfigDict:
   """Reads the model config of an export, with a clear error if absent."""
-  path = pathlib.Path(directory) / MODEL_CONFIG_FILE
+  path = paths.resolve(directory) / MODEL_CONFIG_FILE
   if not path.is_file():
     raise FileNotFoundError(
         f"{path} not found: {directory} is not a complete exported model "
@@ -103,8 +101,8 @@ def restore_model_state(directory: str | os.PathLike[str],
       names devices of the process that wrote it). Default: the model's
       current shardings, or the export's for an abstract model.
   """
-  directory = pathlib.Path(directory).absolute()
-  target = _abstract_pure_state(model)
+  directory = paths.resolve(directory)
+  target = abstract_pure_state(model)
   if sharding is not None:
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
@@ -129,7 +127,6 @@ def load_exported_model(directory: str | os.PathLike[str],
   Returns:
     `(model, model_config)`.
   """
-  from ctx_jax import models  # pylint: disable=g-import-not-at-top
   model_config = load_model_config(directory)
   # Shapes only: a random init of the real model would be thrown away (and
   # costs tens of seconds on a CPU for ResNet-34).
@@ -160,79 +157,49 @@ def load_exported_model_or_explain(directory: str | os.PathLike[str],
     raise ValueError(f"cannot load the exported model in {directory} "
                      f"({type(e).__name__}: {message})") from e
 
-class TrainCheckpointer:
-  """Periodic, resumable training checkpoints in `<workdir>/ckpt`.
 
-  Wraps `ocp.CheckpointManager`: `save` may be called every step and only
-  writes every `save_every` steps (or when forced, e.g. at the end or on
-  preemption); the last `max_to_keep` are kept. Each checkpoint holds the
-  model and optimizer states (`state`) and a small JSON record (`data`) of
-  what is needed to continue the run exactly: the seed and how many
-  training episodes were consumed.
+def export_atomically(directory: epath.Path, model: nnx.Module,
+                      model_config, extra: dict[str, Any] | None = None
+                      ) -> None:
+  """Writes an export to `directory`, replacing any earlier one atomically.
+
+  The new export is written beside the old one and renamed over it, so a
+  crash leaves either the old or the new export, never a mix (a leftover
+  `<name>.old` is put back by `recover_export`). On an object store a
+  folder rename is a copy of its objects, not atomic, but the same recovery
+  applies: `<name>.old` is deleted only once `<name>` is complete.
+
+  Args:
+    directory: the export folder.
+    model: the model to export.
+    model_config: its config.
+    extra: `{file name: JSON-able}` written into the export before it
+      becomes visible.
   """
+  directory = paths.resolve(directory)
+  tmp = directory.parent / f"{directory.name}.tmp"
+  old = directory.parent / f"{directory.name}.old"
+  if jax.process_index() == 0 and tmp.exists():
+    tmp.rmtree()
+  export_model(tmp, model, model_config)
+  if jax.process_index() == 0:
+    for name, value in (extra or {}).items():
+      (tmp / name).write_text(json.dumps(value, indent=2) + "\n")
+    if directory.exists():
+      directory.rename(old)
+    tmp.rename(directory)
+    if old.exists():
+      old.rmtree()
+  sync("ctx_jax_export_swap")
 
-  def __init__(self, workdir: str | os.PathLike[str], save_every: int,
-               max_to_keep: int = 3):
-    self.directory = pathlib.Path(workdir).absolute() / "ckpt"
-    options = ocp.CheckpointManagerOptions(
-        save_interval_steps=max(1, save_every), max_to_keep=max_to_keep,
-        create=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
 
-  def latest_step(self) -> int | None:
-    return self._manager.latest_step()
-
-  def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer,
-           data: dict[str, Any] | None = None, force: bool = False) -> bool:
-    """Saves if the policy (or `force`) says so; returns whether it did.
-
-    Args:
-      step: the number of optimisation steps done.
-      model: saved with its batch-norm statistics.
-      optimizer: its full state (moments, count).
-      data: JSON-able record of the input position (e.g. `{"seed": 0,
-        "episodes": step}`).
-      force: save regardless of the interval.
-    """
-    items = {
-        "model": nnx.to_pure_dict(nnx.state(model)),
-        "optimizer": nnx.to_pure_dict(nnx.state(optimizer)),
-    }
-    args = ocp.args.Composite(state=ocp.args.StandardSave(items),
-                              data=ocp.args.JsonSave(dict(data or {})))
-    return self._manager.save(step, args=args, force=force)
-
-  def reached_preemption(self, step: int) -> bool:
-    """Whether all processes agreed to stop at `step` (multi-host SIGTERM)."""
-    return self._manager.reached_preemption(step)
-
-  def restore(self, model: nnx.Module, optimizer: nnx.Optimizer,
-              step: int | None = None) -> tuple[int, dict[str, Any]]:
-    """Restores `step` (default: latest) into `model`/`optimizer` in place.
-
-    Returns:
-      `(step, data)`: the restored step and the `data` record saved with it.
-    """
-    step = self._manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    target = {"model": _abstract_pure_state(model),
-              "optimizer": _abstract_pure_state(optimizer)}
-    try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
-    except (ValueError, KeyError, FileNotFoundError) as e:
-      raise ValueError(
-          f"checkpoint {self.directory / str(step)} does not match this "
-          f"model and optimizer (a different config?): {e}") from e
-    for module, key in ((model, "model"), (optimizer, "optimizer")):
-      state = nnx.state(module)
-      nnx.replace_by_pure_dict(state, restored.state[key])
-      nnx.update(module, state)
-    return step, dict(restored.data or {})
-
-  def wait_until_finished(self) -> None:
-    self._manager.wait_until_finished()
-
-  def close(self) -> None:
-    self._manager.close()
+def recover_export(directory: epath.Path) -> None:
+  """Undoes a swap of `export_atomically` interrupted between its renames."""
+  directory = paths.resolve(directory)
+  old = directory.parent / f"{directory.name}.old"
+  if jax.process_index() == 0 and old.exists():
+    if directory.exists():
+      old.rmtree()
+    else:
+      old.rename(directory)
+  sync("ctx_jax_export_recover")

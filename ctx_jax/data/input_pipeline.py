@@ -6,76 +6,15 @@ TensorFlow); the model and the train step never do.
 
 import dataclasses
 import functools
-import os
 from typing import Iterator, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 
-import meta_dataset_pipeline as mdp
+from ctx_jax import config_checks
 from ctx_jax.data import augment
-
-def source_dir(records_root: str, source: str) -> str:
-  """`<records_root>/<source>`, with a clear error when it is missing.
-
-  `records_root` may be any path `tf.io.gfile` accepts (`gs://bucket/md`).
-  """
-  if not records_root:
-    raise FileNotFoundError(
-        "config.data.records_root is empty: set it to the folder holding one "
-        "folder of Meta-Dataset records per source")
-  records_root = os.fspath(records_root)
-  path = mdp.files.join(records_root, source)
-  if not mdp.files.isdir(path):
-    shown = path if mdp.files.is_url(path) else os.path.abspath(path)
-    raise FileNotFoundError(
-        f"records of source '{source}' not found: {shown} is "
-        "not a directory (check config.data.records_root and the sources)")
-  return path
-
-
-def load_specs(records_root: str, sources: Sequence[str]):
-  return [mdp.load_dataset_spec(source_dir(records_root, s)) for s in sources]
-
-
-def check_records(records_root: str, sources_by_split: dict[str, Sequence[str]]
-                  ) -> None:
-  """Cheap check of every class file a run will read, before it starts.
-
-  Args:
-    records_root: `config.data.records_root`.
-    sources_by_split: split name ("TRAIN", "VALID", "TEST") -> the sources
-      the run reads that split of (e.g. train sources for TRAIN and VALID,
-      test sources for TEST).
-
-  Raises:
-    FileNotFoundError: a source folder, spec or class file is missing.
-    mdp.RecordError: a class file is too small for its spec or truncated.
-    mdp.SpecError: a spec is malformed.
-  """
-  specs = {}
-  for split, sources in sources_by_split.items():
-    for source in sources:
-      if source not in specs:
-        specs[source] = mdp.load_dataset_spec(source_dir(records_root,
-                                                         source))
-      mdp.check_sources([specs[source]], [split])
-
-
-def check_run_records(config: ml_collections.ConfigDict) -> None:
-  """`check_records` for every split a training run reads.
-
-  TRAIN of `config.data.train_sources`, VALID of `valid_sources` and TEST
-  of `test_sources`: call it before the run creates or writes anything, so
-  that a missing or truncated class file of any of them (a test class,
-  otherwise first read after training) stops the run at once.
-  """
-  data = config.data
-  check_records(data.records_root, {
-      "TRAIN": tuple(data.train_sources),
-      "VALID": tuple(data.get("valid_sources", ())),
-      "TEST": tuple(data.get("test_sources", ()))})
+import meta_dataset_pipeline as mdp
 
 
 def episode_description_config(cfg: ml_collections.ConfigDict
@@ -88,11 +27,12 @@ def max_ways(config: ml_collections.ConfigDict, split: str) -> int:
 
   With SimCLR episodes (`simclr_episode_fraction` > 0) every support image
   is a class, so the width also covers the largest support set: ways x
-  shots for a fixed shot count, else `max_support_set_size`.
+  shots for a fixed shot count, else `max_support_set_size`. The ways bound
+  itself is the sampler's (`sampling.max_ways`, as upstream).
   """
   data = config.data
   cfg = data.train_episode if split == "TRAIN" else data.eval_episode
-  ways = int(cfg.num_ways or cfg.max_ways_upper_bound)
+  ways = int(mdp.max_ways(episode_description_config(cfg)))
   if not cfg.get("simclr_episode_fraction"):
     return ways
   shots = cfg.num_support
@@ -186,7 +126,7 @@ def episodes(config: ml_collections.ConfigDict, split: str,
     Episode dicts (see `meta_dataset_pipeline`), rows of this process only.
   """
   data = config.data
-  specs = load_specs(data.records_root, sources)
+  specs = config_checks.load_config_specs(data, sources)
   episode_cfg = episode_description_config(
       data.train_episode if split == "TRAIN" else data.eval_episode)
   kwargs = dict(split=mdp.Split[split], episode_config=episode_cfg,
@@ -210,19 +150,20 @@ def episodes(config: ml_collections.ConfigDict, split: str,
 
 def local_rows(episode: dict[str, np.ndarray], process_index: int,
                process_count: int) -> dict[str, np.ndarray]:
-  """This process's contiguous block of the support and query rows.
+  """This process's block of the support and query rows of a whole episode.
 
-  The reference for the pipeline's `row_block`, which gives the same block
+  The same block (`padding.row_block`) as the pipeline's `row_block` gives
   without reading the other rows.
   """
   out = dict(episode)
   for prefix in ("support_", "query_"):
     keys = [k for k in episode if k.startswith(prefix)]
-    rows = episode[keys[0]].shape[0]
-    if rows % process_count:
-      raise ValueError(f"{rows} {prefix[:-1]} rows do not split over "
-                       f"{process_count} processes")
-    block = rows // process_count
+    rows = mdp.padding.row_block(episode[keys[0]].shape[0], process_index,
+                                 process_count)
     for k in keys:
-      out[k] = episode[k][process_index * block:(process_index + 1) * block]
+      out[k] = episode[k][rows.start:rows.stop]
   return out
+
+
+# Data prepared as records or by the official TFDS builder
+# (config.data.format).
