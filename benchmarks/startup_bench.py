@@ -2,7 +2,7 @@
 
     python benchmarks/replica_data.py --output_dir /tmp/r1 --fraction 0.01
     python benchmarks/startup_bench.py --replicas /tmp/r1,/tmp/r10,/tmp/r100 \
-        [--ram 1] [--repo DIR] [--episodes 40] [--output out.json]
+        [--ram 1] [--gcs 1] [--repo DIR] [--episodes 40] [--output out.json]
 
 For each replica of ILSVRC-2012 (`replica_data.py`: the official class
 structure, counts scaled, tiny JPEGs) a fresh process, after importing
@@ -15,7 +15,9 @@ images/s after `--warmup` episodes, and the process's peak RSS.
 
 `--ram N` also runs the first N replicas from TF's in-memory `ram://` file
 system (copied there first, not timed; its RSS includes the copy), i.e.
-through `tf.io.gfile` as for a `gs://` bucket. `--repo DIR` runs another
+through `tf.io.gfile` as for a `gs://` bucket. `--gcs N` runs them from
+`gs://` on the loopback Cloud Storage emulator of `tests/gcs_emulator.py`
+(TF's own GCS client, through its TLS proxy; upload not timed). `--repo DIR` runs another
 checkout's pipeline (e.g. the code before lazy indexing) for comparison.
 The page cache is warm (replicas just written or read): on a cold disk or a
 bucket, per-file latencies add to the check's time.
@@ -80,8 +82,9 @@ def _child(root, ram, episodes, warmup):
   print(json.dumps(out))
 
 
-def _run(repo, root, ram, episodes, warmup):
-  env = dict(os.environ, PYTHONPATH=str(repo), TF_CPP_MIN_LOG_LEVEL="2")
+def _run(repo, root, ram, episodes, warmup, env=None):
+  env = dict(env or os.environ, PYTHONPATH=str(repo),
+             TF_CPP_MIN_LOG_LEVEL="2")
   proc = subprocess.run(
       [sys.executable, __file__, "--child", root, "--child_ram", str(int(ram)),
        "--episodes", str(episodes), "--warmup", str(warmup)],
@@ -93,11 +96,37 @@ def _run(repo, root, ram, episodes, warmup):
   return result
 
 
+def _run_on_gcs_emulator(args, root):
+  """The replica uploaded to the loopback Cloud Storage emulator, read
+  through TF's own GCS client (`tests/gcs_emulator.py`)."""
+  sys.path.insert(0, str(REPO / "tests"))
+  import gcs_emulator  # pylint: disable=g-import-not-at-top
+  name = os.path.basename(root.rstrip("/"))
+  with gcs_emulator.gcs_emulator() as gcs:
+    start = time.perf_counter()
+    gcs.upload_tree(root, f"replica/{name}")
+    upload_s = time.perf_counter() - start
+    env = dict(gcs.env)
+    if args.gcs_block_mb:  # TF's GCS reader fetches this much per read.
+      env["GCS_READ_CACHE_BLOCK_SIZE_MB"] = str(args.gcs_block_mb)
+    result = _run(args.repo, gcs.url(f"replica/{name}"), False,
+                  args.episodes, args.warmup, env=env)
+  result["upload_to_emulator_s"] = upload_s
+  result["gcs_read_cache_block_size_mb"] = args.gcs_block_mb or "default"
+  return result
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--replicas", help="comma-separated replica folders")
   p.add_argument("--ram", type=int, default=0,
                  help="also run the first N replicas from ram://")
+  p.add_argument("--gcs", type=int, default=0,
+                 help="also run the first N replicas from gs:// on the "
+                 "loopback Cloud Storage emulator (tests/gcs_emulator.py)")
+  p.add_argument("--gcs_block_mb", type=int, default=0,
+                 help="GCS_READ_CACHE_BLOCK_SIZE_MB for --gcs runs (0: TF's "
+                 "default, 64)")
   p.add_argument("--repo", default=str(REPO),
                  help="checkout whose pipeline runs")
   p.add_argument("--episodes", type=int, default=40)
@@ -120,6 +149,10 @@ def main(argv=None):
   for i, root in enumerate(roots):
     for ram in (False, True) if i < args.ram else (False,):
       result = _run(args.repo, root, ram, args.episodes, args.warmup)
+      runs.append(result)
+      print(json.dumps(result), flush=True)
+    if i < args.gcs:
+      result = _run_on_gcs_emulator(args, root)
       runs.append(result)
       print(json.dumps(result), flush=True)
   if args.output:
