@@ -110,13 +110,22 @@ def data_source_dir(data: ml_collections.ConfigDict, source: str):
 
 
 def check_data(config: ml_collections.ConfigDict) -> None:
-  """Every source's records folder exists and holds a readable spec.
+  """Every split a run uses, of every source, is there and plausible.
+
+  Each source's records folder and spec, then the class files of each split
+  the run will read (train, valid and test sources): present, large enough
+  for the spec's counts and ending in a complete record. One stat and one
+  small read per class file, whatever the number of records, so a missing
+  or truncated test-class file stops the run before step 1, not after
+  training. Records are checked in full (CRCs) when they are read.
 
   Raises:
-    FileNotFoundError: naming the missing folder or spec.
-    ValueError: naming a malformed `dataset_spec.json`.
+    FileNotFoundError: naming the missing folder, spec or class file.
+    ValueError: naming a malformed `dataset_spec.json` or a truncated class
+      file (`RecordError`).
   """
   from meta_dataset_pipeline import dataset_spec  # pylint: disable=g-import-not-at-top
+  from meta_dataset_pipeline import record_files  # pylint: disable=g-import-not-at-top
   if data_format(config.data) == "tfds":
     _check_tfds_data(config)
     return
@@ -125,12 +134,15 @@ def check_data(config: ml_collections.ConfigDict) -> None:
     raise FileNotFoundError(
         "config.data.records_root is empty: set it to the folder holding one "
         "folder of Meta-Dataset records per source")
-  sources = dict.fromkeys(tuple(config.data.train_sources)
-                          + tuple(config.data.valid_sources)
-                          + tuple(config.data.test_sources))
-  for source in sources:
-    dataset_spec.load_dataset_spec(
-        str(source_dir(root, source)))
+  splits_of = {}
+  for split, sources in (("TRAIN", config.data.train_sources),
+                         ("VALID", config.data.valid_sources),
+                         ("TEST", config.data.test_sources)):
+    for source in sources:
+      splits_of.setdefault(source, []).append(split)
+  for source, splits in splits_of.items():
+    spec = dataset_spec.load_dataset_spec(str(source_dir(root, source)))
+    record_files.check_sources([spec], splits)
 
 
 def _check_tfds_data(config: ml_collections.ConfigDict) -> None:

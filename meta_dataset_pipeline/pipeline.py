@@ -68,7 +68,6 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
-from meta_dataset_pipeline import dataset_spec as spec_lib
 from meta_dataset_pipeline import decoder
 from meta_dataset_pipeline import padding
 from meta_dataset_pipeline import reader
@@ -579,83 +578,3 @@ def make_multisource_episode_dataset(
   return _episode_dataset(list(dataset_spec_list), split, episode_config,
                           image_size, seed, **options)
 
-
-def make_batch_dataset(
-    dataset_spec, split, batch_size: int, image_size: int, seed: int = 0, *,
-    shuffle_buffer_size: int = reader.DEFAULT_SHUFFLE_BUFFER_SIZE,
-    augmentation: decoder.DataAugmentation | None = None,
-    process_index: int = 0, process_count: int = 1,
-    num_parallel_calls: int = AUTOTUNE, prefetch: int = 2
-) -> tf.data.Dataset:
-  """Infinite dataset of non-episodic batches, for pretraining.
-
-  Record order as the official `BatchReader` (see `reader.BatchReader`):
-  classes mixed with probabilities proportional to their sizes, then one
-  shuffle buffer of `shuffle_buffer_size`, epoch after epoch. Deliberate
-  changes: batches always hold `batch_size` images (epochs run into each
-  other instead of ending with a short batch, for static shapes), and
-  decoding runs in parallel.
-
-  Args:
-    dataset_spec: from `load_dataset_spec`.
-    split: a `Split` or its name.
-    batch_size: images per batch.
-    image_size: output height and width.
-    seed: seeds the class mixing, shuffling and augmentation.
-    shuffle_buffer_size: size of the single shuffle buffer.
-    augmentation: optional `DataAugmentation`.
-    process_index: folded into the seed.
-    process_count: number of processes.
-    num_parallel_calls: decode parallelism.
-    prefetch: batches prefetched.
-
-  Returns:
-    A dataset of dicts: `images` float32 [B,H,W,3] in [-1, 1], `labels`
-    int32 [B] (class id relative to the split, 0..num_classes-1) and
-    `class_ids` int32 [B] (absolute).
-  """
-  seed = _process_seed(seed, process_index, process_count)
-  split = spec_lib.as_split(split)
-  batch_reader = reader.BatchReader(dataset_spec, split, seed,
-                                    shuffle_buffer_size)
-  offset = dataset_spec.get_classes(split).start
-  chunk = 256
-
-  def generate():
-    images = iter(reader.BatchReader(dataset_spec, split, seed,
-                                     shuffle_buffer_size))
-    aug_rng = np.random.default_rng(reader.derive_seeds(seed, 6, count=2))
-    while True:
-      rows = [next(images) for _ in range(chunk)]
-      blob, lengths = _pack([r[0] for r in rows])
-      class_ids = np.array([r[1] for r in rows], dtype=np.int32)
-      yield {
-          "blob": blob, "lengths": lengths, "class_ids": class_ids,
-          "aug_seeds": aug_rng.integers(0, 2**31 - 1, size=(chunk, 2)),
-          "record_index": np.array([r[2] for r in rows], dtype=np.int32),
-          "row_files": np.array([files[c] for c in class_ids.tolist()],
-                                dtype=object),
-      }
-
-  del batch_reader  # Built above only to fail early on bad files.
-  files = {c: dataset_spec.class_file(c)
-           for c in dataset_spec.get_classes(split)}
-  signature = {k: _EPISODE_SIGNATURE[k]
-               for k in ("blob", "lengths", "class_ids", "aug_seeds",
-                         "record_index", "row_files")}
-  chunks = tf.data.Dataset.from_generator(_EXIT_GUARD.wrap(generate),
-                                          output_signature=signature)
-
-  def decode(ex):
-    """A chunk of images decoded in one loop; a failed one is named."""
-    images = decoder.decode_rows(
-        _unpack(ex["blob"], ex["lengths"]), chunk, image_size, augmentation,
-        ex["aug_seeds"], _describe_row(ex["row_files"], ex["record_index"],
-                                       ex["class_ids"]))
-    return {"images": images, "labels": ex["class_ids"] - offset,
-            "class_ids": ex["class_ids"]}
-
-  # Chunks decode in parallel with each other.
-  batches = chunks.map(decode, num_parallel_calls=num_parallel_calls)
-  return batches.unbatch().batch(batch_size, drop_remainder=True).prefetch(
-      prefetch)

@@ -70,6 +70,11 @@ CASES = {
                       "--config.data.records_root={badspec}"],
         ["{badspec}/glyphs/dataset_spec.json", "not valid JSON"],
         ["{tmp}/w7"]),
+    "train_truncated_test_class_file": (
+        # Found at start-up, not after training: nothing is created.
+        "ctx-train", ["--config", SMOKE, "--workdir", "{tmp}/w10",
+                      "--config.data.records_root={badtest}"],
+        ["{badtest}/glyphs/15.tfrecords"], ["{tmp}/w10"]),
     "train_init_from_not_an_export": (
         "ctx-train", ["--config", SMOKE, "--workdir", "{tmp}/w9",
                       "--config.data.records_root={data}",
@@ -157,6 +162,10 @@ def _make_inputs(tmp: pathlib.Path) -> dict[str, str]:
   shutil.copytree(data, badrec / "glyphs")
   for f in (badrec / "glyphs").glob("*.tfrecords"):  # Cut off half-way.
     f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
+  badtest = tmp / "badtest"  # Only the last class (a test class) cut.
+  shutil.copytree(data, badtest / "glyphs")
+  last = badtest / "glyphs" / "15.tfrecords"
+  last.write_bytes(last.read_bytes()[:last.stat().st_size // 2])
   badspec = tmp / "badspec"
   (badspec / "glyphs").mkdir(parents=True)
   (badspec / "glyphs" / "dataset_spec.json").write_text('{"name": ')
@@ -178,6 +187,7 @@ def _make_inputs(tmp: pathlib.Path) -> dict[str, str]:
   (tmp / "keep" / "precious.txt").write_text("precious")
   (tmp / "blocker").write_text("not a directory")
   return {"tmp": str(tmp), "data": str(data.parent), "badrec": str(badrec),
+          "badtest": str(badtest),
           "badspec": str(badspec), "export": str(exported),
           "bad_export": str(bad_export), "garbage": str(garbage),
           "empty": str(tmp / "empty"), "keep": str(tmp / "keep"),

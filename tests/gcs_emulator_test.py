@@ -105,10 +105,6 @@ def test_orbax_checkpoint_manager_and_epath(gcs, worker):
   assert gcs.read_object("orbax/epath/note.txt") == b"written by epath"
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="meta_dataset_pipeline reads specs and records with os.path/open; "
-    "the tf.io.gfile reader (issue 13 item 1) makes this pass")
 def test_episodes_from_bucket_match_local(worker, dtd):
   import meta_dataset_pipeline as mdp  # pylint: disable=g-import-not-at-top
   assert worker[0]("episodes")["num_episodes"] == 2

@@ -281,19 +281,6 @@ def test_buffer_shuffle_order():
   assert reader.buffer_shuffle_order(4, 0, rng).tolist() == [0, 1, 2, 3]
 
 
-def test_batch_dataset(dtd):
-  ds = mdp.make_batch_dataset(dtd, "TRAIN", batch_size=32, image_size=SIZE,
-                              seed=0)
-  batches = _take(ds, 40)  # 1280 images: more than an epoch (1045).
-  labels = np.concatenate([b["labels"] for b in batches])
-  assert batches[0]["images"].shape == (32, SIZE, SIZE, 3)
-  assert labels.min() >= 0 and labels.max() < 33
-  first_epoch = labels[:1045]
-  counts = np.bincount(first_epoch, minlength=33)
-  assert counts.tolist() == [dtd.images_per_class[c] for c in range(33)]
-  assert not np.array_equal(first_epoch[:50], np.sort(first_epoch[:50]))
-
-
 # --- Bad input.
 
 
@@ -346,15 +333,14 @@ def test_spec_lists_more_images_than_records(records, tmp_path):
           r"file holds \d+ records")
   # The build checks only what is cheap (sizes, file ends); the count is
   # checked when class 42 is first sampled: here by the first episode (all 7
-  # test classes) or batch (256 rows: all 197 test records).
+  # test classes).
   every_class = mdp.EpisodeDescriptionConfig(num_ways=7, num_support=1,
                                              num_query=1)
   for build in (
       lambda: mdp.make_one_source_episode_dataset(spec, "TEST", every_class,
                                                   SIZE),
       lambda: mdp.make_multisource_episode_dataset([spec], "TEST",
-                                                   every_class, SIZE),
-      lambda: mdp.make_batch_dataset(spec, "TEST", 4, SIZE)):
+                                                   every_class, SIZE)):
     dataset = build()
     with pytest.raises(tf.errors.OpError, match=want):
       _take(dataset, 1)
@@ -430,11 +416,6 @@ def test_corrupt_jpeg_body_error_names_the_record(records, tmp_path):
                      match=r"43\.tfrecords: record \d+ of class 43: the "
                      r"image failed to decode"):
     _first_episode(broken)
-  # The batch (pretraining) pipeline names it too.
-  with pytest.raises(tf.errors.InvalidArgumentError,
-                     match=r"43\.tfrecords: record \d+ of class 43: the "
-                     r"image failed to decode"):
-    _take(mdp.make_batch_dataset(broken, "TEST", 8, SIZE), 1)
 
 
 def test_record_with_wrong_label(records, tmp_path):

@@ -167,20 +167,6 @@ def test_bad_format_is_refused_before_training(glyphs, tmp_path):
     config_checks.check_start_up(config, str(tmp_path / "run"))
 
 
-def test_pretraining_batches_match_the_records_path(glyphs):
-  records_root, data_dir = glyphs
-  batches = []
-  for spec in (mdp.load_dataset_spec(str(records_root / "glyphs")),
-               tfds_source.load_tfds_spec(str(data_dir), "glyphs")):
-    it = mdp.make_batch_dataset(spec, "TRAIN", 8, 32, seed=4,
-                                shuffle_buffer_size=20).as_numpy_iterator()
-    batches.append([next(it) for _ in range(2)])
-    del it
-  for a, b in zip(*batches):
-    for key in a:
-      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-
-
 def test_ctx_eval_cache_key_tells_tfds_versions_apart(glyphs):
   _, data_dir = glyphs
   config = _tfds_config(data_dir)
