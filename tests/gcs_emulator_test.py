@@ -23,7 +23,7 @@ from tests import gcs_worker
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 CLASS_FILE = gcs_worker.CLASS_FILE
-CHECKS = ("gfile", "tfrecords", "orbax", "episodes")
+CHECKS = ("gfile", "tfrecords", "orbax", "episodes", "train")
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +117,26 @@ def test_episodes_from_bucket_match_local(worker, dtd):
     for i, ep in enumerate(local):
       for key, value in ep.items():
         np.testing.assert_array_equal(got[f"{i}.{key}"], value, err_msg=key)
+
+
+def test_training_run_on_a_bucket_work_dir(gcs, worker):
+  # Two steps, then a third resumed from the bucket's checkpoint.
+  result = worker[0]("train")
+  assert result["steps"] == [2, 3]
+  assert result["best_arrays"] > 10
+  assert len(result["model_key_state"]) == 64  # sha256 of the export's files
+  names = set(gcs.object_names("train/run/"))
+  for want in ("train/run/config.json", "train/run/results.json",
+               "train/run/best/model_config.json",
+               "train/run/best/valid.json",
+               "train/run/export/model_config.json",
+               "train/run/export/step.json"):
+    assert want in names, want
+  assert any(n.startswith("train/run/ckpt/3/") for n in names)
+  assert any("/events.out.tfevents." in n for n in names)
+  assert not any(".tmp" in n or ".old" in n for n in names)
+  results = json.loads(gcs.read_object("train/run/results.json"))
+  assert results["step"] == 3
 
 
 def test_in_process_gfile_after_patch_environ(gcs, monkeypatch):

@@ -129,6 +129,44 @@ def episodes(root, local, out):
   return {"num_episodes": len(eps)}
 
 
+def train(root, local, out):
+  """ctx-train's loop with its work dir on the bucket, then a resumed run.
+
+  Records are local (tiny demo data); checkpoints, best/ and export/
+  exports, results.json and TensorBoard events go to `root`. The second run
+  asks for one more step, so it must restore the bucket's checkpoint.
+  """
+  del local
+  # pylint: disable=g-import-not-at-top
+  from ctx_jax.checkpoints import export
+  from ctx_jax.eval import resumable
+  from ctx_jax.training import train as train_lib
+  from experiments import demo
+  from tests import fakes
+  # pylint: enable=g-import-not-at-top
+  data = fakes.make_tiny_demo(pathlib.Path(out, "train_data"))
+  steps = []
+  for num_steps in (2, 3):
+    config = demo.get_config("smoke")
+    config.data.records_root = str(data.parent)
+    config.train.num_steps = num_steps
+    config.train.valid_every = 2
+    config.train.checkpoint_every = 1
+    config.compilation_cache_dir = "none"
+    steps.append(train_lib.train_and_evaluate(config, f"{root}/run")["step"])
+  model, _ = export.load_exported_model(f"{root}/run/best")
+  # What ctx-eval keys its saved episodes on: reads the export's files.
+  key = resumable.model_key(f"{root}/run/best")
+  return {"steps": steps, "best_arrays": len(jax_leaves(model)),
+          "model_key_state": key["model_state"]}
+
+
+def jax_leaves(model):
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  return jax.tree.leaves(nnx.state(model))
+
+
 def main(argv):
   checks, bucket_url, local, out = argv[1:]
   result = {}
