@@ -119,9 +119,12 @@ def test_episodes_from_bucket_match_local(worker, dtd):
         np.testing.assert_array_equal(got[f"{i}.{key}"], value, err_msg=key)
 
 
-def test_training_run_on_a_bucket_work_dir(gcs, worker):
-  # Two steps, then a third resumed from the bucket's checkpoint.
+def test_training_run_on_a_bucket(gcs, worker):
+  # Records and work dir on the bucket: two steps, a third resumed from the
+  # bucket's checkpoint, then the best export evaluated on the test split.
   result = worker[0]("train")
+  assert result["eval_episodes"] == 3
+  assert 0.0 <= result["eval_accuracy"] <= 1.0
   assert result["steps"] == [2, 3]
   assert result["best_arrays"] > 10
   assert len(result["model_key_state"]) == 64  # sha256 of the export's files

@@ -130,35 +130,46 @@ def episodes(root, local, out):
 
 
 def train(root, local, out):
-  """ctx-train's loop with its work dir on the bucket, then a resumed run.
+  """ctx-train's loop with records and work dir on the bucket, resumed, then
+  the selected export loaded back and evaluated as ctx-eval does.
 
-  Records are local (tiny demo data); checkpoints, best/ and export/
-  exports, results.json and TensorBoard events go to `root`. The second run
-  asks for one more step, so it must restore the bucket's checkpoint.
+  The second run asks for one more step, so it must restore the bucket's
+  checkpoint.
   """
   del local
   # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
+  from ctx_jax import mesh as mesh_lib
   from ctx_jax.checkpoints import export
+  from ctx_jax.eval import evaluate
   from ctx_jax.eval import resumable
   from ctx_jax.training import train as train_lib
   from experiments import demo
   from tests import fakes
   # pylint: enable=g-import-not-at-top
   data = fakes.make_tiny_demo(pathlib.Path(out, "train_data"))
+  tf.io.gfile.makedirs(f"{root}/records/{data.name}")
+  for f in sorted(data.iterdir()):
+    tf.io.gfile.copy(str(f), f"{root}/records/{data.name}/{f.name}")
   steps = []
   for num_steps in (2, 3):
     config = demo.get_config("smoke")
-    config.data.records_root = str(data.parent)
+    config.data.records_root = f"{root}/records"
     config.train.num_steps = num_steps
     config.train.valid_every = 2
     config.train.checkpoint_every = 1
     config.compilation_cache_dir = "none"
     steps.append(train_lib.train_and_evaluate(config, f"{root}/run")["step"])
-  model, _ = export.load_exported_model(f"{root}/run/best")
+  mesh = mesh_lib.make_mesh(1)
+  model, _ = export.load_exported_model(f"{root}/run/best", mesh=mesh)
+  summary = evaluate.evaluate_split(model, config, mesh, "TEST", data.name,
+                                    3, seed=0)
   # What ctx-eval keys its saved episodes on: reads the export's files.
   key = resumable.model_key(f"{root}/run/best")
   return {"steps": steps, "best_arrays": len(jax_leaves(model)),
-          "model_key_state": key["model_state"]}
+          "model_key_state": key["model_state"],
+          "eval_episodes": summary.num_episodes,
+          "eval_accuracy": summary.mean}
 
 
 def jax_leaves(model):
