@@ -83,6 +83,8 @@ def _ours(sources, image_size, seconds, cache_mb=0, warmup_seconds=0.0):
   specs = [mdp.load_dataset_spec(RECORDS / s) for s in sources]
   cfg = mdp.EpisodeDescriptionConfig()
   options = {"decoded_cache_bytes": int(cache_mb * 2**20)} if cache_mb else {}
+  # Flat class sampling, as the official run below (ILSVRC replicas too).
+  options["use_dag_ontology"] = False
   if len(specs) == 1:
     ds = mdp.make_one_source_episode_dataset(specs[0], "TRAIN", cfg,
                                              image_size, seed=0, **options)
@@ -203,7 +205,8 @@ def _spawn(impl, sources, size, args):
   cmd = [sys.executable, __file__, "--worker", impl, "--sources",
          ",".join(sources), "--image_size", str(size), "--seconds",
          str(args.seconds), "--cache_mb", str(args.cache_mb),
-         "--warmup_seconds", str(args.warmup_seconds)]
+         "--warmup_seconds", str(args.warmup_seconds),
+         "--records_root", str(RECORDS)]
   if impl == "official":
     cmd += ["--official_src", args.official_src, "--gin_path", args.gin_path]
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
@@ -231,6 +234,7 @@ def _machine():
 
 
 def main():
+  global RECORDS  # pylint: disable=global-statement
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--sizes", default="84,126,224")
   parser.add_argument("--seconds", type=float, default=10.0)
@@ -248,12 +252,16 @@ def main():
                       "a synthetic split, e.g. 1000,100,2000")
   parser.add_argument("--cases", default="omniglot;dtd;omniglot,dtd",
                       help="';'-separated source lists")
+  parser.add_argument("--records_root", default=str(RECORDS),
+                      help="folder of the sources (default: the shared "
+                      "fixtures; e.g. a benchmarks/replica_data.py replica)")
   # Internal: one measurement in this process.
   parser.add_argument("--worker", choices=["ours", "ours_cache",
                                            "official"])
   parser.add_argument("--sources")
   parser.add_argument("--image_size", type=int)
   args = parser.parse_args()
+  RECORDS = pathlib.Path(args.records_root)
   if args.index_bench:
     files, records, size = (int(x) for x in args.index_bench.split(","))
     result = _index_bench(files, records, size)
