@@ -1,5 +1,7 @@
 """Tests of the official-checkpoint import and the two console mains."""
 
+import json
+
 from flax import nnx
 import numpy as np
 import pytest
@@ -56,14 +58,37 @@ def test_names_and_shapes_match_the_official_checkpoint(shared_dir):
   assert len(official) == 187
 
 
-def test_optimizer_variables_are_recognised():
-  for name in ['resnet34/conv1/weight/Adam', 'tformer_keys/weight/Adam_1',
-               'beta1_power', 'beta2_power', 'global_step', 'Adam/iter',
-               'optimizer/iter/.ATTRIBUTES/VARIABLE_VALUE']:
-    assert official_import.is_optimizer_variable(name), name
+def test_ignored_kinds_of_checkpoint_entries():
+  kinds = {
+      'resnet34/conv1/weight/Adam': official_import.OPTIMIZER,
+      'tformer_keys/weight/Adam_1': official_import.OPTIMIZER,
+      'beta1_power': official_import.OPTIMIZER,
+      'beta2_power_1': official_import.OPTIMIZER,
+      'Adam/iter': official_import.OPTIMIZER,
+      'training/Adam/decay': official_import.OPTIMIZER,
+      'optimizer/iter/.ATTRIBUTES/VARIABLE_VALUE': official_import.OPTIMIZER,
+      'resnet34/conv1/weight/m': official_import.OPTIMIZER,
+      'global_step': official_import.GLOBAL_STEP,
+      'fc/weight': official_import.HEAD,
+      'fc/w_fc': official_import.HEAD,
+      'fc/data_dependent_init_done': official_import.HEAD,
+      'fc_finetune/bias': official_import.HEAD,
+      'resnet34/conv1/weight/ExponentialMovingAverage': official_import.EMA,
+      't/ExponentialMovingAverage/local_step': official_import.EMA,
+      'resnet34/conv1/weight/replica_1': official_import.DISTRIBUTED,
+      '_CHECKPOINTABLE_OBJECT_GRAPH': official_import.METADATA,
+  }
+  names = {'resnet34/conv1/weight'}
+  for name, kind in kinds.items():
+    assert official_import.ignored_kind(name, names) == kind, name
+  # Model variables, and names no rule justifies, are kept (an unknown one
+  # then stops the import as not in the model).
   for name in ['resnet34/conv1/weight', 'tformer_values/weight',
-               'resnet34/conv2_x/bottleneck_0/conv1/batch_norm/var_ema']:
-    assert not official_import.is_optimizer_variable(name), name
+               'resnet34/conv2_x/bottleneck_0/conv1/batch_norm/var_ema',
+               'resnet34/conv2_x/bottleneck_0/conv1/batch_norm/mean_ema',
+               'fully_connected/layer_0/weight', 'logits/weight',
+               'fcx/weight', 'resnet34/fc/weight', 'other/m']:
+    assert official_import.ignored_kind(name, names) is None, name
 
 
 def test_read_checkpoint_skips_optimizer_state(tmp_path, tiny_variables):
@@ -99,11 +124,10 @@ def test_assign_reports_missing_misshaped_and_unexpected(tiny_variables):
     official_import.assign_official_weights(model, broken)
   message = str(info.value)
   for part in ['missing in checkpoint: resnet_tiny/conv3_x/bottleneck_0/'
-               'conv2/weight', 'missing in checkpoint: tformer_values/weight',
-               'wrong shape: resnet_tiny/conv1/batch_norm/scale: checkpoint '
-               '[32], model [1, 1, 1, 32]',
-               'wrong shape: tformer_keys/weight: checkpoint [1, 1, 128, 8], '
-               'model [1, 1, 128, 16]',
+               'conv2/weight, tformer_values/weight;',
+               'wrong shape: resnet_tiny/conv1/batch_norm/scale (checkpoint '
+               '[32], model [1, 1, 1, 32]), tformer_keys/weight (checkpoint '
+               '[1, 1, 128, 8], model [1, 1, 128, 16]);',
                'unexpected (not in the model): resnet_tiny/fc/weight']:
     assert part in message, message
   # Nothing was assigned.
@@ -159,3 +183,126 @@ def test_console_mains_round_trip(tmp_path, tiny_variables):
                              rtol=1e-6)
   np.testing.assert_allclose(out['loss_train'], direct['loss_train'],
                              rtol=1e-6)
+
+
+def write_checkpoint_with_extras(prefix, variables):
+  """A tf.compat.v1 Saver checkpoint of `variables` plus non-model entries.
+
+  The optimizer slots, step, EMA shadows and Baseline `fc` head are made by
+  the TF APIs that make them in real runs; the Keras slots and the
+  MirroredStrategy copy (`<var>/replica_1`, the name MirroredStrategy gives
+  a variable's second-device copy) are plain variables with those names.
+  Nothing is trained, so the model variables keep their values.
+
+  Returns:
+    {kind: number of extra entries of that kind}.
+  """
+  v1 = tf.compat.v1
+  with tf.Graph().as_default():
+    model_vars = [v1.get_variable(name, initializer=tf.constant(value))
+                  for name, value in sorted(variables.items())]
+    with v1.variable_scope('fc'):  # The official Baseline learner's head.
+      head = [v1.get_variable('weight', initializer=tf.ones([128, 10])),
+              v1.get_variable('bias', initializer=tf.zeros([10]))]
+    step = v1.train.get_or_create_global_step()
+    kernels = [v for v in model_vars if v.op.name.endswith('/weight')]
+    trained = kernels[:2] + head
+    loss = tf.add_n([tf.reduce_sum(tf.square(v)) for v in trained])
+    v1.train.AdamOptimizer(1e-3).minimize(loss, global_step=step,
+                                          var_list=trained)
+    v1.train.ExponentialMovingAverage(0.99).apply(kernels[:3])
+    first = kernels[0]
+    for suffix in ('m', 'v', 'replica_1'):
+      v1.get_variable(f'{first.op.name}/{suffix}',
+                      initializer=tf.zeros_like(first.initial_value))
+    v1.get_variable('Adam/iter', initializer=tf.constant(7, tf.int64))
+    saver = v1.train.Saver()
+    with v1.Session() as session:
+      session.run(v1.global_variables_initializer())
+      saver.save(session, str(prefix), write_meta_graph=False)
+  # Adam: 2 slots for each of 4 variables, 2 powers, 2 Keras slots, iter.
+  return {official_import.OPTIMIZER: 13, official_import.GLOBAL_STEP: 1,
+          official_import.HEAD: 2, official_import.EMA: 3,
+          official_import.DISTRIBUTED: 1}
+
+
+def test_import_ignores_extras_and_lists_them(tmp_path, tiny_variables,
+                                              capsys):
+  counts = write_checkpoint_with_extras(tmp_path / 'model.ckpt',
+                                        tiny_variables)
+  outdir = tmp_path / 'export'
+  official_cli.run([str(tmp_path / 'model.ckpt'), str(outdir),
+                    '--max_stride', '8'])
+  printed = capsys.readouterr().out.splitlines()
+  assert printed[0] == (f'ignored {sum(counts.values())} checkpoint entries '
+                        'that are not model weights:')
+  for kind, count in counts.items():
+    assert any(line.startswith(f'  {kind}: {count} (') for line in printed), (
+        kind, printed)
+  assert printed[-1].startswith(f'imported {len(tiny_variables)} variables')
+  # The same model as from a checkpoint without the extras.
+  model, config = export.load_exported_model(outdir)
+  clean, clean_config = official_import.build_official_model(tiny_variables,
+                                                             max_stride=8)
+  assert config.to_dict() == clean_config.to_dict()
+  back = official_import.official_variables(model)
+  expected = official_import.official_variables(clean)
+  assert sorted(back) == sorted(expected) == sorted(tiny_variables)
+  for name, value in expected.items():
+    np.testing.assert_array_equal(back[name], value)
+  record = json.loads((outdir / 'imported_from.json').read_text())
+  assert {k: len(v) for k, v in record['ignored'].items()} == counts
+  assert 'fc/weight' in record['ignored'][official_import.HEAD]
+  assert 'global_step' in record['ignored'][official_import.GLOBAL_STEP]
+
+
+def _import_error(capsys, argv):
+  """Runs ctx-import-official expecting a user error; its stderr line."""
+  with pytest.raises(SystemExit) as info:
+    official_cli.run(argv)
+  assert info.value.code == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and 'Traceback' not in err[0], err
+  assert err[0].startswith('ctx-import-official: error: '), err
+  return err[0]
+
+
+def test_import_errors_are_one_line(tmp_path, tiny_variables, capsys):
+  def import_(variables, name):
+    folder = tmp_path / name
+    folder.mkdir()
+    write_tf_checkpoint(folder / 'model.ckpt', variables)
+    return _import_error(capsys, [str(folder / 'model.ckpt'),
+                                  str(tmp_path / f'{name}_out'),
+                                  '--max_stride', '8'])
+
+  # A missing required variable is named, even with extras around it.
+  for missing in ('tformer_values/weight', 'tformer_keys/weight',
+                  'resnet_tiny/conv2_x/bottleneck_0/conv1/weight'):
+    variables = with_optimizer_state(tiny_variables)
+    del variables[missing]
+    line = import_(variables, missing.replace('/', '_'))
+    assert f'missing in checkpoint: {missing}' in line, line
+  # A wrong shape is named with both shapes.
+  variables = dict(tiny_variables)
+  variables['resnet_tiny/conv1/weight'] = np.zeros((3, 3, 3, 32), np.float32)
+  line = import_(variables, 'shape')
+  assert ('wrong shape: resnet_tiny/conv1/weight (checkpoint [3, 3, 3, 32], '
+          'model [7, 7, 3, 32])') in line, line
+  # No backbone at all: said so, not 180 missing ResNet-34 names.
+  line = import_({'tformer_keys/weight': np.zeros((1, 1, 8, 4), np.float32),
+                  'global_step': np.int64(3)}, 'nobackbone')
+  assert 'no ResNet backbone variables' in line, line
+  # A folder or a wrong prefix: the checkpoints there are named.
+  write_tf_checkpoint(tmp_path / 'ok' / 'model.ckpt-100', tiny_variables)
+  for given in ('ok', 'ok/model.ckpt'):
+    line = _import_error(capsys, [str(tmp_path / given),
+                                  str(tmp_path / 'never')])
+    assert (f'cannot read a TF checkpoint at {tmp_path / given}' in line
+            and f'checkpoints there: {tmp_path}/ok/model.ckpt-100' in line
+            ), line
+  line = _import_error(capsys, [str(tmp_path / 'nowhere' / 'model.ckpt'),
+                                str(tmp_path / 'never')])
+  assert f'cannot read a TF checkpoint at {tmp_path}/nowhere' in line, line
+  assert not (tmp_path / 'never').exists()
+  assert not any(tmp_path.glob('*_out'))

@@ -8,10 +8,11 @@ TF stores BN tensors as [1,1,1,C] and we store [C].
 The command-line tools built on this (`ctx-import-official`,
 `ctx-run-episode`) are in `official_cli.py`.
 
-TensorFlow is imported only inside `read_official_checkpoint`.
+TensorFlow is imported only inside `read_official_checkpoint_and_ignored`.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
+import posixpath
 import re
 
 from flax import nnx
@@ -23,13 +24,43 @@ import numpy as np
 from ctx_jax.models import learner
 from meta_dataset_pipeline import cli
 
-# Names (or name parts) of optimizer and bookkeeping variables: TF1 Adam
-# slots and powers, Keras optimizer variables and slots, the step counter.
-_OPTIMIZER_PATTERN = re.compile(
-    r'(/Adam(_\d+)?$|(^|/)beta[12]_power(_\d+)?$|(^|/)global_step$'
-    r'|^(Adam|optimizer|training)/|OPTIMIZER_SLOT|_CHECKPOINTABLE_OBJECT_GRAPH'
-    r'|(^|/)(iter|iterations|learning_rate|decay|beta_1|beta_2)$'
-    r'|data_dependent_init_done|(^|/)replica_)')
+# Checkpoint entries that are not model weights, by kind. Each rule is a
+# name written by the official trainer or by standard TF / Keras tools;
+# any other entry the model lacks stops the import. The first match wins.
+OPTIMIZER = 'optimizer state'
+GLOBAL_STEP = 'global step'
+HEAD = 'classifier head'
+EMA = 'EMA shadow variables'
+DISTRIBUTED = 'distribution-strategy copies'
+METADATA = 'checkpoint metadata'
+IGNORED_KINDS = (OPTIMIZER, GLOBAL_STEP, HEAD, EMA, DISTRIBUTED, METADATA)
+_IGNORE_RULES = (
+    # tf.distribute.MirroredStrategy names a variable's per-device copies
+    # `<var>/replica_<i>`; the official trainer leaves every name containing
+    # `replica_` out of its Saver, as copies of optimizer variables.
+    (DISTRIBUTED, re.compile(r'(^|/)replica_\d')),
+    # tf.train.ExponentialMovingAverage keeps `<var>/ExponentialMovingAverage`
+    # (plus `/biased`, `/local_step` when zero-debiased). The model's own BN
+    # statistics are `batch_norm/mean_ema|var_ema` and are not matched.
+    (EMA, re.compile(r'/ExponentialMovingAverage(_\d+)?(/|$)')),
+    # TF1 Adam slots and powers (`<var>/Adam`, `<var>/Adam_1`,
+    # `beta1_power`), Keras optimizer variables (`Adam/iter`, `training/...`,
+    # object-based `optimizer/...`).
+    (OPTIMIZER, re.compile(
+        r'/Adam(_\d+)?$|(^|/)beta[12]_power(_\d+)?$'
+        r'|^(Adam|optimizer|training)/|OPTIMIZER_SLOT'
+        r'|(^|/)(iter|iterations|learning_rate|decay|beta_1|beta_2)$')),
+    (GLOBAL_STEP, re.compile(r'(^|/)global_step$')),
+    # The linear classifier of the official Baseline learner (scope `fc`:
+    # `weight`, `bias`, or with weight norm `w_fc`, `g`, `b_fc`,
+    # `data_dependent_init_done`; `cosine_scale`) and of BaselineFinetune
+    # (`fc_finetune`). ResNet backbones trained that way import without it.
+    (HEAD, re.compile(r'^fc(_finetune)?/|(^|/)data_dependent_init_done$')),
+    # Object-based checkpoints (tf.train.Checkpoint) store their object graph.
+    (METADATA, re.compile(r'^_CHECKPOINTABLE_OBJECT_GRAPH$')),
+)
+# Keras optimizers name a variable's moment slots `<var>/m`, `<var>/v`.
+_KERAS_SLOTS = ('m', 'v', 'vhat')
 
 
 def _tf_name(path: Sequence[str], backbone_name: str) -> str:
@@ -72,41 +103,106 @@ def official_variables(model: learner.EpisodicModel) -> dict[str, np.ndarray]:
       _tf_shape(path, var[...].shape)) for name, (path, var) in named.items()}
 
 
-def is_optimizer_variable(name: str) -> bool:
-  """Whether a checkpoint entry is optimizer or bookkeeping state."""
-  return bool(_OPTIMIZER_PATTERN.search(name))
-
-
-def read_official_checkpoint(prefix: str) -> dict[str, np.ndarray]:
-  """Reads the model variables of an official TF checkpoint.
+def ignored_kind(name: str, names: Collection[str] = ()) -> str | None:
+  """The kind (one of `IGNORED_KINDS`) of a non-model checkpoint entry.
 
   Args:
-    prefix: checkpoint prefix (e.g. `.../model.ckpt`), as for
+    name: a checkpoint entry.
+    names: all entries of the checkpoint (to recognise Keras slots
+      `<var>/m` only next to `<var>`).
+
+  Returns:
+    The kind, or None for a name that may be a model variable.
+  """
+  for kind, pattern in _IGNORE_RULES:
+    if pattern.search(name):
+      return kind
+  base, _, slot = name.rpartition('/')
+  if slot in _KERAS_SLOTS and base in names:
+    return OPTIMIZER
+  return None
+
+
+def read_official_checkpoint_and_ignored(prefix: str
+                                         ) -> tuple[dict[str, np.ndarray],
+                                                    dict[str, list[str]]]:
+  """Reads an official TF checkpoint's candidate model variables.
+
+  Args:
+    prefix: checkpoint prefix (e.g. `.../model_10000.ckpt`), as for
       `tf.train.load_checkpoint`.
 
   Returns:
-    {TF variable name: array}, without optimizer slots (`/Adam`,
-    `/Adam_1`, `beta1_power`, Keras optimizer variables), `global_step`, and
-    Keras slot variables `<var>/m`, `<var>/v`.
+    `(variables, ignored)`: {TF name: array} of every entry not ignored, and
+    {kind: sorted names} of the entries left out (see `ignored_kind`).
+
+  Raises:
+    cli.UserError: no checkpoint can be read at `prefix` (naming the
+      checkpoints found beside it, if any).
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   try:
     reader = tf.train.load_checkpoint(prefix)
   except (tf.errors.OpError, ValueError) as e:
+    found = _checkpoints_near(tf, prefix)
+    hint = f'; checkpoints there: {", ".join(found)}' if found else ''
     raise cli.UserError(
         f'cannot read a TF checkpoint at {prefix} (give the prefix, e.g. '
-        f'.../model.ckpt-NNN): {cli.one_line(e)}') from e
+        f'.../model.ckpt-NNN{hint}): {cli.one_line(e)}') from e
   names = set(reader.get_variable_to_shape_map())
-  variables = {}
+  variables, ignored = {}, {}
   for name in sorted(names):
-    if is_optimizer_variable(name):
+    kind = ignored_kind(name, names)
+    if kind is None:
+      variables[name] = np.asarray(reader.get_tensor(name))
+    else:
+      ignored.setdefault(kind, []).append(name)
+  return variables, ignored
+
+
+def read_official_checkpoint(prefix: str) -> dict[str, np.ndarray]:
+  """`read_official_checkpoint_and_ignored` without the ignored list."""
+  return read_official_checkpoint_and_ignored(prefix)[0]
+
+
+def _checkpoints_near(tf, prefix: str, limit: int = 3) -> list[str]:
+  """Up to `limit` checkpoint prefixes in, beside or starting with `prefix`."""
+  prefix = str(prefix).rstrip('/')
+  found = []
+  for pattern in (prefix + '/*.index', prefix + '*.index',
+                  posixpath.join(posixpath.dirname(prefix) or '.', '*.index')):
+    try:
+      matches = tf.io.gfile.glob(pattern)
+    except tf.errors.OpError:  # An unreadable folder: no hint from it.
       continue
-    # Keras optimizers name a variable's moment slots `<var>/m` and `<var>/v`.
-    base, _, slot = name.rpartition('/')
-    if slot in ('m', 'v', 'vhat') and base in names:
-      continue
-    variables[name] = np.asarray(reader.get_tensor(name))
-  return variables
+    found += [m[:-len('.index')] for m in sorted(matches)
+              if m[:-len('.index')] not in found]
+  return found[:limit]
+
+
+def describe_ignored(ignored: Mapping[str, Sequence[str]],
+                     examples: int = 2) -> list[str]:
+  """Lines for a user: ignored entries per kind, with counts and examples."""
+  total = sum(len(v) for v in ignored.values())
+  if not total:
+    return []
+  entries = 'entry' if total == 1 else 'entries'
+  lines = [f'ignored {total} checkpoint {entries} that are not model '
+           'weights:']
+  for kind in IGNORED_KINDS:
+    names = ignored.get(kind, ())
+    if names:
+      shown = ', '.join(names[:examples])
+      more = ', ...' if len(names) > examples else ''
+      lines.append(f'  {kind}: {len(names)} ({shown}{more})')
+  return lines
+
+
+def _name_some(items: Sequence[str], limit: int = 5) -> str:
+  """`a, b, c and 12 more`: a long list kept to one readable line."""
+  shown = ', '.join(items[:limit])
+  return shown + (f' and {len(items) - limit} more' if len(items) > limit
+                  else '')
 
 
 def assign_official_weights(model: learner.EpisodicModel,
@@ -131,14 +227,18 @@ def assign_official_weights(model: learner.EpisodicModel,
     want = _tf_shape(path, var.get_value().shape)
     got = tuple(np.shape(variables[name]))
     if got != want:
-      misshaped.append(f'{name}: checkpoint {list(got)}, model {list(want)}')
+      misshaped.append(f'{name} (checkpoint {list(got)}, model '
+                       f'{list(want)})')
   if missing or unexpected or misshaped:
-    lines = ['the checkpoint does not match the model '
-             f'(backbone {model.backbone.name!r}):']
-    lines += [f'  missing in checkpoint: {n}' for n in missing]
-    lines += [f'  wrong shape: {m}' for m in misshaped]
-    lines += [f'  unexpected (not in the model): {n}' for n in unexpected]
-    raise ValueError('\n'.join(lines))
+    parts = []
+    if missing:
+      parts.append(f'missing in checkpoint: {_name_some(missing)}')
+    if misshaped:
+      parts.append(f'wrong shape: {_name_some(misshaped)}')
+    if unexpected:
+      parts.append(f'unexpected (not in the model): {_name_some(unexpected)}')
+    raise ValueError('the checkpoint does not match the model (backbone '
+                     f'{model.backbone.name!r}): ' + '; '.join(parts))
   for name, (_, var) in named.items():
     # get_value/set_value also work on an abstract model (nnx.eval_shape),
     # which skips the cost of random initialisation.
@@ -171,14 +271,27 @@ def config_from_variables(variables: Mapping[str, np.ndarray],
                           **overrides) -> ml_collections.ConfigDict:
   """A model config matching checkpoint variables (backbone, CTX dims)."""
   config = learner.default_model_config()
-  prefixes = {n.split('/', 1)[0] for n in variables if n.startswith('resnet')}
-  if len(prefixes) == 1:
-    config.backbone = prefixes.pop()
-  if 'tformer_keys/weight' in variables and 'tformer_values/weight' in (
-      variables):
+  prefixes = sorted({n.split('/', 1)[0] for n in variables
+                     if n.startswith('resnet')})
+  if overrides.get('backbone') is None:
+    if not prefixes:
+      raise ValueError(
+          'no ResNet backbone variables (resnet<N>/...) in the checkpoint; '
+          f'its model variables: {_name_some(sorted(variables)) or "none"}')
+    if len(prefixes) > 1:
+      raise ValueError('variables of several backbones in the checkpoint '
+                       f'({", ".join(prefixes)}): choose one with --backbone')
+    config.backbone = prefixes[0]
+  # Either CTX projection makes it a CTX checkpoint, so that a missing one
+  # is reported by name rather than the other as unexpected.
+  keys = variables.get('tformer_keys/weight')
+  values = variables.get('tformer_values/weight')
+  if keys is not None or values is not None:
     config.head = 'ctx'
-    config.query_dim = int(np.shape(variables['tformer_keys/weight'])[-1])
-    config.val_dim = int(np.shape(variables['tformer_values/weight'])[-1])
+    if keys is not None:
+      config.query_dim = int(np.shape(keys)[-1])
+    if values is not None:
+      config.val_dim = int(np.shape(values)[-1])
   else:
     config.head = 'protonet'
   for key, value in overrides.items():

@@ -23,8 +23,12 @@ def run(argv: Sequence[str] | None = None) -> None:
   parser = cli.ArgumentParser(
       prog='ctx-import-official',
       description='Convert an official TF CTX checkpoint to a ctx_jax '
-      'exported model (orbax state + model_config.json).')
-  parser.add_argument('checkpoint', help='TF checkpoint prefix')
+      'exported model (orbax state + model_config.json). Entries that are '
+      'not model weights (optimizer state, global_step, the fc classifier '
+      'of Baseline learners, ExponentialMovingAverage shadows, '
+      'replica_<i> copies) are left out and listed.')
+  parser.add_argument('checkpoint', help='TF checkpoint prefix '
+                      '(the path before .index)')
   parser.add_argument('outdir', help='export folder (must not exist)')
   parser.add_argument('--backbone', default=None,
                       help='default: from the variable names')
@@ -49,16 +53,20 @@ def _import(args) -> None:
   if paths.resolve(args.outdir).exists():
     raise FileExistsError(f'{args.outdir} already exists: give a new export '
                           'folder')
-  variables = official.read_official_checkpoint(args.checkpoint)
+  variables, ignored = official.read_official_checkpoint_and_ignored(
+      args.checkpoint)
   model, config = official.build_official_model(
       variables, backbone=args.backbone, max_stride=args.max_stride,
       query_dim=args.query_dim, val_dim=args.val_dim,
       query_chunk_size=args.query_chunk_size, dtype=args.dtype)
   path = export.export_model(args.outdir, model, config)
   # Marks a released official checkpoint: ctx-eval compares it with the
-  # official leaderboard row.
+  # official leaderboard row. What was left out is kept for the record.
   (path / 'imported_from.json').write_text(json.dumps(
-      {'checkpoint': str(args.checkpoint)}) + '\n')
+      {'checkpoint': str(args.checkpoint), 'ignored': ignored},
+      indent=1) + '\n')
+  for line in official.describe_ignored(ignored):
+    print(line)
   print(f'imported {len(variables)} variables from {args.checkpoint} '
         f'into {path}')
 
