@@ -136,10 +136,15 @@ def write_replica(output_dir, spec_path=DEFAULT_SPEC, fraction=0.01,
   else:
     width, height, count = natural
     images = [natural_jpeg(width, height, seed) for seed in range(count)]
-  with concurrent.futures.ProcessPoolExecutor(workers) as pool:
-    futures = [pool.submit(_write_class, str(output_dir), c, n, images)
-               for c, n in counts.items()]
-    written = sum(f.result() for f in futures)
+  if workers <= 1:  # In-process (e.g. under pytest, where JAX's threads
+    # make forking unsafe).
+    written = sum(_write_class(str(output_dir), c, n, images)
+                  for c, n in counts.items())
+  else:
+    with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+      futures = [pool.submit(_write_class, str(output_dir), c, n, images)
+                 for c, n in counts.items()]
+      written = sum(f.result() for f in futures)
   if leaf_counts is not None:
     with records_writer.atomic_output_path(
         os.path.join(output_dir, spec_lib.NUM_LEAF_IMAGES_FILENAME)) as tmp:

@@ -136,7 +136,8 @@ def test_ilsvrc_replica_has_the_official_structure(shared_dir, tmp_path):
   finally:
     sys.path.remove("benchmarks")
   official = mdp.load_dataset_spec(replica_data.DEFAULT_SPEC)
-  summary = replica_data.write_replica(tmp_path / "r", fraction=0.002)
+  summary = replica_data.write_replica(tmp_path / "r", fraction=0.002,
+                                       workers=1)
   replica = mdp.load_dataset_spec(tmp_path / "r")  # Checks the DAG counts.
   for split in mdp.Split:
     assert (replica.split_subgraphs[split].leaves ==
