@@ -115,6 +115,10 @@ CASES = {
         "ctx-make-demo-data", ["--output_dir", "{tmp}/m2", "--num_classes",
                                "many"], ["--num_classes", "many"],
         ["{tmp}/m2"]),
+    "attention_missing_model_dir": (
+        "ctx-attention", ["--model_dir", "{tmp}/nomodel", "--records",
+                          "{data}/glyphs", "--output", "{tmp}/att"],
+        ["{tmp}/nomodel"], ["{tmp}/att"]),
     "episodes_missing_spec": (
         "md-episodes", ["{tmp}/nospec"], ["{tmp}/nospec"], []),
     "episodes_corrupt_spec": (
