@@ -1,4 +1,4 @@
-"""tf.data pipelines of padded episodes and of pretraining batches.
+"""tf.data pipelines of padded episodes.
 
 Each element of an episode dataset is one episode, a dict of numpy-able
 tensors (S, Q are the padded sizes, H = W = image_size):
