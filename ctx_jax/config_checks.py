@@ -126,36 +126,19 @@ def check_data(config: ml_collections.ConfigDict) -> None:
   """
   from meta_dataset_pipeline import dataset_spec  # pylint: disable=g-import-not-at-top
   from meta_dataset_pipeline import record_files  # pylint: disable=g-import-not-at-top
-  if data_format(config.data) == "tfds":
-    _check_tfds_data(config)
-    return
-  root = config.data.records_root
-  if not root:
-    raise FileNotFoundError(
-        "config.data.records_root is empty: set it to the folder holding one "
-        "folder of Meta-Dataset records per source")
+  data = config.data
   splits_of = {}
-  for split, sources in (("TRAIN", config.data.train_sources),
-                         ("VALID", config.data.valid_sources),
-                         ("TEST", config.data.test_sources)):
+  for split, sources in (("TRAIN", data.train_sources),
+                         ("VALID", data.valid_sources),
+                         ("TEST", data.test_sources)):
     for source in sources:
       splits_of.setdefault(source, []).append(split)
-  for source, splits in splits_of.items():
-    spec = dataset_spec.load_dataset_spec(str(source_dir(root, source)))
-    record_files.check_sources([spec], splits)
-
-
-def _check_tfds_data(config: ml_collections.ConfigDict) -> None:
-  """`check_data` for TFDS-prepared data: every split's class slices
-  against the spec, from the metadata (examples are checked when read)."""
-  from meta_dataset_pipeline import dataset_spec  # pylint: disable=g-import-not-at-top
-  from meta_dataset_pipeline import reader  # pylint: disable=g-import-not-at-top
-  data = config.data
-  sources = dict.fromkeys(tuple(data.train_sources) + tuple(
-      data.valid_sources) + tuple(data.test_sources))
-  for spec in load_config_specs(data, tuple(sources)):
-    for split in dataset_spec.Split:
-      reader.check_class_files(spec, split)
+  specs = load_config_specs(data, tuple(splits_of))
+  for spec, splits in zip(specs, splits_of.values()):
+    # TFDS: every split's class slices, from the metadata alone.
+    record_files.check_sources(
+        [spec], tuple(dataset_spec.Split) if data_format(data) == "tfds"
+        else splits)
 
 
 def check_workdir(workdir: str) -> None:
