@@ -237,7 +237,7 @@ def _evaluate():
              "reference": (None if reference is None else
                            dict(reference.as_dict(), accuracy=ref_acc,
                                 ci95={s: reference.ci95[s] for s in ref_acc}))}
-  report.write_atomic(output, json.dumps(results, indent=2) + "\n")
+  paths.write_atomic(output, json.dumps(results, indent=2) + "\n")
   report.write_csv(output.with_suffix(".csv"), rows, ref_acc)
   written = [output, output.with_suffix(".csv")]
   if _CHART.value:

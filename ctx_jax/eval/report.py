@@ -66,11 +66,6 @@ def average_row(rows: dict[str, dict]) -> dict[str, Any] | None:
           "num_sources": len(good)}
 
 
-def write_atomic(path: epath.Path, text: str) -> None:
-  """Writes `text` to `path` through a temporary file and a rename."""
-  paths.write_atomic(path, text)
-
-
 def write_csv(path: epath.Path, rows: dict[str, dict],
               reference: dict[str, float] | None = None) -> None:
   """Per-domain rows (%), with the reference's accuracy when there is one."""

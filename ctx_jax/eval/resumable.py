@@ -16,7 +16,6 @@ from absl import logging
 from etils import epath
 
 from ctx_jax import paths
-from ctx_jax.eval import report
 
 
 def _fingerprint_dir(path: epath.Path) -> str:
@@ -112,7 +111,7 @@ class EpisodeCache:
                                     "accuracies": list(accuracies)}
     if self.write:
       self.path.parent.mkdir(parents=True, exist_ok=True)
-      report.write_atomic(self.path, json.dumps(self.data) + "\n")
+      paths.write_atomic(self.path, json.dumps(self.data) + "\n")
 
 
 def evaluate_sources(model, model_dir, config, mesh, split, sources,
