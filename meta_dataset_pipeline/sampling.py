@@ -227,9 +227,9 @@ def official_rngs(seed: int, count: int) -> list[np.random.RandomState]:
 class _LegacyGenerator:
   """A `RandomState` behind the `Generator` methods this module calls.
 
-  `integers(lo, hi)` is upstream's `randint(lo, hi)`; `choice`, `uniform`
-  and `permutation` are the same calls on both. `legacy` is the RandomState,
-  for the few draws whose upstream form differs.
+  `integers(lo, hi)` is upstream's `randint(lo, hi)`; `choice` and
+  `uniform` are the same calls on both. `legacy` is the RandomState, for the
+  few draws whose upstream form differs.
   """
 
   def __init__(self, legacy: np.random.RandomState):
@@ -243,9 +243,6 @@ class _LegacyGenerator:
 
   def uniform(self, *args, **kwargs):
     return self.legacy.uniform(*args, **kwargs)
-
-  def permutation(self, *args, **kwargs):
-    return self.legacy.permutation(*args, **kwargs)
 
 
 class EpisodeDescriptionSampler:
