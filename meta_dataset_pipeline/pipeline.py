@@ -236,69 +236,107 @@ def _row_block(num_support, num_rows, s_pad, q_pad, row_block):
   return support + query, len(support), len(support_rows), len(query_rows)
 
 
+class EpisodePlanner:
+  """The serial part of an episode stream: what episode i is, not its pixels.
+
+  For each episode, in order, it samples the description, takes record
+  indices from the per-class shuffled streams, picks the padded sizes, the
+  SimCLR flag and the augmentation seeds, and keeps this process's row
+  block. Everything random about episode i happens here, in one thread, so
+  episode i is the same whoever reads and decodes it (this process, or any
+  of the worker processes of `workers.py`) and however many there are.
+  No record is read: planning costs about a millisecond per ILSVRC episode.
+
+  `next()` returns `(plan, episode, origin)`: `plan` is the episode's
+  description for the decoder (the `_EPISODE_SIGNATURE` fields except the
+  image bytes), `episode` the `reader.Episode` planned and `origin` the row
+  of `episode` each output row shows.
+  """
+
+  def __init__(self, sources, seed, buckets, shuffle_buffer_size,
+               simclr_episode_fraction=0.0, start_episode=0, row_block=None,
+               cache=None):
+    self.sources = sources
+    self._seed = seed
+    self._buckets = buckets
+    self._fraction = simclr_episode_fraction
+    self._row_block = row_block
+    self._cache = cache
+    self.reader = reader.EpisodeReader(sources, seed, shuffle_buffer_size)
+    self._aug_rng = np.random.default_rng(
+        reader.derive_seeds(seed, 3, count=2))
+    if cache is not None:  # Cached images are not read again.
+      self.reader.skip_cached_reads(lambda *key: cache.is_filled(key))
+    # Resume: the state after `start_episode` episodes, no record read.
+    # Augmentation seeds are drawn for the unconverted episode, as below.
+    for _ in range(start_episode):
+      self._aug_rng.integers(0, 2**31 - 1, size=(self.reader.skip(), 2))
+    self.index = start_episode
+
+  def next(self):
+    """The plan of the next episode (see the class docstring)."""
+    if self._cache is not None:
+      self._cache.refresh_filled()
+    ep = self.reader.plan_episode()
+    s_pad, q_pad = self._buckets.pick(ep.num_support, ep.num_query)
+    # Which row of `ep` each output row shows (for errors, the cache and
+    # which records to read).
+    origin = np.arange(len(ep.class_ids))
+    is_simclr = simclr_lib.is_simclr_episode(self._seed, self.index,
+                                             self._fraction)
+    self.index += 1
+    labels, class_ids, num_ways = ep.labels, ep.class_ids, ep.num_ways
+    if is_simclr:  # Query size only shrinks: the buckets still fit.
+      converted, labels, class_ids, num_ways = simclr_lib.convert_episode(
+          list(origin), ep.class_ids, ep.num_support)
+      origin = np.asarray(converted, np.int64)
+    # Drawn for the unconverted episode, so conversion never shifts the
+    # seeds of later episodes.
+    aug_seeds = self._aug_rng.integers(0, 2**31 - 1,
+                                       size=(len(ep.class_ids), 2))
+    aug_seeds = aug_seeds[:len(origin)]
+    num_support = ep.num_support
+    if self._row_block is not None:  # Only this block's rows are decoded.
+      keep, num_support, s_pad, q_pad = _row_block(
+          num_support, len(origin), s_pad, q_pad, self._row_block)
+      origin = origin[keep]
+      labels, class_ids = labels[keep], class_ids[keep]
+      aug_seeds = aug_seeds[keep]
+    plan = {
+        "labels": np.asarray(labels, np.int32),
+        "class_ids": np.asarray(class_ids, np.int32),
+        "info": np.array([num_support, s_pad, q_pad, num_ways,
+                          ep.source_id], dtype=np.int32),
+        "aug_seeds": aug_seeds.reshape(-1, 2),
+        "simclr": np.bool_(is_simclr),
+        **_provenance(self.sources, ep, origin, self._cache),
+    }
+    return plan, ep, origin
+
+  def read(self, ep, origin) -> list[bytes]:
+    """The encoded images of the output rows, read in this process."""
+    # Only the records of output rows are read: not those of other row
+    # blocks, nor the query records a SimCLR episode replaces.
+    ep = self.reader.read_images(ep, origin)
+    return [ep.images[i] for i in origin.tolist()]
+
+
 def _episode_generator(sources, seed, buckets, shuffle_buffer_size,
                        simclr_episode_fraction=0.0, start_episode=0,
                        row_block=None, cache=None):
-  """Returns a generator function yielding one packed episode at a time."""
+  """Returns a generator function yielding one packed episode at a time
+  (planned and read in this process: `num_workers=0`)."""
 
   def generate():
     # Built here, not outside: every iteration of the dataset restarts from
     # the seed, as tf.data expects of a deterministic source.
-    episodes = reader.EpisodeReader(sources, seed, shuffle_buffer_size)
-    aug_rng = np.random.default_rng(reader.derive_seeds(seed, 3, count=2))
-    if cache is not None:  # Cached images are not read again.
-      episodes.skip_cached_reads(lambda *key: cache.is_filled(key))
-    # Resume: the state after `start_episode` episodes, no image reads.
-    # Augmentation seeds are drawn for the unconverted episode, as below.
-    for _ in range(start_episode):
-      aug_rng.integers(0, 2**31 - 1, size=(episodes.skip(), 2))
-    index = start_episode
+    planner = EpisodePlanner(sources, seed, buckets, shuffle_buffer_size,
+                             simclr_episode_fraction, start_episode,
+                             row_block, cache)
     while True:
-      if cache is not None:
-        cache.refresh_filled()
-      ep = episodes.plan_episode()
-      s_pad, q_pad = buckets.pick(ep.num_support, ep.num_query)
-      # Which row of `ep` each output row shows (for errors, the cache and
-      # which records to read).
-      origin = np.arange(len(ep.class_ids))
-      is_simclr = simclr_lib.is_simclr_episode(seed, index,
-                                               simclr_episode_fraction)
-      index += 1
-      if is_simclr:  # Query size only shrinks: the buckets still fit.
-        origin = np.asarray(simclr_lib.convert_episode(
-            origin, ep.class_ids, ep.num_support)[0], np.int64)
-      num_support = ep.num_support
-      keep = None
-      if row_block is not None:  # Only this block's rows are decoded.
-        keep, num_support, s_pad, q_pad = _row_block(
-            num_support, len(origin), s_pad, q_pad, row_block)
-        origin = origin[keep]
-      # Only the records of output rows are read: not those of other row
-      # blocks, nor the query records a SimCLR episode replaces.
-      ep = episodes.read_images(ep, origin)
-      # Drawn for the unconverted episode, so conversion never shifts the
-      # seeds of later episodes.
-      aug_seeds = aug_rng.integers(0, 2**31 - 1, size=(len(ep.images), 2))
-      images, labels, class_ids, num_ways = (ep.images, ep.labels,
-                                             ep.class_ids, ep.num_ways)
-      if is_simclr:
-        images, labels, class_ids, num_ways = simclr_lib.convert_episode(
-            images, class_ids, ep.num_support)
-      aug_seeds = aug_seeds[:len(images)]
-      if keep is not None:
-        images = [images[i] for i in keep]
-        labels, class_ids = labels[keep], class_ids[keep]
-        aug_seeds = aug_seeds[keep]
-      blob, lengths = _pack(images)
-      yield {
-          "blob": blob, "lengths": lengths, "labels": labels,
-          "class_ids": class_ids,
-          "info": np.array([num_support, s_pad, q_pad, num_ways,
-                            ep.source_id], dtype=np.int32),
-          "aug_seeds": aug_seeds.reshape(-1, 2),
-          "simclr": np.bool_(is_simclr),
-          **_provenance(sources, ep, origin, cache),
-      }
+      plan, ep, origin = planner.next()
+      blob, lengths = _pack(planner.read(ep, origin))
+      yield {"blob": blob, "lengths": lengths, **plan}
 
   return _EXIT_GUARD.wrap(generate)
 
