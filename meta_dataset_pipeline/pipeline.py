@@ -73,6 +73,7 @@ from meta_dataset_pipeline import padding
 from meta_dataset_pipeline import reader
 from meta_dataset_pipeline import sampling
 from meta_dataset_pipeline import simclr as simclr_lib
+from meta_dataset_pipeline import workers as workers_lib
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -452,8 +453,10 @@ def _episode_dataset(specs, split, episode_config, image_size, seed, *,
                      use_bilevel_ontology, process_index, process_count,
                      num_parallel_calls, prefetch, simclr_augmentation=None,
                      md_augmentation=None, augment_on_device=False,
-                     start_episode=0, row_block=None, decoded_cache_bytes=0):
-  """Shared body of the one-source and multi-source builders."""
+                     start_episode=0, row_block=None, decoded_cache_bytes=0,
+                     num_workers=0):
+  """Shared body of the one-source and multi-source builders (a dataset),
+  and of `make_episode_iterator` (`num_workers` > 0: worker processes)."""
   if not specs:
     raise ValueError("at least one dataset spec is needed")
   augmenter = simclr_lib.EpisodeAugmenter(
@@ -482,7 +485,23 @@ def _episode_dataset(specs, split, episode_config, image_size, seed, *,
       sum(s.spec.get_total_images_per_class(c) for s in sources
           for c in s.class_set))
   if capacity > 0:
+    if num_workers:
+      raise ValueError(
+          "decoded_cache_bytes (config.data.decoded_cache_mb) works with "
+          "in-process decoding only: set num_workers=0 or the cache to 0")
     cache = decoder.DecodedImageCache(capacity, image_size)
+  if num_workers:
+    if any(hasattr(s.spec, "open_class_streams") for s in sources):
+      raise ValueError(
+          "num_workers > 0 reads class record files; TFDS-prepared data "
+          "(config.data.format='tfds') needs num_workers=0")
+    planner = EpisodePlanner(sources, seed, buckets, shuffle_buffer_size,
+                             episode_config.simclr_episode_fraction,
+                             start_episode, row_block)
+    setup = workers_lib.WorkerSetup(image_size, support_augmentation,
+                                    query_augmentation, augmenter)
+    return workers_lib.EpisodeWorkers(planner, setup, num_workers,
+                                      window=num_workers + prefetch)
   episodes = tf.data.Dataset.from_generator(
       _episode_generator(sources, seed, buckets, shuffle_buffer_size,
                          episode_config.simclr_episode_fraction,
@@ -583,6 +602,18 @@ def make_one_source_episode_dataset(
       decoded_cache_bytes=decoded_cache_bytes)
 
 
+_DEFAULT_OPTIONS = dict(
+    pad_multiple=1, bucket_growth=padding.DEFAULT_GROWTH,
+    min_bucket_size=padding.DEFAULT_MIN_SIZE, num_buckets=0,
+    shuffle_buffer_size=reader.DEFAULT_SHUFFLE_BUFFER_SIZE,
+    support_augmentation=None,
+    query_augmentation=None, use_dag_ontology=None,
+    use_bilevel_ontology=None, process_index=0, process_count=1,
+    num_parallel_calls=AUTOTUNE, prefetch=2, simclr_augmentation=None,
+    md_augmentation=None, augment_on_device=False, start_episode=0,
+    row_block=None, decoded_cache_bytes=0)
+
+
 def make_multisource_episode_dataset(
     dataset_spec_list, split, episode_config, image_size, seed=0,
     **kwargs) -> tf.data.Dataset:
@@ -599,16 +630,7 @@ def make_multisource_episode_dataset(
   Returns:
     A `tf.data.Dataset` of episode dicts; padding buckets cover all sources.
   """
-  options = dict(
-      pad_multiple=1, bucket_growth=padding.DEFAULT_GROWTH,
-      min_bucket_size=padding.DEFAULT_MIN_SIZE, num_buckets=0,
-      shuffle_buffer_size=reader.DEFAULT_SHUFFLE_BUFFER_SIZE,
-      support_augmentation=None,
-      query_augmentation=None, use_dag_ontology=None,
-      use_bilevel_ontology=None, process_index=0, process_count=1,
-      num_parallel_calls=AUTOTUNE, prefetch=2, simclr_augmentation=None,
-      md_augmentation=None, augment_on_device=False, start_episode=0,
-      row_block=None, decoded_cache_bytes=0)
+  options = dict(_DEFAULT_OPTIONS)
   unknown = set(kwargs) - set(options)
   if unknown:
     raise TypeError(f"unexpected arguments {sorted(unknown)}")
@@ -616,3 +638,46 @@ def make_multisource_episode_dataset(
   return _episode_dataset(list(dataset_spec_list), split, episode_config,
                           image_size, seed, **options)
 
+
+def make_episode_iterator(dataset_spec_list, split, episode_config,
+                          image_size, seed=0, *, num_workers: int = 0,
+                          **kwargs):
+  """Iterator of numpy episodes, from this process or from worker processes.
+
+  The same episodes, bit for bit, whatever `num_workers` (tested).
+
+  Args:
+    dataset_spec_list: one spec or a list of specs (`source_id` indexes it).
+    split: the split.
+    episode_config: an `EpisodeDescriptionConfig`.
+    image_size: output height and width.
+    seed: seeds everything, as in `make_one_source_episode_dataset`.
+    num_workers: 0: the tf.data pipeline of this process
+      (`as_numpy_iterator` of `make_multisource_episode_dataset`); K > 0:
+      the episodes are planned here and read, decoded and padded by K
+      worker processes (`workers.py`), then handed over without a copy.
+      `workers.default_num_workers()` is a good K. Class record files only
+      (not TFDS-prepared data), without `decoded_cache_bytes`.
+    **kwargs: the keyword options of `make_one_source_episode_dataset`;
+      `prefetch` is the number of episodes prepared ahead beyond one per
+      worker.
+
+  Returns:
+    An iterator of episode dicts; with workers, its arrays are views of
+    shared memory that is reused once the episode's arrays are all gone,
+    and `close()` stops the workers (also done at exit).
+  """
+  specs = _as_spec_list(dataset_spec_list)
+  if num_workers < 0:
+    raise ValueError(f"num_workers={num_workers} must be >= 0")
+  if not num_workers:
+    return make_multisource_episode_dataset(
+        specs, split, episode_config, image_size, seed,
+        **kwargs).as_numpy_iterator()
+  options = dict(_DEFAULT_OPTIONS)
+  unknown = set(kwargs) - set(options)
+  if unknown:
+    raise TypeError(f"unexpected arguments {sorted(unknown)}")
+  options.update(kwargs)
+  return _episode_dataset(specs, split, episode_config, image_size, seed,
+                          num_workers=num_workers, **options)
