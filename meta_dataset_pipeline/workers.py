@@ -111,6 +111,18 @@ def _slot_bytes(rows: int, image_size: int) -> int:
           + _ALIGN * _MAX_FIELDS)
 
 
+class _Segment(shared_memory.SharedMemory):
+  """A segment whose garbage collection never fails: its last episode's
+  arrays may be freed in the same moment, with their buffer still
+  exported (the mapping then goes with them)."""
+
+  def __del__(self):
+    try:
+      super().__del__()
+    except BufferError:
+      pass
+
+
 class _Segments:
   """The consumer's pool of shared-memory segments, lent one per episode.
 
@@ -138,7 +150,7 @@ class _Segments:
       self._drop(min(self._free, key=lambda s: s.size))
     # Room to grow: the next larger bucket reuses this segment.
     size = -(-int(nbytes * 1.25) // (1 << 20)) << 20
-    segment = shared_memory.SharedMemory(create=True, size=size)
+    segment = _Segment(create=True, size=size)
     self._all[segment.name] = segment
     return segment
 
@@ -177,7 +189,7 @@ def _attach(name: str) -> shared_memory.SharedMemory:
   name once: the attach registers nothing new, and the consumer's unlink
   unregisters it (so a crashed consumer's segments are still unlinked).
   """
-  return shared_memory.SharedMemory(name=name)
+  return _Segment(name=name)
 
 
 class RowReader:
