@@ -32,6 +32,7 @@ _EXPORTS = {
     "EpisodeBuckets": "padding",
     "episode_buckets": "pipeline",
     "EPISODE_KEYS": "pipeline",
+    "make_episode_iterator": "pipeline",
     "make_multisource_episode_dataset": "pipeline",
     "make_one_source_episode_dataset": "pipeline",
     "RecordError": "record_files",

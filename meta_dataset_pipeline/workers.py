@@ -6,7 +6,7 @@ augmentation seeds, row block; about 1 ms per ILSVRC episode). K worker
 processes do the rest of episode i, the part that costs CPU: they read its
 records (CRCs verified, records parsed and checked), decode, resize,
 augment and pad them with the very episode map of the in-process pipeline
-(`pipeline._episode_fn`), and write the padded arrays into a shared-memory
+(`episode_map.episode_fn`), and write the padded arrays into a shared-memory
 segment that this process lent them. The consumer hands the episodes out in
 order i, as numpy arrays that *are* views of that memory: nothing is copied
 on the serial side, and the segment goes back to the pool when the last view
@@ -74,7 +74,7 @@ class WorkerError(ChildProcessError):
 
 @dataclasses.dataclass(frozen=True)
 class WorkerSetup:
-  """What a worker needs to build the episode map (`pipeline._episode_fn`).
+  """What a worker needs to build the episode map (`episode_map.episode_fn`).
 
   Picklable: it is sent to each spawned worker.
   """
@@ -86,7 +86,7 @@ class WorkerSetup:
 
 
 def default_num_workers(cpus: int | None = None,
-                        processes_per_host: int = 1) -> int:
+                        processes_per_host: int | None = None) -> int:
   """Workers per pipeline: the CPUs this process may use, less one.
 
   One CPU stays with the consumer (planning, the training loop). Below 4
@@ -94,13 +94,21 @@ def default_num_workers(cpus: int | None = None,
 
   Args:
     cpus: CPUs available (None: this process's CPU affinity).
-    processes_per_host: processes sharing those CPUs (one per accelerator).
+    processes_per_host: processes sharing those CPUs, e.g. one per GPU
+      (None: `CTX_JAX_PROCESSES_PER_HOST`, set by the project's launchers,
+      else 1). Not applied when the affinity already is a subset of the
+      host's CPUs (SLURM's or taskset's binding did the split).
   """
+  if processes_per_host is None:
+    processes_per_host = int(os.environ.get("CTX_JAX_PROCESSES_PER_HOST",
+                                            "1") or 1)
   if cpus is None:
     try:
       cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # Not Linux.
       cpus = os.cpu_count() or 1
+    if cpus < (os.cpu_count() or cpus):
+      processes_per_host = 1
   cpus //= max(1, processes_per_host)
   return 0 if cpus < 4 else cpus - 1
 
@@ -267,16 +275,15 @@ def _worker_main(worker_id, setup, tasks, results, parent_pid):
   try:
     setup = pickle.loads(setup)
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    from meta_dataset_pipeline import pipeline  # pylint: disable=g-import-not-at-top
+    from meta_dataset_pipeline import episode_map  # pylint: disable=g-import-not-at-top
     # Parallelism comes from the workers: one thread each keeps K workers
     # on K CPUs instead of K thread pools fighting over them.
     tf.config.threading.set_intra_op_parallelism_threads(setup.tf_threads)
     tf.config.threading.set_inter_op_parallelism_threads(setup.tf_threads)
     process = tf.function(
-        pipeline._episode_fn(setup.image_size,  # pylint: disable=protected-access
-                             setup.support_augmentation,
-                             setup.query_augmentation, setup.augmenter),
-        input_signature=[pipeline._EPISODE_SIGNATURE])  # pylint: disable=protected-access
+        episode_map.episode_fn(setup.image_size, setup.support_augmentation,
+                               setup.query_augmentation, setup.augmenter),
+        input_signature=[episode_map.EPISODE_SIGNATURE])
   except Exception as e:  # pylint: disable=broad-except
     results.put(("failed", worker_id, -1, f"{type(e).__name__}: {e}", 0, 0))
     return
@@ -302,7 +309,7 @@ def _worker_main(worker_id, setup, tasks, results, parent_pid):
     try:
       images = rows.read(plan["row_files"], plan["record_index"],
                          plan["class_ids"], counts)
-      blob, lengths = pipeline._pack(images)  # pylint: disable=protected-access
+      blob, lengths = episode_map.pack(images)
       out = process({"blob": blob, "lengths": lengths, **plan})
       out = {k: v.numpy() for k, v in out.items()}
       if name not in segments:

@@ -139,13 +139,32 @@ def episodes(config: ml_collections.ConfigDict, split: str,
                 row_block=((process_index, process_count)
                            if process_count > 1 else None),
                 **episode_augmentations(config, split))
-  if len(specs) == 1:
-    dataset = mdp.make_one_source_episode_dataset(specs[0], **kwargs)
-  else:
-    dataset = mdp.make_multisource_episode_dataset(specs, **kwargs)
   # Each process reads and decodes only its rows (`row_block`): the same as
   # `local_rows` of the whole episode, without decoding the others' images.
-  yield from dataset.as_numpy_iterator()
+  # With workers, the arrays are views of shared memory, given back to the
+  # pipeline when the step no longer holds them.
+  yield from mdp.make_episode_iterator(
+      specs, num_workers=num_workers(config), **kwargs)
+
+
+def num_workers(config: ml_collections.ConfigDict) -> int:
+  """`config.data.num_workers`, with -1 ("auto") resolved.
+
+  Auto: the CPUs this process may use, shared with the other processes of
+  this host (`CTX_JAX_PROCESSES_PER_HOST`, set by `launch.local` and
+  `launch.slurm`), less one for the training loop; 0 below 4 CPUs
+  (`mdp.workers.default_num_workers`). TFDS-prepared data and the decoded
+  image cache are read in-process (0).
+  """
+  data = config.data
+  k = int(data.get("num_workers", 0))
+  if k < -1:
+    raise ValueError(f"config.data.num_workers must be >= -1, got {k}")
+  if k == -1:
+    if data.get("format", "records") != "records" or data.decoded_cache_mb:
+      return 0
+    k = mdp.workers.default_num_workers()
+  return k
 
 
 def local_rows(episode: dict[str, np.ndarray], process_index: int,
