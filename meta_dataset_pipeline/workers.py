@@ -37,6 +37,7 @@ cases every worker is stopped, so nothing hangs.
 """
 
 import collections
+import concurrent.futures
 import ctypes
 import dataclasses
 import multiprocessing
@@ -65,7 +66,6 @@ _MAX_FIELDS = 32
 _POLL_SECONDS = 0.2
 # A worker whose parent is gone exits after at most this long.
 _ORPHAN_POLL_SECONDS = 1.0
-_OPEN_FILES = 64
 
 
 class WorkerError(ChildProcessError):
@@ -205,30 +205,29 @@ class RowReader:
 
   What `reader.ClassStream.read_image` does for one record, for the rows of
   a plan (`row_files`, `record_index`, `class_ids`): record offsets from the
-  class file's index (checked against the spec's count on first use), CRCs
-  verified, the record parsed and checked. Keeps a few files open.
+  class file's index (`record_files.load_record_offsets`: its sidecar when
+  there is one; checked against the spec's count on first use), each
+  class's records read together (`record_files.read_records`: few ranged
+  reads, CRCs verified), then parsed and checked. On URL file systems
+  (buckets), where each read waits on a request, the classes of an episode
+  are read by `url_threads` threads.
   """
 
-  def __init__(self, max_open: int = _OPEN_FILES):
+  def __init__(self, url_threads: int = 32):
     self._offsets = {}
-    self._open = collections.OrderedDict()
-    self._max_open = max_open
-
-  def _file(self, path):
-    f = self._open.pop(path, None)
-    if f is None:
-      f = files.open_binary(path)
-      while len(self._open) >= self._max_open:
-        self._open.popitem(last=False)[1].close()
-    self._open[path] = f
-    return f
+    self._url_threads = url_threads
+    self._pool = None
 
   def offsets(self, path: str, num_records: int, class_id: int):
     offsets = self._offsets.get(path)
     if offsets is None:
-      offsets = record_files.check_record_count(path, num_records, class_id)
+      offsets = _load_offsets(path, num_records, class_id)
       self._offsets[path] = offsets
     return offsets
+
+  def _read_class(self, path, indices, class_id, count):
+    offsets = self.offsets(path, count, class_id)
+    return _read_records(path, indices, offsets, class_id)
 
   def read(self, row_files, record_index, class_ids, counts) -> list[bytes]:
     """The checked image bytes of each row.
@@ -242,24 +241,60 @@ class RowReader:
     # Here, not at the top: a spawned worker imports this module before it
     # can set TensorFlow's logging, and `reader` imports TensorFlow.
     from meta_dataset_pipeline import reader  # pylint: disable=g-import-not-at-top
-    images = []
-    for path, index, class_id in zip(row_files, record_index.tolist(),
-                                     class_ids.tolist()):
+    by_file = {}  # path -> (class id, [row], [record index])
+    for row, (path, index, class_id) in enumerate(zip(
+        row_files, record_index.tolist(), class_ids.tolist())):
       path = path.decode() if isinstance(path, bytes) else str(path)
-      offset = int(self.offsets(path, counts[class_id], class_id)[index])
+      rows, indices = by_file.setdefault(path, (class_id, [], []))[1:]
+      rows.append(row)
+      indices.append(index)
+    jobs = [(path, indices, class_id, counts[class_id])
+            for path, (class_id, _, indices) in by_file.items()]
+    remote = any(files.is_url(path) for path in by_file)
+    if remote and len(jobs) > 1:
+      if self._pool is None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            self._url_threads, thread_name_prefix="md-worker-read")
+      done = list(self._pool.map(lambda job: self._read_class(*job), jobs))
+    else:
+      done = [self._read_class(*job) for job in jobs]
+    images = [b""] * len(record_index)
+    for (path, (class_id, rows, indices)), records in zip(by_file.items(),
+                                                          done):
+      for row, index, record in zip(rows, indices, records):
+        images[row] = reader.checked_image(record, path, index, class_id)
+    return images
+
+  def close(self):
+    if self._pool is not None:
+      self._pool.shutdown()
+
+
+def _load_offsets(path, num_records, class_id):
+  """Record offsets of a class file (then its end), count checked."""
+  load = getattr(record_files, "load_record_offsets", None)
+  if load is not None:
+    return load(path, num_records, class_id)
+  offsets = record_files.check_record_count(path, num_records, class_id)
+  return np.append(offsets, files.stat(path).size)
+
+
+def _read_records(path, indices, offsets, class_id):
+  """The records `indices` of a class file, CRCs verified."""
+  read = getattr(record_files, "read_records", None)
+  if read is not None:
+    return read(path, indices, offsets, class_id)
+  out = []
+  with files.open_binary(path) as f:
+    for index in indices:
+      offset = int(offsets[index])
       try:
-        record = record_files.read_record(self._file(path), offset)
+        out.append(record_files.read_record(f, offset))
       except ValueError as e:
         raise record_files.RecordError(
             f"{path}: record {index} (byte {offset}) of class {class_id} "
             f"is corrupt: {e}") from None
-      images.append(reader.checked_image(record, path, index, class_id))
-    return images
-
-  def close(self):
-    for f in self._open.values():
-      f.close()
-    self._open.clear()
+  return out
 
 
 def _worker_main(worker_id, setup, tasks, results, parent_pid):
@@ -311,7 +346,10 @@ def _worker_main(worker_id, setup, tasks, results, parent_pid):
                          plan["class_ids"], counts)
       blob, lengths = episode_map.pack(images)
       out = process({"blob": blob, "lengths": lengths, **plan})
-      out = {k: v.numpy() for k, v in out.items()}
+      # Images through DLPack: a view of TF's buffer (`.numpy()` would copy
+      # each 600 KB image once more before `_write` copies it).
+      out = {k: np.from_dlpack(v) if v.dtype == tf.float32 else v.numpy()
+             for k, v in out.items()}
       if name not in segments:
         segments[name] = _attach(name)
       layout = _write(segments[name], size, out)
