@@ -94,6 +94,41 @@ def open_binary(path):
   return _gfile().GFile(path, "rb")
 
 
+def read_bytes(path) -> bytes:
+  """The whole content of a file (on a bucket: one request, plus a stat).
+
+  Raises:
+    FileNotFoundError: no such file.
+  """
+  path = os.fspath(path)
+  if not is_url(path):
+    with open(path, "rb") as f:
+      return f.read()
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    with tf.io.gfile.GFile(path, "rb") as f:
+      return f.read()
+  except tf.errors.NotFoundError:
+    raise FileNotFoundError(f"no such file: {path}") from None
+
+
+def write_bytes(path, data: bytes):
+  """Writes a whole file, replacing it at once.
+
+  Locally through a temporary name in the same folder and a rename; on an
+  object store a plain write, which replaces the object atomically.
+  """
+  path = os.fspath(path)
+  if not is_url(path):
+    from meta_dataset_pipeline import records_writer  # pylint: disable=g-import-not-at-top
+    with records_writer.atomic_output_path(path) as tmp:
+      with open(tmp, "wb") as f:
+        f.write(data)
+    return
+  with _gfile().GFile(path, "wb") as f:
+    f.write(data)
+
+
 def read_text(path) -> str:
   path = os.fspath(path)
   if not is_url(path):

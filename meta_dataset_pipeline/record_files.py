@@ -8,15 +8,22 @@ episode readers (`reader.py`) build on it.
   and one read of its last record, whatever the number of records: the
   file exists, has room for the spec's count of records, and ends with a
   complete record (a file cut off at a random byte does not).
-- `index_records`: record offsets from the 12-byte headers, built when a
-  class is first used (`check_record_count` compares the count with the
-  spec's).
+- `load_record_offsets`: a class file's record offsets from its sidecar
+  index (`<class_id>.tfrecords.index`, written by md-convert and
+  `md-index`: one stat and one small read, the same on local disks and
+  buckets), checked against the file's size; without a valid index, from
+  the 12-byte headers (`index_records`: a walk through the whole file).
+  `check_record_count` compares the count with the spec's.
 - `read_record`: one record by offset, both masked CRC-32Cs verified.
+- `read_records`: the records an episode takes from one class, in few
+  ranged reads (neighbours merged), every record's CRCs verified.
 """
 
 import concurrent.futures
+import logging
 import os
 import struct
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -35,6 +42,14 @@ _LENGTH = struct.Struct("<Q")
 # (a bucket serves few large reads far faster than many small ones).
 _READ_WHOLE_BYTES = 4 << 20
 _URL_INDEX_WINDOW_BYTES = 16 << 20
+# `read_records` merges two records into one read when at most this many
+# bytes lie between them (see `default_max_gap`).
+LOCAL_MAX_GAP_BYTES = 64 << 10
+URL_MAX_GAP_BYTES = 1 << 20
+# The command that (re)writes sidecar indexes, named in warnings.
+INDEX_COMMAND = "md-index"
+
+_log = logging.getLogger(__name__)
 
 
 class RecordError(ValueError):
@@ -61,8 +76,10 @@ def check_class_files(spec, split) -> list[str]:
   read of its last record (in parallel threads, as on an object store each
   is a request). Every file must exist, have room for the spec's count of
   records, and end with a complete record (a file cut off at a random byte
-  does not). The exact record count and the CRCs are checked later, when a
-  class is first used (`ClassStream`).
+  does not). A file with a valid sidecar index (one made for a file of its
+  size) has its index read instead of its tail, and its exact record count
+  checked now. Otherwise the exact record count is checked later, when a
+  class is first used (`ClassStream`); the CRCs when records are read.
 
   Args:
     spec: a dataset spec.
@@ -122,9 +139,19 @@ def _check_file(path: str, num_records: int, class_id: int):
   """Size and last-record check of one class file (see check_class_files)."""
   st = files.stat(path)
   key = (path, st.size, st.mtime_ns, num_records)
-  if key not in _CHECKED:
+  if key in _CHECKED:
+    return
+  # A sidecar index made for a file of this size says where every record
+  # ends, the last one at the end of the file: one small read instead of the
+  # tail read, and the exact record count now rather than on first use.
+  offsets = _sidecar_offsets(path, st.size)
+  if offsets is None:
     _check_file_uncached(path, st.size, num_records, class_id)
-    _CHECKED.add(key)
+  else:
+    offsets.flags.writeable = False
+    _INDEX_CACHE[_cache_key(path, st)] = offsets
+    _check_count(path, offsets, num_records, class_id)
+  _CHECKED.add(key)
 
 
 def _check_file_uncached(path: str, size: int, num_records: int,
@@ -183,32 +210,285 @@ def check_record_count(path: str, num_records: int,
     class_id: the class, for the error message.
 
   Returns:
-    The record offsets (`index_records`).
+    The record start offsets (`load_record_offsets` without the end).
 
   Raises:
     RecordError: the file is truncated or the counts differ.
   """
-  offsets = index_records_cached(path)
-  if len(offsets) != num_records:
-    raise RecordError(
-        f"{path}: the spec lists {num_records} images for class "
-        f"{class_id} but the file holds {len(offsets)} records")
+  return load_record_offsets(path, num_records, class_id)[:-1]
+
+
+def index_file_path(path: str) -> str:
+  """The sidecar index of class file `path`: `<path>.index`.
+
+  A suffix after the whole name: the index sits beside its file, follows
+  any class-file name, and matches no `{}.tfrecords` pattern or
+  `*.tfrecords` glob, so nothing that lists class files takes it for one.
+  """
+  return os.fspath(path) + records_writer.INDEX_SUFFIX
+
+
+def write_record_index(path: str, offsets: "np.ndarray | None" = None) -> str:
+  """Writes the sidecar index of class file `path`.
+
+  Locally through a temporary name and a rename; on an object store a
+  plain write (objects are replaced at once).
+
+  Args:
+    path: the class file (local or a URL).
+    offsets: its record start offsets (`index_records`), or the starts plus
+      the file's end (`load_record_offsets`); None: index the file first.
+
+  Returns:
+    The sidecar's path.
+
+  Raises:
+    RecordError: `offsets` is None and the file is truncated.
+  """
+  size = files.stat(path).size
+  if offsets is None:
+    offsets = index_records(path)
+  offsets = np.asarray(offsets, dtype=np.int64)
+  if len(offsets) and offsets[-1] == size:
+    offsets = offsets[:-1]
+  index_path = index_file_path(path)
+  files.write_bytes(index_path,
+                    records_writer.encode_record_index(size, offsets))
+  return index_path
+
+
+def decode_record_index(data: bytes, file_size: int) -> np.ndarray:
+  """Record offsets (starts and end) from sidecar bytes, checked.
+
+  Args:
+    data: the sidecar's content.
+    file_size: the class file's current size.
+
+  Returns:
+    int64 array: every record's start, then `file_size`.
+
+  Raises:
+    ValueError: not an index (says why), or one of a file of another size
+      (the message starts with "stale").
+  """
+  header = records_writer.INDEX_HEADER
+  if len(data) < header.size + 4:
+    raise ValueError(f"{len(data)} bytes, too short for an index")
+  magic, version, _, size, count = header.unpack_from(data)
+  if magic != records_writer.INDEX_MAGIC:
+    raise ValueError("not a record index (bad magic)")
+  if version != records_writer.INDEX_VERSION:
+    raise ValueError(f"index version {version}, expected "
+                     f"{records_writer.INDEX_VERSION}")
+  if len(data) != header.size + 8 * count + 4:
+    raise ValueError(f"{len(data)} bytes for {count} records (cut short?)")
+  if records_writer.masked_crc(data[:-4]) != data[-4:]:
+    raise ValueError("index CRC mismatch")
+  if size != file_size:
+    raise ValueError(f"stale: made for a file of {size} bytes, the file has "
+                     f"{file_size}")
+  offsets = np.empty(count + 1, dtype=np.int64)
+  offsets[:count] = np.frombuffer(data, "<i8", count, header.size)
+  offsets[count] = size
+  if count and (offsets[0] != 0 or np.any(
+      np.diff(offsets) < MIN_RECORD_BYTES)):
+    raise ValueError("offsets out of order")
+  if not count and size:
+    raise ValueError(f"no records in a file of {size} bytes")
   return offsets
 
 
+# Sidecars already warned about (stale or unreadable), by path.
+_WARNED = set()
+_WARNED_LOCK = threading.Lock()
+
+
+def _warn_once(index_path: str, path: str, why: str):
+  with _WARNED_LOCK:
+    if index_path in _WARNED:
+      return
+    _WARNED.add(index_path)
+  _log.warning(
+      "%s: record index not used (%s); reading the record headers of %s "
+      "instead. Rewrite the index with: %s %s", index_path, why, path,
+      INDEX_COMMAND, files.dirname(path) or ".")
+
+
+def _sidecar_offsets(path: str, size: int) -> "np.ndarray | None":
+  """Offsets from `path`'s sidecar if it is valid for `size`, else None."""
+  index_path = index_file_path(path)
+  try:
+    data = files.read_bytes(index_path)
+  except FileNotFoundError:
+    return None
+  try:
+    return decode_record_index(data, size)
+  except ValueError as e:
+    _warn_once(index_path, path, str(e))
+    return None
+
+
+def load_record_offsets(path: str, num_records: int,
+                        class_id: int) -> np.ndarray:
+  """Record offsets of a class file: its sidecar's, or by walking it.
+
+  With a sidecar index (`index_file_path`) made for a file of this size:
+  one stat and one small read, also on a bucket. A sidecar of another size
+  (the file was rewritten) or an unreadable one is logged once, naming the
+  command that rewrites it, and ignored; without a usable sidecar the file
+  is walked (`index_records`). Remembered per process per (path, size,
+  modification time).
+
+  Args:
+    path: the class's TFRecord file (local or a URL).
+    num_records: the number of images the spec lists for the class.
+    class_id: the class, for the error message.
+
+  Returns:
+    int64 array of `num_records + 1` offsets: each record's start, then the
+    end of the last record (the file's size).
+
+  Raises:
+    FileNotFoundError: no such file.
+    RecordError: the file is truncated or holds another count of records.
+  """
+  st = files.stat(path)
+  key = _cache_key(path, st)
+  offsets = _INDEX_CACHE.get(key)
+  if offsets is None:
+    offsets = _sidecar_offsets(path, st.size)
+    if offsets is None:
+      offsets = np.append(index_records(path), np.int64(st.size))
+    offsets.flags.writeable = False
+    _INDEX_CACHE[key] = offsets
+  _check_count(path, offsets, num_records, class_id)
+  return offsets
+
+
+def _cache_key(path: str, st: files.Stat) -> tuple:
+  return (path if files.is_url(path) else os.path.abspath(path), st.size,
+          st.mtime_ns)
+
+
+def _check_count(path: str, offsets: np.ndarray, num_records: int,
+                 class_id: int):
+  if len(offsets) - 1 != num_records:
+    raise RecordError(
+        f"{path}: the spec lists {num_records} images for class "
+        f"{class_id} but the file holds {len(offsets) - 1} records")
+
+
+def default_max_gap(path: str) -> int:
+  """`read_records`' merge gap for `path`: larger on object stores.
+
+  On a bucket a request costs tens of ms, as long as reading about 1 MiB
+  more in the same request; on a local disk a seek and read cost microseconds
+  (page cache) to a fraction of a ms (SSD), as long as reading tens of KiB.
+  """
+  return URL_MAX_GAP_BYTES if files.is_url(path) else LOCAL_MAX_GAP_BYTES
+
+
+def read_records(path: str, indices, offsets: np.ndarray, class_id: int,
+                 max_gap: "int | None" = None, f=None) -> list:
+  """The data of records `indices` of a class file, CRCs verified.
+
+  Reads few ranges: the distinct records, sorted, are grouped so that at
+  most `max_gap` bytes lie between neighbours of a group, and each group
+  is read with one seek and one read. Every record's length field must
+  match its offsets and both masked CRC-32Cs must match.
+
+  Args:
+    path: the class file (local or a URL), for opening and messages.
+    indices: record numbers, in the order wanted; repeats allowed.
+    offsets: from `load_record_offsets` (starts, then the end).
+    class_id: the class, for messages.
+    max_gap: bytes between two records below which they are read together;
+      None: `default_max_gap(path)`.
+    f: an open binary file of `path` to read from (left open); None: open
+      and close one.
+
+  Returns:
+    The records' data (bytes), in the order of `indices`.
+
+  Raises:
+    IndexError: an index outside the file.
+    RecordError: a corrupt or cut-short record, naming file, record, byte
+      offset and class.
+  """
+  indices = np.asarray(indices, dtype=np.int64).ravel()
+  if not indices.size:
+    return []
+  num = len(offsets) - 1
+  if indices.min() < 0 or indices.max() >= num:
+    bad = int(indices[(indices < 0) | (indices >= num)][0])
+    raise IndexError(f"{path}: record {bad} requested from class "
+                     f"{class_id}, which has {num} records")
+  if max_gap is None:
+    max_gap = default_max_gap(path)
+  wanted = np.unique(indices)
+  starts = offsets[wanted]
+  ends = offsets[wanted + 1]
+  cuts = np.flatnonzero(starts[1:] - ends[:-1] > max_gap) + 1
+  bounds = np.concatenate(([0], cuts, [len(wanted)])).tolist()
+  starts, ends, wanted = starts.tolist(), ends.tolist(), wanted.tolist()
+  data = {}
+  own = f is None
+  if own:
+    f = files.open_binary(path)
+  try:
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+      first = starts[lo]
+      f.seek(first)
+      buf = f.read(ends[hi - 1] - first)
+      for k in range(lo, hi):
+        data[wanted[k]] = _check_record(
+            buf, starts[k] - first, ends[k] - first, path, wanted[k],
+            starts[k], class_id)
+  finally:
+    if own:
+      f.close()
+  return [data[i] for i in indices.tolist()]
+
+
+def _check_record(buf: bytes, start: int, end: int, path: str, index: int,
+                  offset: int, class_id: int) -> bytes:
+  """The data of the record at buf[start:end], checked (`read_records`)."""
+  why = None
+  if len(buf) < end:
+    why = "record cut short by the end of the file"
+  elif records_writer.masked_crc(buf[start:start + 8]) != (
+      buf[start + 8:start + _HEADER_BYTES]):
+    why = "length CRC mismatch"
+  else:
+    (length,) = _LENGTH.unpack_from(buf, start)
+    if length != end - start - MIN_RECORD_BYTES:
+      why = (f"its length field says {length} bytes but the index says "
+             f"{end - start - MIN_RECORD_BYTES}")
+    else:
+      data = buf[start + _HEADER_BYTES:end - _FOOTER_BYTES]
+      if records_writer.masked_crc(data) != buf[end - _FOOTER_BYTES:end]:
+        why = "data CRC mismatch"
+      else:
+        return data
+  raise RecordError(f"{path}: record {index} (byte {offset}) of class "
+                    f"{class_id} is corrupt: {why}")
+
+
+# Record offsets (starts, then the end) by (path, size, modification time):
+# `load_record_offsets`, `index_records_cached`.
 _INDEX_CACHE = {}
 
 
 def index_records_cached(path: str) -> np.ndarray:
   """`index_records`, remembered per (path, size, modification time)."""
   st = files.stat(path)
-  key = (path if files.is_url(path) else os.path.abspath(path), st.size,
-         st.mtime_ns)
+  key = _cache_key(path, st)
   offsets = _INDEX_CACHE.get(key)
   if offsets is None:
-    offsets = index_records(path)
+    offsets = np.append(index_records(path), np.int64(st.size))
+    offsets.flags.writeable = False
     _INDEX_CACHE[key] = offsets
-  return offsets
+  return offsets[:-1]
 
 
 def index_records(path: str) -> np.ndarray:
