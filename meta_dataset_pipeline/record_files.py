@@ -314,7 +314,8 @@ def _warn_once(index_path: str, path: str, why: str):
       INDEX_COMMAND, files.dirname(path) or ".")
 
 
-def _sidecar_offsets(path: str, size: int) -> "np.ndarray | None":
+def _sidecar_offsets(path: str, size: int,
+                     warn: bool = True) -> "np.ndarray | None":
   """Offsets from `path`'s sidecar if it is valid for `size`, else None."""
   index_path = index_file_path(path)
   try:
@@ -324,8 +325,21 @@ def _sidecar_offsets(path: str, size: int) -> "np.ndarray | None":
   try:
     return decode_record_index(data, size)
   except ValueError as e:
-    _warn_once(index_path, path, str(e))
+    if warn:
+      _warn_once(index_path, path, str(e))
     return None
+
+
+def valid_record_index(path: str) -> "np.ndarray | None":
+  """The offsets in `path`'s sidecar (starts, then the end), if valid.
+
+  Valid: present, well formed and made for a file of `path`'s current
+  size. Not cached, no warning (for `md-index` and md-convert's resume).
+
+  Raises:
+    FileNotFoundError: no class file `path`.
+  """
+  return _sidecar_offsets(path, files.stat(path).size, warn=False)
 
 
 def load_record_offsets(path: str, num_records: int,
