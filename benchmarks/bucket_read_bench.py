@@ -65,6 +65,8 @@ def _parser():
                       help="GCS_READ_CACHE_BLOCK_SIZE_MB values")
   parser.add_argument("--gaps", default="0,262144,1048576,4194304",
                       help="read_records max_gap values (bytes)")
+  parser.add_argument("--skip_walk", action="store_true",
+                      help="only the probe and sidecar phases")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--output", default=str(DEFAULT_OUTPUT))
   parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -143,11 +145,12 @@ def _worker(args):
     with files.open_binary(paths[c]) as f:
       return [record_files.read_record(f, int(offsets[i])) for i in picks[c]]
 
-  real_open_ranges = files.open_ranges
-  files.open_ranges = files.open_binary  # index_records before the sidecar.
-  link.phase("walk_before", over_classes(walk))
-  files.open_ranges = real_open_ranges
-  link.phase("walk", over_classes(walk))
+  if not args.skip_walk:
+    real_open_ranges = files.open_ranges
+    files.open_ranges = files.open_binary  # index_records before sidecars.
+    link.phase("walk_before", over_classes(walk))
+    files.open_ranges = real_open_ranges
+    link.phase("walk", over_classes(walk))
   for gap in [int(g) for g in args.gaps.split(",")]:
     def sidecar(c, gap=gap):
       offsets = record_files.load_record_offsets(paths[c], args.records, c)
@@ -162,7 +165,8 @@ def _run_worker(gcs, root, block_mb, args):
              TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(REPO))
   argv = [sys.executable, __file__, "--worker", root] + [
       f"--{k}={v}" for k, v in vars(args).items()
-      if k not in ("worker", "output")]
+      if k not in ("worker", "output", "skip_walk")] + (
+          ["--skip_walk"] if args.skip_walk else [])
   proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE,
                           stdout=subprocess.PIPE, text=True)
   results = {}

@@ -20,6 +20,7 @@ episode readers (`reader.py`) build on it.
 """
 
 import concurrent.futures
+import functools
 import logging
 import os
 import struct
@@ -430,23 +431,25 @@ def read_records(path: str, indices, offsets: np.ndarray, class_id: int,
     RecordError: a corrupt or cut-short record, naming file, record, byte
       offset and class.
   """
-  indices = np.asarray(indices, dtype=np.int64).ravel()
-  if not indices.size:
+  indices = np.asarray(indices, dtype=np.int64).ravel().tolist()
+  if not indices:
     return []
   num = len(offsets) - 1
-  if indices.min() < 0 or indices.max() >= num:
-    bad = int(indices[(indices < 0) | (indices >= num)][0])
+  if min(indices) < 0 or max(indices) >= num:
+    bad = next(i for i in indices if not 0 <= i < num)
     raise IndexError(f"{path}: record {bad} requested from class "
                      f"{class_id}, which has {num} records")
   if max_gap is None:
     max_gap = default_max_gap(path)
-  wanted = np.unique(indices)
-  starts = offsets[wanted]
-  ends = offsets[wanted + 1]
-  cuts = np.flatnonzero(starts[1:] - ends[:-1] > max_gap) + 1
-  bounds = np.concatenate(([0], cuts, [len(wanted)])).tolist()
-  starts, ends, wanted = starts.tolist(), ends.tolist(), wanted.tolist()
+  # Plain Python on these few numbers: numpy's per-call cost is larger.
+  wanted = sorted(set(indices))
+  where = np.array(wanted)
+  offsets = np.asarray(offsets)
+  starts, ends = offsets[where].tolist(), offsets[where + 1].tolist()
+  bounds = [0] + [k for k in range(1, len(wanted))
+                  if starts[k] - ends[k - 1] > max_gap] + [len(wanted)]
   data = {}
+  one_read = files.is_url(path)
   own = f is None
   if own:
     f = files.open_ranges(path)
@@ -454,37 +457,63 @@ def read_records(path: str, indices, offsets: np.ndarray, class_id: int,
     for lo, hi in zip(bounds[:-1], bounds[1:]):
       first = starts[lo]
       f.seek(first)
-      buf = f.read(ends[hi - 1] - first)
+      if one_read:  # One request per range, then slices.
+        buf = f.read(ends[hi - 1] - first)
+        parts = (lambda s, e: (buf[s - first:s - first + _HEADER_BYTES],
+                               buf[s - first + _HEADER_BYTES:e - first -
+                                   _FOOTER_BYTES],
+                               buf[e - first - _FOOTER_BYTES:e - first]))
+      else:  # Sequential reads: no copy out of a range buffer (below).
+        parts = functools.partial(_read_parts, f)
       for k in range(lo, hi):
         data[wanted[k]] = _check_record(
-            buf, starts[k] - first, ends[k] - first, path, wanted[k],
-            starts[k], class_id)
+            *parts(starts[k], ends[k]), ends[k] - starts[k], path,
+            wanted[k], starts[k], class_id)
   finally:
     if own:
       f.close()
-  return [data[i] for i in indices.tolist()]
+  return [data[i] for i in indices]
 
 
-def _check_record(buf: bytes, start: int, end: int, path: str, index: int,
-                  offset: int, class_id: int) -> bytes:
-  """The data of the record at buf[start:end], checked (`read_records`)."""
-  why = None
-  if len(buf) < end:
+def _read_parts(f, start: int, end: int) -> tuple[bytes, bytes, bytes]:
+  """Header, data and footer of the record at [start, end) of local `f`.
+
+  Local files read each record's parts where they lie (within a range the
+  file is already there, or a seek past the gap): the CRC library takes
+  only `bytes`, so slicing the data out of one range buffer would copy every
+  record once more (measured 1.7x slower per 100 KB record, page cache warm).
+  """
+  if f.tell() != start:
+    f.seek(start)
+  header = f.read(_HEADER_BYTES)
+  data = f.read(max(0, end - start - MIN_RECORD_BYTES))
+  return header, data, f.read(_FOOTER_BYTES)
+
+
+def _check_record(header: bytes, data: bytes, footer: bytes, size: int,
+                  path: str, index: int, offset: int, class_id: int) -> bytes:
+  """`data` if the record's parts are whole and match (`read_records`).
+
+  Args:
+    header, data, footer: the record's parts as read (short at the end of
+      the file).
+    size: the record's size by the index.
+    path, index, offset, class_id: for the message.
+
+  Raises:
+    RecordError: naming file, record, byte offset and class.
+  """
+  if len(header) + len(data) + len(footer) < size:
     why = "record cut short by the end of the file"
-  elif records_writer.masked_crc(buf[start:start + 8]) != (
-      buf[start + 8:start + _HEADER_BYTES]):
+  elif records_writer.masked_crc(header[:8]) != header[8:]:
     why = "length CRC mismatch"
+  elif _LENGTH.unpack_from(header)[0] != size - MIN_RECORD_BYTES:
+    why = (f"its length field says {_LENGTH.unpack_from(header)[0]} bytes "
+           f"but the index says {size - MIN_RECORD_BYTES}")
+  elif records_writer.masked_crc(data) != footer:
+    why = "data CRC mismatch"
   else:
-    (length,) = _LENGTH.unpack_from(buf, start)
-    if length != end - start - MIN_RECORD_BYTES:
-      why = (f"its length field says {length} bytes but the index says "
-             f"{end - start - MIN_RECORD_BYTES}")
-    else:
-      data = buf[start + _HEADER_BYTES:end - _FOOTER_BYTES]
-      if records_writer.masked_crc(data) != buf[end - _FOOTER_BYTES:end]:
-        why = "data CRC mismatch"
-      else:
-        return data
+    return data
   raise RecordError(f"{path}: record {index} (byte {offset}) of class "
                     f"{class_id} is corrupt: {why}")
 

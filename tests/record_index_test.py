@@ -148,6 +148,47 @@ def test_read_records_equals_read_record(tmp_path, max_gap):
     record_files.read_records(path, [1, 60], offsets, 3)
 
 
+def test_read_records_from_a_url_file_system(tmp_path):
+  """On a URL file system: one ranged read per merged range, slices."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(2)
+  path = _class_file(tmp_path, sizes=rng.integers(0, 3000, 40),
+                     write_index=True)
+  remote = f"ram://index-{os.getpid()}-{rng.integers(1 << 30)}/3.tfrecords"
+  tf.io.gfile.makedirs(remote.rsplit("/", 1)[0])
+  for p in (path, path + ".index"):
+    tf.io.gfile.copy(p, remote + p[len(path):])
+  offsets = record_files.load_record_offsets(remote, 40, 3)
+  np.testing.assert_array_equal(
+      offsets, record_files.load_record_offsets(path, 40, 3))
+  reads = []
+  real = record_files.files.open_ranges
+
+  def counting(p):
+    f = real(p)
+    read = f.read
+    f.read = lambda n: reads.append(n) or read(n)
+    return f
+
+  record_files.files.open_ranges = counting
+  try:
+    for gap in (0, 2000, 1 << 20):
+      for indices in ([3, 9, 3, 0, 39], list(range(40)), [20]):
+        want = record_files.read_records(path, indices, offsets, 3)
+        reads.clear()
+        got = record_files.read_records(remote, indices, offsets, 3,
+                                        max_gap=gap)
+        assert got == want
+        if gap == 1 << 20:  # All in one read.
+          assert len(reads) == 1
+    with pytest.raises(record_files.RecordError, match="cut short"):
+      record_files.read_records(remote, [39], offsets[:-1].tolist() + [
+          offsets[-1] + 10], 3)
+  finally:
+    record_files.files.open_ranges = real
+    tf.io.gfile.rmtree(remote.rsplit("/", 1)[0])
+
+
 @pytest.mark.parametrize("where,why", [
     ("data", "data CRC mismatch"), ("length_crc", "length CRC mismatch"),
     ("length", "length CRC mismatch"), ("cut", "record cut short")])
