@@ -19,6 +19,23 @@ for TensorFlow's import, which the pipeline modules need.
 """
 
 import importlib
+import os
+
+# Records on a bucket (`gs://`): TensorFlow's GCS file system reads
+# GCS_READ_CACHE_BLOCK_SIZE_MB once, when TensorFlow is imported, so it is
+# set here, on the package's import, before anything of it imports TF
+# (ctx-train and ctx-eval import this package before TensorFlow); a value
+# the user exported wins. TF's default, 64 MB, makes every read of an open
+# file fetch (and that file hold) a 64 MB block: 17 GB of memory and 4x
+# slower on the emulator (benchmarks/RESULTS.md, "Start-up at scale"). 0
+# turns the block buffer off, so a read of n bytes fetches exactly n (one
+# ranged request, plus one for the byte TF probes before a seek's target):
+# `record_files.read_records` merges an episode's records of a class into
+# few such reads. Measured with benchmarks/bucket_read_bench.py (30 ms and
+# 100 MB/s per request injected): 1 MB blocks read 3-10x the bytes (a 1 MB
+# block per 100 KB record) for 5-10% more records/s, 4 MB blocks 12-35x the
+# bytes and no faster; on a real host the bytes are what saturate the NIC.
+os.environ.setdefault("GCS_READ_CACHE_BLOCK_SIZE_MB", "0")
 
 _EXPORTS = {
     "BiLevelDatasetSpecification": "dataset_spec",
