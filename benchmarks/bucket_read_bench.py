@@ -68,6 +68,8 @@ def _parser():
   parser.add_argument("--skip_walk", action="store_true",
                       help="only the probe and sidecar phases")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--note", default="",
+                      help="what else ran on the machine (stored)")
   parser.add_argument("--output", default=str(DEFAULT_OUTPUT))
   parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   return parser
@@ -165,7 +167,7 @@ def _run_worker(gcs, root, block_mb, args):
              TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(REPO))
   argv = [sys.executable, __file__, "--worker", root] + [
       f"--{k}={v}" for k, v in vars(args).items()
-      if k not in ("worker", "output", "skip_walk")] + (
+      if k not in ("worker", "output", "skip_walk", "note")] + (
           ["--skip_walk"] if args.skip_walk else [])
   proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE,
                           stdout=subprocess.PIPE, text=True)
