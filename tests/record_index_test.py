@@ -292,51 +292,59 @@ def test_md_index_errors_are_one_line(tmp_path):
 
 
 def test_sidecar_on_a_bucket_spares_the_class_file(tmp_path):
-  """On gs://: offsets from the sidecar, not a byte of the class file."""
-  folder = _write_folder(tmp_path / "tiny")
-  assert index_cli.main([str(folder)]) == 0
-  (folder / "1.tfrecords.index").unlink()  # Class 1: walked.
+  """On gs://: md-index writes the sidecars, offsets come from them alone."""
+  folder = _write_folder(tmp_path / "tiny")  # No sidecars.
   code = (
       "import sys, json\n"
+      "from meta_dataset_pipeline import index_cli\n"
       "from meta_dataset_pipeline import record_files as r\n"
       "root = sys.argv[1]\n"
       "input()\n"
-      "o = r.load_record_offsets(root + '/0.tfrecords', 4, 0)\n"
+      "index_cli.main([root])\n"
+      "input()\n"
+      "o = r.load_record_offsets(root + '/1.tfrecords', 6, 1)\n"
       "print(json.dumps(o.tolist()), flush=True)\n"
       "input()\n"
-      "o1 = r.load_record_offsets(root + '/1.tfrecords', 6, 1)\n"
-      "recs = r.read_records(root + '/1.tfrecords', [5, 0, 5], o1, 1)\n"
-      "print(json.dumps([len(x) for x in recs]), flush=True)\n")
+      "recs = r.read_records(root + '/1.tfrecords', [5, 0, 5], o, 1)\n"
+      "print(json.dumps([x.hex() for x in recs]), flush=True)\n")
   with gcs_emulator.gcs_emulator() as gcs:
     root = gcs.upload_tree(folder, "tiny")
     proc = subprocess.Popen([sys.executable, "-c", code, root], env=gcs.env,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True)
+    logs, out = [], []
     try:
-      proc.stdin.write("\n")
-      proc.stdin.flush()
-      offsets = proc.stdout.readline()
-      used = list(gcs.stats.log)
-      gcs.stats.reset()
-      proc.stdin.write("\n")
-      proc.stdin.flush()
-      lengths = proc.stdout.readline()
-      walked = list(gcs.stats.log)
+      for _ in range(3):  # md-index; offsets; records.
+        gcs.stats.reset()
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        out.append(proc.stdout.readline().strip())
+        logs.append(list(gcs.stats.log))
     finally:
       proc.stdin.close()
       proc.stdout.close()
       assert proc.wait(60) == 0
-  want = record_files.load_record_offsets(str(folder / "0.tfrecords"), 4, 0)
-  assert offsets.strip() == str(want.tolist())
+    names = gcs.object_names("tiny/")
+    index_bytes = gcs.read_object("tiny/1.tfrecords.index")
+  assert out[0].startswith(f"md-index {root}: 3 class files, 3 indexed")
+  assert [n for n in names if n.endswith(".index")] == [
+      f"tiny/{c}.tfrecords.index" for c in range(3)]
+  local = str(folder / "1.tfrecords")
+  want = record_files.index_records(local)
+  np.testing.assert_array_equal(
+      record_files.decode_record_index(index_bytes, os.path.getsize(local)),
+      np.append(want, os.path.getsize(local)))
+  offsets, records = out[1], out[2]
+  assert offsets == str(np.append(want, os.path.getsize(local)).tolist())
+  assert records == str([x.hex() for x in record_files.read_records(
+      local, [5, 0, 5], record_files.load_record_offsets(local, 6, 1), 1)
+                        ]).replace("'", '"')
   bucket_path = "/" + gcs.bucket + "/tiny/"
-  # The class file: one stat (metadata), never downloaded.
-  downloads = [e for e in used if e[1] == bucket_path + "0.tfrecords"]
-  assert not downloads, used
-  assert [e for e in used if e[1] == bucket_path + "0.tfrecords.index"]
+  # Offsets: the class file is never downloaded, only its sidecar.
+  used = logs[1]
+  assert not [e for e in used if e[1] == bucket_path + "1.tfrecords"], used
+  assert [e for e in used if e[1] == bucket_path + "1.tfrecords.index"]
   assert len(used) <= 4, used
-  # Without its sidecar, class 1 is read (walked) from the bucket.
-  assert [e for e in walked if e[1] == bucket_path + "1.tfrecords"], walked
-  assert lengths.strip() != ""
 
 
 def test_md_convert_folders_keep_working_without_tensorflow(tmp_path):
