@@ -106,18 +106,20 @@ def open_ranges(path):
   block buffer of at least the read's size answers together with the read
   (one request of a block), and which is a request of its own without one.
 
+  Opening costs nothing on a URL file system (no request; a missing file
+  fails at the first read), so a reader may open one per call.
+
   Raises:
-    FileNotFoundError: no such file.
+    FileNotFoundError: no such file (locally at once, on a URL at the first
+      read).
   """
   path = os.fspath(path)
   if not is_url(path):
     return open(path, "rb")  # pylint: disable=consider-using-with
-  if not _gfile().exists(path):
-    raise FileNotFoundError(f"no such file: {path}")
   try:
     from tensorflow.python.lib.io import _pywrap_file_io  # pylint: disable=g-import-not-at-top
   except ImportError:  # Another TF layout: whole 512 KiB buffers, correct.
-    return _gfile().GFile(path, "rb")
+    return open_binary(path)
   return _RangeReader(path, _pywrap_file_io.BufferedInputStream)
 
 
@@ -148,6 +150,8 @@ class _RangeReader:
       data = stream.read(n)
     except tf.errors.OutOfRangeError:
       data = b""  # Past the end of the file.
+    except tf.errors.NotFoundError:
+      raise FileNotFoundError(f"no such file: {self._path}") from None
     self._position += len(data)
     return data
 
