@@ -31,10 +31,13 @@ import os
 # turns the block buffer off, so a read of n bytes fetches exactly n (one
 # ranged request, plus one for the byte TF probes before a seek's target):
 # `record_files.read_records` merges an episode's records of a class into
-# few such reads. Measured with benchmarks/bucket_read_bench.py (30 ms and
-# 100 MB/s per request injected): 1 MB blocks read 3-10x the bytes (a 1 MB
-# block per 100 KB record) for 5-10% more records/s, 4 MB blocks 12-35x the
-# bytes and no faster; on a real host the bytes are what saturate the NIC.
+# few such reads. Measured with benchmarks/bucket_read_bench.py (emulated
+# bucket: 30 ms a request, 100 MB/s; 10 records of 100 KB from each of 20
+# classes): 1 MB blocks fetch 3-10x the bytes (a 1 MB block per record
+# read); with 20 reading threads 0 gave 1.7x the records/s of 1 MB (117 vs
+# 70 per s), with 2 threads (latency-bound: 0 costs a probe request more
+# per read) 1 MB gave 1.7x (49 vs 29). The pipeline reads in many threads
+# and processes, and the bytes are what saturate a host's network, so 0.
 os.environ.setdefault("GCS_READ_CACHE_BLOCK_SIZE_MB", "0")
 
 _EXPORTS = {

@@ -46,11 +46,11 @@ _URL_INDEX_WINDOW_BYTES = 16 << 20
 # `read_records` merges two records into one read when at most this many
 # bytes lie between them (see `default_max_gap`). Chosen with
 # benchmarks/bucket_read_bench.py (emulated bucket, 30 ms a request, 100
-# MB/s, 10 records of 100 KB from each 200-record class): 1 MiB gave 1.4x
-# the records/s of 0 (fewer requests) for 2.7x the bytes, 4 MiB 1.7x for
-# 12x the bytes. Local files are read record by record (`_read_parts`), so
-# there the gap only decides where a seek starts a range: 0 to 4 MiB
-# measured the same, page cache warm.
+# MB/s, 10 records of 100 KB from each 200-record class, block size 0):
+# 1 MiB gave 1.2-1.3x the records/s of 0 (38% fewer requests) for 2.7x the
+# bytes, 4 MiB 0.8-2.3x for 12x the bytes. Local files are read record by
+# record (`_read_parts`), so there the gap only decides where a seek starts
+# a range: 0 to 4 MiB measured the same, page cache warm.
 LOCAL_MAX_GAP_BYTES = 64 << 10
 URL_MAX_GAP_BYTES = 1 << 20
 # The command that (re)writes sidecar indexes, named in warnings.
