@@ -38,9 +38,13 @@ import subprocess
 import sys
 import time
 
-# This checkout's packages, not an installed copy's.
+# This checkout's packages, not an installed copy's (or `--src`'s, e.g. a
+# checkout of an earlier version, for "before" figures).
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+_SRC = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--src=")
+             and "--child" in sys.argv),
+            ROOT)
+sys.path.insert(0, _SRC)
 
 PROJECT_CORES = (16, 48, 96)
 
@@ -52,9 +56,14 @@ def _child(args) -> dict:
   spec = mdp.load_dataset_spec(args.records)
   cfg = mdp.EpisodeDescriptionConfig()
   t0 = time.perf_counter()
-  it = mdp.make_episode_iterator(spec, "TRAIN", cfg, args.size, seed=0,
-                                 num_workers=args.child,
-                                 start_episode=args.start_episode)
+  if hasattr(mdp, "make_episode_iterator"):
+    it = mdp.make_episode_iterator(spec, "TRAIN", cfg, args.size, seed=0,
+                                   num_workers=args.child,
+                                   start_episode=args.start_episode)
+  else:  # A version before worker processes (`--src`).
+    it = mdp.make_one_source_episode_dataset(
+        spec, "TRAIN", cfg, args.size, seed=0,
+        start_episode=args.start_episode).as_numpy_iterator()
   next(it)
   first = time.perf_counter() - t0
   for _ in range(args.warmup):
@@ -87,12 +96,14 @@ def _child(args) -> dict:
   return out
 
 
-def _run_child(args, k, start_episode=0):
+def _run_child(args, k, start_episode=0, src=None, env=None):
   cmd = [sys.executable, os.path.abspath(__file__), "--records",
          args.records, "--size", str(args.size), "--seconds",
          str(args.seconds), "--warmup", str(args.warmup), "--child", str(k),
          "--start_episode", str(start_episode)]
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  if src:
+    cmd.append(f"--src={src}")
+  env = dict(env or os.environ, TF_CPP_MIN_LOG_LEVEL="2")
   res = subprocess.run(cmd, capture_output=True, text=True, env=env,
                        check=False)
   if res.returncode:
@@ -112,41 +123,89 @@ def main(argv=None):
                  help="also time the first episode of a resume at this "
                  "episode (K = the largest of --workers)")
   p.add_argument("--output", default="")
+  p.add_argument("--src", default="", help="also run K=0 from this "
+                 "checkout (an earlier version; labelled 'before')")
+  p.add_argument("--gcs_latency_ms", type=float, default=None,
+                 help="read from the loopback bucket emulator "
+                 "(tests/gcs_emulator.py), with this delay per request")
+  p.add_argument("--gcs_bandwidth_mbps", type=float, default=None,
+                 help="with --gcs_latency_ms: MB/s per connection")
   p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.child is not None:
     print(json.dumps(_child(args)))
     return 0
+  if args.gcs_latency_ms is None:
+    return _measure(args, dict(os.environ), {})
+  sys.path.insert(0, os.path.join(ROOT, "tests"))
+  import gcs_emulator  # pylint: disable=g-import-not-at-top
+  from meta_dataset_pipeline import index_cli  # pylint: disable=g-import-not-at-top
+  index_cli.main([args.records])  # Sidecars (skipped when valid).
+  bandwidth = (args.gcs_bandwidth_mbps * 1e6 if args.gcs_bandwidth_mbps
+               else None)
+  with gcs_emulator.gcs_emulator(latency_s=args.gcs_latency_ms / 1000,
+                                 bandwidth=bandwidth) as gcs:
+    t = time.perf_counter()
+    local = args.records
+    args.records = gcs.upload_tree(local, "records")
+    print(json.dumps({"uploaded": local, "to": args.records,
+                      "seconds": round(time.perf_counter() - t, 1)}),
+          flush=True)
+    env = dict(os.environ, **gcs.env)
+    return _measure(args, env, {
+        "gcs_latency_ms": args.gcs_latency_ms,
+        "gcs_bandwidth_mbps": args.gcs_bandwidth_mbps,
+        "records_uploaded_from": local})
+
+
+def _measure(args, env, extra):
+  """The interleaved rounds, the summary and the projection."""
+  env.pop("GCS_READ_CACHE_BLOCK_SIZE_MB", None)  # The pipeline's default.
+  # The earlier version's README asked bucket users for 1 MB blocks.
+  before_env = dict(env, GCS_READ_CACHE_BLOCK_SIZE_MB="1")
   ks = [int(k) for k in args.workers.split(",")]
   runs = []
   for r in range(args.rounds):
+    if args.src:
+      load = os.getloadavg()[0]
+      res = _run_child(args, 0, src=args.src, env=before_env)
+      res.update(round=r, load_before=round(load, 2), num_workers="before")
+      runs.append(res)
+      print(json.dumps(res), flush=True)
     for k in ks:
       load = os.getloadavg()[0]
-      res = _run_child(args, k)
+      res = _run_child(args, k, env=env)
       res.update(round=r, load_before=round(load, 2))
       runs.append(res)
       print(json.dumps(res), flush=True)
   resumes = []
   if args.start_episode:
     for r in range(args.rounds):
-      res = _run_child(args, max(ks), args.start_episode)
-      resumes.append(res["first_episode_s"])
-      print(json.dumps({"resume_first_episode_s": res["first_episode_s"],
-                        "start_episode": args.start_episode}), flush=True)
+      for label, src, k, e in ((("before", args.src, 0, before_env),)
+                               if args.src else ()) + (
+                                   (str(max(ks)), None, max(ks), env),):
+        res = _run_child(args, k, args.start_episode, src=src, env=e)
+        resumes.append({"version": label,
+                        "first_episode_s": res["first_episode_s"]})
+        print(json.dumps(resumes[-1]), flush=True)
+  if args.src:
+    ks = ["before"] + ks
   summary = {}
   for k in ks:
     mine = [x for x in runs if x["num_workers"] == k]
+    if not mine:
+      continue
     med = lambda key, mine=mine: statistics.median(x[key] for x in mine)
     row = {"img_per_s": med("img_per_s"),
            "episodes_per_s": med("episodes_per_s"),
            "first_episode_s": med("first_episode_s"),
            "consumer_us_per_img": med("consumer_us_per_img")}
-    if k:
+    if k and k != "before":
       row["serial_ceiling_img_per_s"] = med("serial_ceiling_img_per_s")
       row["worker_us_per_img"] = med("worker_us_per_img")
     summary[str(k)] = row
   projection = {}
-  with_workers = [summary[str(k)] for k in ks if k]
+  with_workers = [summary[str(k)] for k in ks if k and k != "before"]
   if with_workers:
     ceiling = max(r["serial_ceiling_img_per_s"] for r in with_workers)
     cost = statistics.median(r["worker_us_per_img"] for r in with_workers)
@@ -156,7 +215,7 @@ def main(argv=None):
          "seconds": args.seconds, "machine": platform.processor() or
          platform.machine(), "cpus": os.cpu_count(), "summary": summary,
          "projected_img_per_s": projection,
-         "resume_first_episode_s": resumes, "runs": runs}
+         "resume_first_episode_s": resumes, "runs": runs, **extra}
   print(json.dumps({"summary": summary, "projected_img_per_s": projection},
                    indent=1))
   if args.output:

@@ -411,7 +411,7 @@ def _episode_dataset(specs, split, episode_config, image_size, seed, *,
     setup = workers_lib.WorkerSetup(image_size, support_augmentation,
                                     query_augmentation, augmenter)
     return workers_lib.EpisodeWorkers(planner, setup, num_workers,
-                                      window=num_workers + prefetch)
+                                      window=2 * num_workers + prefetch)
   episodes = tf.data.Dataset.from_generator(
       _episode_generator(sources, seed, buckets, shuffle_buffer_size,
                          episode_config.simclr_episode_fraction,
@@ -569,8 +569,8 @@ def make_episode_iterator(dataset_spec_list, split, episode_config,
       `workers.default_num_workers()` is a good K. Class record files only
       (not TFDS-prepared data), without `decoded_cache_bytes`.
     **kwargs: the keyword options of `make_one_source_episode_dataset`;
-      `prefetch` is the number of episodes prepared ahead beyond one per
-      worker.
+      `prefetch` is the number of episodes prepared ahead beyond two per
+      worker (one decoding, one being read).
 
   Returns:
     An iterator of episode dicts; with workers, its arrays are views of

@@ -221,13 +221,14 @@ class RowReader:
   def offsets(self, path: str, num_records: int, class_id: int):
     offsets = self._offsets.get(path)
     if offsets is None:
-      offsets = _load_offsets(path, num_records, class_id)
+      offsets = record_files.load_record_offsets(path, num_records,
+                                                 class_id)
       self._offsets[path] = offsets
     return offsets
 
   def _read_class(self, path, indices, class_id, count):
     offsets = self.offsets(path, count, class_id)
-    return _read_records(path, indices, offsets, class_id)
+    return record_files.read_records(path, indices, offsets, class_id)
 
   def read(self, row_files, record_index, class_ids, counts) -> list[bytes]:
     """The checked image bytes of each row.
@@ -270,33 +271,6 @@ class RowReader:
       self._pool.shutdown()
 
 
-def _load_offsets(path, num_records, class_id):
-  """Record offsets of a class file (then its end), count checked."""
-  load = getattr(record_files, "load_record_offsets", None)
-  if load is not None:
-    return load(path, num_records, class_id)
-  offsets = record_files.check_record_count(path, num_records, class_id)
-  return np.append(offsets, files.stat(path).size)
-
-
-def _read_records(path, indices, offsets, class_id):
-  """The records `indices` of a class file, CRCs verified."""
-  read = getattr(record_files, "read_records", None)
-  if read is not None:
-    return read(path, indices, offsets, class_id)
-  out = []
-  with files.open_binary(path) as f:
-    for index in indices:
-      offset = int(offsets[index])
-      try:
-        out.append(record_files.read_record(f, offset))
-      except ValueError as e:
-        raise record_files.RecordError(
-            f"{path}: record {index} (byte {offset}) of class {class_id} "
-            f"is corrupt: {e}") from None
-  return out
-
-
 def _worker_main(worker_id, setup, tasks, results, parent_pid):
   """A worker process: episodes from `tasks` -> shared memory -> `results`.
 
@@ -324,26 +298,27 @@ def _worker_main(worker_id, setup, tasks, results, parent_pid):
     return
   rows = RowReader()
   segments = {}
+  images_done = 0
+  # A reading thread fetches the records of the worker's next episode
+  # while this thread decodes the current one: file and bucket reads (and
+  # the CRC) release the GIL, so a bucket's latency hides behind decoding.
+  ready = queue.Queue(maxsize=1)
+  threading.Thread(target=_read_ahead, daemon=True, name="md-read-ahead",
+                   args=(tasks, ready, rows, parent_pid)).start()
   while True:
-    try:
-      task = tasks.get(timeout=_ORPHAN_POLL_SECONDS)
-    except queue.Empty:
-      if os.getppid() != parent_pid:  # The consumer is gone.
-        break
-      continue
-    if task is None:
+    item = ready.get()
+    if item is None:
       break
-    index, plan, counts, name, size, dropped = task
+    (index, plan, _, name, size, dropped), images, error = item
     for gone in dropped:
       segment = segments.pop(gone, None)
       if segment is not None:
         _close(segment)
     if index is None:  # Only news of dropped segments.
       continue
-    start = time.process_time()
     try:
-      images = rows.read(plan["row_files"], plan["record_index"],
-                         plan["class_ids"], counts)
+      if error is not None:
+        raise error
       blob, lengths = episode_map.pack(images)
       out = process({"blob": blob, "lengths": lengths, **plan})
       # Images through DLPack: a view of TF's buffer (`.numpy()` would copy
@@ -363,11 +338,37 @@ def _worker_main(worker_id, setup, tasks, results, parent_pid):
       results.put(("failed", worker_id, index, f"{type(e).__name__}: {e}",
                    0, 0))
       continue
-    results.put(("done", worker_id, index, layout,
-                 time.process_time() - start, len(images)))
+    # The worker's whole CPU time so far (both threads), and its images.
+    images_done += len(images)
+    results.put(("done", worker_id, index, layout, time.process_time(),
+                 images_done))
   rows.close()
   for segment in segments.values():
     _close(segment)
+
+
+def _read_ahead(tasks, ready, rows, parent_pid):
+  """Worker thread: task -> (task, images or None, error or None)."""
+  while True:
+    try:
+      task = tasks.get(timeout=_ORPHAN_POLL_SECONDS)
+    except queue.Empty:
+      if os.getppid() != parent_pid:  # The consumer is gone.
+        ready.put(None)
+        return
+      continue
+    if task is None:
+      ready.put(None)
+      return
+    index, plan, counts = task[:3]
+    images = error = None
+    if index is not None:
+      try:
+        images = rows.read(plan["row_files"], plan["record_index"],
+                           plan["class_ids"], counts)
+      except Exception as e:  # pylint: disable=broad-except
+        error = e
+    ready.put((task, images, error))
 
 
 def _write(segment, size, arrays) -> list:
@@ -410,8 +411,8 @@ class EpisodeWorkers:
                      for c in s.class_set} for s in planner.sources]
     self._next_plan = planner.index
     self._next_out = planner.index
-    self.worker_cpu_seconds = 0.0
-    self.worker_images = 0
+    # worker -> (its CPU seconds, images done), as last reported.
+    self._worker_clock = {}
     self._closed = False
     ctx = multiprocessing.get_context("spawn")
     self._results = ctx.Queue()
@@ -430,6 +431,16 @@ class EpisodeWorkers:
 
   def __iter__(self):
     return self
+
+  @property
+  def worker_cpu_seconds(self) -> float:
+    """CPU time the workers have used so far (all their threads)."""
+    return sum(cpu for cpu, _ in self._worker_clock.values())
+
+  @property
+  def worker_images(self) -> int:
+    """Images the workers have prepared so far."""
+    return sum(n for _, n in self._worker_clock.values())
 
   def _dispatch(self):
     while self._next_plan < self._next_out + self._window:
@@ -481,7 +492,7 @@ class EpisodeWorkers:
       raise StopIteration
     self._dispatch()
     index = self._next_out
-    kind, _, _, payload, cpu, images = self._wait(index)
+    kind, worker, _, payload, cpu, images = self._wait(index)
     self._next_out += 1
     segment = self._lent.pop(index)
     if kind != "done":
@@ -493,8 +504,7 @@ class EpisodeWorkers:
         import tensorflow as tf  # pylint: disable=g-import-not-at-top
         raise tf.errors.InvalidArgumentError(None, None, payload)
       raise WorkerError(f"episode {index}: {payload}")
-    self.worker_cpu_seconds += cpu
-    self.worker_images += images
+    self._worker_clock[worker] = (cpu, images)
     return _views(segment, payload, self._segments.give_back)
 
   def close(self):
