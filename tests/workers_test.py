@@ -8,9 +8,12 @@ the stream with one clear error, and nothing hangs.
 
 import hashlib
 import itertools
+import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -210,3 +213,72 @@ def test_workers_refuse_the_decoded_cache(specs):
   with pytest.raises(ValueError, match="num_workers=0"):
     pipeline.make_episode_iterator(specs, "TRAIN", CFG, SIZE, num_workers=1,
                                    decoded_cache_bytes=1 << 30)
+
+
+# Run as a process of the two-process test below: prints the digests of
+# its row block of the first episodes, read through the config path.
+_PROCESS_SCRIPT = """
+import hashlib, itertools, json, sys
+import numpy as np
+from experiments import common
+from ctx_jax.data import input_pipeline
+root, workers, index, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+config = common.get_base_config()
+config.data.records_root = root
+config.data.image_size = 24
+config.data.num_workers = workers
+config.data.md_augmentation = "bohb"
+config.data.train_episode = common.episode_config(
+    max_ways_upper_bound=6, max_support_set_size=20, max_num_query=3,
+    simclr_episode_fraction=0.5)
+stream = input_pipeline.episodes(config, "TRAIN", ("omniglot", "dtd"),
+                                 seed=4, pad_multiple=4, process_index=index,
+                                 process_count=count)
+out = []
+for ep in itertools.islice(stream, 6):
+  if count == 1:
+    ep = [input_pipeline.local_rows(ep, b, 2) for b in range(2)]
+  else:
+    ep = [ep]
+  digests = []
+  for part in ep:
+    h = hashlib.sha256()
+    for key in sorted(part):
+      a = np.asarray(part[key])
+      h.update(f"{key}:{a.dtype.str}:{a.shape}".encode())
+      h.update(np.ascontiguousarray(a).tobytes())
+    digests.append(h.hexdigest())
+  out.append(digests)
+stream.close()
+print(json.dumps(out))
+"""
+
+
+def test_two_processes_with_workers_read_the_one_process_episodes(
+    shared_dir):
+  """Two OS processes, each with 2 workers of its own, through the config
+  path (`input_pipeline.episodes`): their row blocks are the blocks of the
+  one-process, in-process episodes."""
+  root = str(shared_dir / "fixtures" / "md_records")
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def start(workers, index, count):
+    return subprocess.Popen(
+        [sys.executable, "-c", _PROCESS_SCRIPT, root, str(workers),
+         str(index), str(count)], cwd=repo, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+  procs = [start(0, 0, 1), start(2, 0, 2), start(2, 1, 2)]
+  outs = []
+  for p in procs:
+    try:
+      stdout, stderr = p.communicate(timeout=600)
+    finally:
+      if p.poll() is None:
+        p.kill()
+    assert p.returncode == 0, stderr[-3000:]
+    outs.append(json.loads(stdout.strip().splitlines()[-1]))
+  whole, first, second = outs
+  assert [d[0] for d in first] == [d[0] for d in whole]
+  assert [d[0] for d in second] == [d[1] for d in whole]
