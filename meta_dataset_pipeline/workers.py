@@ -38,12 +38,14 @@ cases every worker is stopped, so nothing hangs.
 
 import collections
 import concurrent.futures
+import contextlib
 import ctypes
 import dataclasses
 import multiprocessing
 import os
 import pickle
 import queue
+import sys
 import threading
 import time
 import weakref
@@ -279,12 +281,15 @@ def _worker_main(worker_id, setup, tasks, results, parent_pid):
   logging setting below.
   """
   # Quiet TensorFlow's C++ start-up lines: K workers would print them K
-  # times (the user's own setting wins).
+  # times (the user's own setting wins). TF 2.21 prints some of them
+  # whatever TF_CPP_MIN_LOG_LEVEL says, so its import also runs with
+  # stderr muted (an import error still reaches the consumer, below).
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   try:
-    setup = pickle.loads(setup)
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    from meta_dataset_pipeline import episode_map  # pylint: disable=g-import-not-at-top
+    with _stderr_muted():
+      setup = pickle.loads(setup)
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      from meta_dataset_pipeline import episode_map  # pylint: disable=g-import-not-at-top
     # Parallelism comes from the workers: one thread each keeps K workers
     # on K CPUs instead of K thread pools fighting over them.
     tf.config.threading.set_intra_op_parallelism_threads(setup.tf_threads)
@@ -345,6 +350,20 @@ def _worker_main(worker_id, setup, tasks, results, parent_pid):
   rows.close()
   for segment in segments.values():
     _close(segment)
+
+
+@contextlib.contextmanager
+def _stderr_muted():
+  """File descriptor 2 points at /dev/null meanwhile (C++ writes too)."""
+  saved = os.dup(2)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  try:
+    os.dup2(devnull, 2)
+    yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
 
 
 def _read_ahead(tasks, ready, rows, parent_pid):
@@ -423,8 +442,9 @@ class EpisodeWorkers:
                           self._results,
                           os.getpid()), daemon=True)
         for k in range(num_workers)]
-    for p in self._procs:
-      p.start()
+    with _main_module_hidden():
+      for p in self._procs:
+        p.start()
     # Stop the workers even if the iterator is never closed.
     self._finalizer = weakref.finalize(
         self, _shutdown, self._procs, self._tasks, self._segments)
@@ -514,6 +534,29 @@ class EpisodeWorkers:
 
   def __del__(self):
     self.close()
+
+
+@contextlib.contextmanager
+def _main_module_hidden():
+  """Keeps `spawn` from running the user's main script in each worker.
+
+  `spawn` re-imports `__main__` in the child (by path or module name) so
+  that targets defined there resolve; ours live in this module, and a
+  script or notebook without an `if __name__ == "__main__"` guard would
+  otherwise start the pipeline again in every worker.
+  """
+  main = sys.modules.get("__main__")
+  saved = {k: getattr(main, k) for k in ("__spec__", "__file__")
+           if hasattr(main, k)}
+  try:
+    if main is not None:
+      main.__spec__ = None
+      if hasattr(main, "__file__"):
+        del main.__file__
+    yield
+  finally:
+    for k, v in saved.items():
+      setattr(main, k, v)
 
 
 def _views(segment, layout, give_back) -> dict:

@@ -282,3 +282,23 @@ def test_two_processes_with_workers_read_the_one_process_episodes(
   whole, first, second = outs
   assert [d[0] for d in first] == [d[0] for d in whole]
   assert [d[0] for d in second] == [d[1] for d in whole]
+
+
+def test_script_without_main_guard(shared_dir, tmp_path):
+  """`spawn` would re-run an unguarded script in every worker (which would
+  start the pipeline again there); the workers must not."""
+  script = tmp_path / "unguarded.py"
+  script.write_text(
+      "import meta_dataset_pipeline as mdp\n"
+      "print('script body ran', flush=True)\n"
+      f"spec = mdp.load_dataset_spec({str(shared_dir)!r} + "
+      "'/fixtures/md_records/dtd')\n"
+      "it = mdp.make_episode_iterator(spec, 'TRAIN', "
+      "mdp.EpisodeDescriptionConfig(), 16, num_workers=2)\n"
+      "print(int(next(it)['num_ways']) > 0, flush=True)\n"
+      "it.close()\n")
+  res = subprocess.run([sys.executable, str(script)], capture_output=True,
+                       text=True, timeout=300, check=False)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert res.stdout.split() == ["script", "body", "ran", "True"]
+  assert "Traceback" not in res.stderr
