@@ -122,6 +122,9 @@ def main(argv=None):
   p.add_argument("--start_episode", type=int, default=0,
                  help="also time the first episode of a resume at this "
                  "episode (K = the largest of --workers)")
+  p.add_argument("--resume_only", action="store_true",
+                 help="only the resume runs (--start_episode), each "
+                 "stopped at its first episode")
   p.add_argument("--output", default="")
   p.add_argument("--src", default="", help="also run K=0 from this "
                  "checkout (an earlier version; labelled 'before')")
@@ -136,7 +139,7 @@ def main(argv=None):
     print(json.dumps(_child(args)))
     return 0
   if args.gcs_latency_ms is None:
-    return _measure(args, dict(os.environ), {})
+    return _measure(args, dict(os.environ))
   sys.path.insert(0, os.path.join(ROOT, "tests"))
   import gcs_emulator  # pylint: disable=g-import-not-at-top
   from meta_dataset_pipeline import index_cli  # pylint: disable=g-import-not-at-top
@@ -152,29 +155,46 @@ def main(argv=None):
                       "seconds": round(time.perf_counter() - t, 1)}),
           flush=True)
     env = dict(os.environ, **gcs.env)
-    return _measure(args, env, {
+    return _measure(args, env, stats=gcs.stats, extra={
         "gcs_latency_ms": args.gcs_latency_ms,
         "gcs_bandwidth_mbps": args.gcs_bandwidth_mbps,
         "records_uploaded_from": local})
 
 
-def _measure(args, env, extra):
-  """The interleaved rounds, the summary and the projection."""
+def _measure(args, env, stats=None, extra=None):
+  """The interleaved rounds, the summary and the projection.
+
+  With `stats` (the emulator proxy's counters), each run also records the
+  requests and bytes the bucket served.
+  """
+  extra = extra or {}
+
+  def child(*a, **kw):
+    if stats is not None:
+      stats.reset()
+    res = _run_child(args, *a, **kw)
+    if stats is not None:
+      res.update(bucket_requests=stats.requests,
+                 bucket_mb=round(stats.bytes_sent / 1e6, 1))
+    return res
+
   env.pop("GCS_READ_CACHE_BLOCK_SIZE_MB", None)  # The pipeline's default.
   # The earlier version's README asked bucket users for 1 MB blocks.
   before_env = dict(env, GCS_READ_CACHE_BLOCK_SIZE_MB="1")
   ks = [int(k) for k in args.workers.split(",")]
   runs = []
-  for r in range(args.rounds):
+  if args.resume_only:  # First episodes only.
+    args.seconds, args.warmup = 0, 0
+  for r in range(0 if args.resume_only else args.rounds):
     if args.src:
       load = os.getloadavg()[0]
-      res = _run_child(args, 0, src=args.src, env=before_env)
+      res = child(0, src=args.src, env=before_env)
       res.update(round=r, load_before=round(load, 2), num_workers="before")
       runs.append(res)
       print(json.dumps(res), flush=True)
     for k in ks:
       load = os.getloadavg()[0]
-      res = _run_child(args, k, env=env)
+      res = child(k, env=env)
       res.update(round=r, load_before=round(load, 2))
       runs.append(res)
       print(json.dumps(res), flush=True)
@@ -184,9 +204,11 @@ def _measure(args, env, extra):
       for label, src, k, e in ((("before", args.src, 0, before_env),)
                                if args.src else ()) + (
                                    (str(max(ks)), None, max(ks), env),):
-        res = _run_child(args, k, args.start_episode, src=src, env=e)
+        res = child(k, args.start_episode, src=src, env=e)
         resumes.append({"version": label,
-                        "first_episode_s": res["first_episode_s"]})
+                        "first_episode_s": res["first_episode_s"],
+                        **{k: res[k] for k in ("bucket_requests",
+                                               "bucket_mb") if k in res}})
         print(json.dumps(resumes[-1]), flush=True)
   if args.src:
     ks = ["before"] + ks
@@ -205,7 +227,8 @@ def _measure(args, env, extra):
       row["worker_us_per_img"] = med("worker_us_per_img")
     summary[str(k)] = row
   projection = {}
-  with_workers = [summary[str(k)] for k in ks if k and k != "before"]
+  with_workers = [summary[str(k)] for k in ks
+                  if k and k != "before" and str(k) in summary]
   if with_workers:
     ceiling = max(r["serial_ceiling_img_per_s"] for r in with_workers)
     cost = statistics.median(r["worker_us_per_img"] for r in with_workers)
