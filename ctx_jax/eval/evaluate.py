@@ -6,6 +6,7 @@ from flax import nnx
 import jax
 import ml_collections
 
+from ctx_jax import distributed
 from ctx_jax import mesh as mesh_lib
 from ctx_jax.data import input_pipeline
 from ctx_jax.eval import baselines
@@ -59,7 +60,9 @@ def source_accuracies(model: nnx.Module | None,
       buckets=buckets)
   remaining = num_episodes - start
   try:
-    episodes = stream
+    # Multi-process: every process checks the others feed the same episode.
+    episodes = distributed.check_agreement(
+        stream, f"{split}/{source}", seed, start=start)
     if model is None:
       return episodic.episode_accuracies(
           baseline or baselines.pixel_nearest_neighbour, episodes, remaining,
