@@ -177,6 +177,10 @@ def main():
             f"{row['programs_per_run']['after_seen']} seen, at most "
             f"{plan.programs_bound} ({time.perf_counter() - start:.0f} s)",
             flush=True)
+      print(f"  train: support buckets {plan.train.support} x query buckets "
+            f"{plan.train.query}", flush=True)
+      if plan.eval is not None:
+        print(f"  eval (S, Q) shapes: {list(plan.eval.pairs)}", flush=True)
   if args.output:
     with open(args.output, 'w') as f:
       json.dump(report, f, indent=1)

@@ -282,7 +282,9 @@ def fail_now(e: BaseException) -> None:
 
 AGREE_EVERY = 100
 _AGREE_DIR = "ctx_jax/agree/"
-AGREE_TIMEOUT_MS = 120_000
+# Processes may reach the first episode minutes apart (restoring a checkpoint
+# from a bucket); a process that died is caught by the watchdog instead.
+AGREE_TIMEOUT_MS = 600_000
 _STREAMS = {}
 
 
@@ -322,8 +324,14 @@ def check_agreement(iterator, name: str, seed, start: int = 0,
       for other in range(count):
         if other == me:
           continue
-        theirs = client.blocking_key_value_get(f"{key}{other}",
-                                               AGREE_TIMEOUT_MS)
+        try:
+          theirs = client.blocking_key_value_get(f"{key}{other}",
+                                                 AGREE_TIMEOUT_MS)
+        except Exception as e:  # pylint: disable=broad-except
+          raise ValueError(
+              f"process {other} did not report episode {i} ({name}) within "
+              f"{AGREE_TIMEOUT_MS // 1000} s: {' '.join(str(e).split())[:200]}"
+              ) from None
         if theirs != mine:
           raise ValueError(
               f"processes disagree before building the global episode "

@@ -94,3 +94,25 @@ def test_fitted_pairs_pick_the_fewest_padded_rows():
       padding.fitted_buckets(query, 4, 250, 4, relative=True))
   rows = lambda b: sum(sum(b.pick(s, q)) for s, q in zip(support, query))
   assert rows(buckets) < rows(product)
+
+
+def test_plan_command_prints_programs_and_flops(shared_dir, tmp_path):
+  """The command of issue 22: programs and padded FLOPs, nothing compiled."""
+  import json  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = pathlib.Path(__file__).resolve().parents[1]
+  output = tmp_path / "plan.json"
+  out = subprocess.run(
+      [sys.executable, "benchmarks/compile_plan_bench.py", "--config",
+       "experiments/ctx_ilsvrc.py", "--num_devices", "8", "--specs",
+       str(shared_dir / "fixtures" / "official_specs" / "dataset_specs"),
+       "--output", str(output)], cwd=root, check=True, capture_output=True,
+      text=True).stdout
+  assert "ctx_ilsvrc on 8 device(s)" in out and "at most 149" in out
+  assert "eval (S, Q) shapes: [(" in out
+  (row,) = json.loads(output.read_text())
+  assert row["programs_per_run"]["after_bound"] <= compile_plan.MAX_PROGRAMS
+  assert row["eval_after"]["flops_overhead"] < 1.15
+  assert row["programs_per_run"]["before_seen"] > 500

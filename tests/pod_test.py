@@ -9,6 +9,9 @@ import subprocess
 import sys
 import time
 
+import pytest
+
+from ctx_jax import distributed
 from launch import local
 from tests import fakes
 from tests.launch_test import DEMO_SMOKE
@@ -123,3 +126,33 @@ def test_processes_that_disagree_stop_before_building_the_episode(tmp_path):
   assert len(lines) == 2 and lines[0] == lines[1], lines
   assert "processes disagree" in lines[0] and "episode 0 seed 0" in lines[0]
   assert "seed 1" in lines[0]
+
+
+def test_single_process_helpers_change_nothing():
+  # Single process: the configured folder or the per-user default.
+  assert distributed.compilation_cache_dir("", "gs://b/run") == ""
+  assert distributed.compilation_cache_dir("/c", "gs://b/run") == "/c"
+  assert distributed.compilation_cache_dir("none", None) == "none"
+  episodes = [{"support_mask": [1], "query_mask": [1]}] * 3
+  assert list(distributed.check_agreement(iter(episodes), "t", 0)) == episodes
+  with pytest.raises(ValueError, match="bad"):
+    with distributed.fail_together("prog"):
+      raise ValueError("bad")
+
+
+def test_error_message_finds_the_pipeline_error_inside_a_tf_error():
+
+  class OpError(Exception):
+    message = ("{{function_node __wrapped__IteratorGetNext}} RecordError: "
+               "/r/0.tfrecords: record 10\nTraceback (most recent call "
+               "last):\n  File \"x.py\", line 1\n\n"
+               "meta_dataset_pipeline.record_files.RecordError: "
+               "/r/0.tfrecords: record 10 (byte 9060) of class 0 is corrupt:"
+               " data CRC mismatch\n\n\t [[{{node PyFunc}}]]")
+  assert distributed.error_message(OpError()) == (
+      "/r/0.tfrecords: record 10 (byte 9060) of class 0 is corrupt: data CRC "
+      "mismatch")
+  assert distributed.error_message(ValueError("x.tfrecords: record 3")) == (
+      "x.tfrecords: record 3")
+  assert distributed.error_message(RuntimeError("boom")) == (
+      "RuntimeError: boom")

@@ -66,20 +66,28 @@ def eval_sources(config: ml_collections.ConfigDict,
 
 def samplers_for(config_episode: ml_collections.ConfigDict,
                  pairs: Sequence[tuple[str, str]],
-                 load_spec: Callable[[str], object]) -> list:
+                 load_spec: Callable[[str], object],
+                 strict: bool = True) -> list:
   """Episode samplers (seed 0; only their size distribution is used).
 
   `load_spec(source)` returns the source's spec, or None to leave the
   source out (e.g. its records are missing: then only that source's
-  evaluation fails, as before).
+  evaluation fails, as before). With `strict` False, a split that cannot
+  give episodes of this config (too few classes) is left out too: it fails
+  when it is evaluated, not the others.
   """
   cfg = _episode_config(config_episode)
   samplers = []
   for source, split in pairs:
     spec = load_spec(source)
-    if spec is not None:
+    if spec is None:
+      continue
+    try:
       samplers.append(sampling.EpisodeDescriptionSampler(spec, split, cfg,
                                                          seed=0))
+    except ValueError:
+      if strict:
+        raise
   return samplers
 
 
@@ -104,7 +112,10 @@ def shared_eval_buckets(config: ml_collections.ConfigDict,
   if num <= 0:
     return None
   samplers = samplers_for(config.data.eval_episode,
-                          eval_sources(config, extra_pairs), load_spec)
+                          eval_sources(config, extra_pairs), load_spec,
+                          strict=False)
+  if not samplers:  # Nothing can be evaluated: let the pipeline say why.
+    return None
   return padding.pair_buckets_for_samplers(samplers, num, pad_multiple)
 
 
