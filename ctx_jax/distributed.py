@@ -127,13 +127,13 @@ class FailTogether:
     self.prog = prog
     self.poll_s = poll_s
     self.linger_s = linger_s
-    self._client = None
+    self.client = None
     self._stop = threading.Event()
     self._thread = None
 
   def start(self) -> "FailTogether":
-    self._client = _client()
-    if self._client is not None and self._thread is None:
+    self.client = _client()
+    if self.client is not None and self._thread is None:
       self._thread = threading.Thread(target=self._watch, daemon=True,
                                       name="ctx-jax-fail-together")
       self._thread.start()
@@ -149,7 +149,7 @@ class FailTogether:
     failures = 0
     while not self._stop.wait(self.poll_s):
       try:
-        message = self._client.key_value_try_get(ERROR_KEY)
+        message = self.client.key_value_try_get(ERROR_KEY)
       except Exception as e:  # pylint: disable=broad-except
         if "NOT_FOUND" in str(e) or "not found" in str(e).lower():
           failures = 0
@@ -169,7 +169,7 @@ class FailTogether:
   def _ack(self) -> None:
     import jax  # pylint: disable=g-import-not-at-top
     try:
-      self._client.key_value_set(f"{_ACK_DIR}{jax.process_index()}", "1",
+      self.client.key_value_set(f"{_ACK_DIR}{jax.process_index()}", "1",
                                  allow_overwrite=True)
     except Exception:  # pylint: disable=broad-except
       pass
@@ -180,7 +180,7 @@ class FailTogether:
     self._stop.set()
     me = jax.process_index()
     message = f"process {me}: {message}"
-    client = self._client or _client()
+    client = self.client or _client()
     if client is None:
       print(self._line(message), file=sys.stderr, flush=True)
       _exit_now(1)
@@ -192,7 +192,7 @@ class FailTogether:
       except Exception:  # pylint: disable=broad-except
         pass
     print(self._line(message), file=sys.stderr, flush=True)
-    self._client = client
+    self.client = client
     self._leave()
 
   def _leave(self) -> None:
@@ -206,7 +206,7 @@ class FailTogether:
     deadline = time.monotonic() + self.linger_s
     while time.monotonic() < deadline:
       try:
-        if len(self._client.key_value_dir_get(_ACK_DIR)
+        if len(self.client.key_value_dir_get(_ACK_DIR)
                ) >= jax.process_count():
           break
       except Exception:  # pylint: disable=broad-except
@@ -266,7 +266,7 @@ def fail_now(e: BaseException) -> None:
   if not _ACTIVE:
     return
   guard, verbose, passthrough = _ACTIVE[-1]
-  if isinstance(e, passthrough) or guard._client is None:  # pylint: disable=protected-access
+  if isinstance(e, passthrough) or guard.client is None:
     return
   if verbose:
     traceback.print_exception(e)
