@@ -89,6 +89,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   # occurs); 0 = geometric buckets (growth 1.5). Padded-FLOPs overhead over
   # the official ILSVRC training episodes: benchmarks/padding_flops_bench.py.
   config.data.num_buckets = 10
+  # Evaluation (validation, the final test, ctx-eval) pads every source and
+  # split to one shared list of at most this many (support, query) shapes,
+  # so a run compiles at most 100 + 49 programs (ctx_jax/data/
+  # compile_plan.py); 0 = per-source buckets as training's.
+  config.data.eval_num_shapes = 49
   # Memory (MiB) for an exact cache of decoded, resized images (per process;
   # 0: off). Worth it for small sources at small image sizes, e.g. all of
   # DTD at 84x84 takes 477 MB; see benchmarks/RESULTS.md.

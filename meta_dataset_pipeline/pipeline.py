@@ -364,6 +364,7 @@ def _episode_dataset(specs, split, episode_config, image_size, seed, *,
                      num_parallel_calls, prefetch, simclr_augmentation=None,
                      md_augmentation=None, augment_on_device=False,
                      start_episode=0, row_block=None, decoded_cache_bytes=0,
+                     buckets: padding.EpisodeBuckets | None = None,
                      num_workers=0):
   """Shared body of the one-source and multi-source builders (a dataset),
   and of `make_episode_iterator` (`num_workers` > 0: worker processes)."""
@@ -377,9 +378,10 @@ def _episode_dataset(specs, split, episode_config, image_size, seed, *,
                           use_dag_ontology, use_bilevel_ontology)
   for source in sources:  # Fail now, not on the first episode.
     reader.check_class_files(source.spec, source.split)
-  buckets = padding.buckets_for_samplers(
-      [s.sampler for s in sources], pad_multiple, bucket_growth,
-      min_bucket_size, num_buckets)
+  if buckets is None:
+    buckets = padding.buckets_for_samplers(
+        [s.sampler for s in sources], pad_multiple, bucket_growth,
+        min_bucket_size, num_buckets)
   if start_episode < 0:
     raise ValueError(f"start_episode={start_episode} must be >= 0")
   if row_block is not None:
@@ -443,7 +445,8 @@ def make_one_source_episode_dataset(
     augment_on_device: bool = False,
     start_episode: int = 0,
     row_block: tuple[int, int] | None = None,
-    decoded_cache_bytes: int = 0) -> tf.data.Dataset:
+    decoded_cache_bytes: int = 0,
+    buckets: padding.EpisodeBuckets | None = None) -> tf.data.Dataset:
   """Infinite dataset of padded episodes from one source.
 
   `episode_config.simclr_episode_fraction` of the episodes are SimCLR
@@ -491,6 +494,10 @@ def make_one_source_episode_dataset(
       (`decoder.DecodedImageCache`, float32, before augmentation); 0: none.
       Exact: cached images are the same values. Images past the budget are
       decoded every time. E.g. all 5640 DTD images at 84x84 take 477 MB.
+    buckets: the padded shapes to use instead of buckets fitted to these
+      samplers (`pad_multiple`, `bucket_growth`, `min_bucket_size` and
+      `num_buckets` are then not used for padding), e.g. buckets shared by
+      several sources and splits; every episode must fit them.
 
   Returns:
     A `tf.data.Dataset` of episode dicts (see module docstring).
@@ -509,7 +516,7 @@ def make_one_source_episode_dataset(
       simclr_augmentation=simclr_augmentation,
       md_augmentation=md_augmentation, augment_on_device=augment_on_device,
       start_episode=start_episode, row_block=row_block,
-      decoded_cache_bytes=decoded_cache_bytes)
+      decoded_cache_bytes=decoded_cache_bytes, buckets=buckets)
 
 
 _DEFAULT_OPTIONS = dict(
@@ -521,7 +528,7 @@ _DEFAULT_OPTIONS = dict(
     use_bilevel_ontology=None, process_index=0, process_count=1,
     num_parallel_calls=AUTOTUNE, prefetch=2, simclr_augmentation=None,
     md_augmentation=None, augment_on_device=False, start_episode=0,
-    row_block=None, decoded_cache_bytes=0)
+    row_block=None, decoded_cache_bytes=0, buckets=None)
 
 
 def make_multisource_episode_dataset(
