@@ -126,14 +126,18 @@ def several_per_host_env(args, cpu_count=None) -> dict[str, str]:
   Device memory: each process may take 90% of its own GPUs, or its share of
   90% when processes share GPUs. tf.data: TensorFlow's thread pools, whose
   size bounds tf.data's AUTOTUNE parallelism, get this host's cores divided
-  by the processes instead of all cores each (oversubscription).
+  by the processes instead of all cores each (oversubscription); so do the
+  episode worker processes of each (`CTX_JAX_PROCESSES_PER_HOST`).
   """
   cpus = cpu_count or os.cpu_count() or 1
   fraction = 0.9 if args.gpus_per_process else 0.9 / args.num_processes
   threads = str(max(2, cpus // args.num_processes))
   env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{fraction:.3g}",
          "TF_NUM_INTEROP_THREADS": threads, "TF_NUM_INTRAOP_THREADS": threads,
-         "TF_CPP_MIN_LOG_LEVEL": "2"}
+         "TF_CPP_MIN_LOG_LEVEL": "2",
+         # config.data.num_workers=-1 gives each process its share of the
+         # host's cores for episode workers (meta_dataset_pipeline/workers).
+         "CTX_JAX_PROCESSES_PER_HOST": str(args.num_processes)}
   return {k: v for k, v in env.items() if k not in os.environ}
 
 

@@ -73,7 +73,10 @@ def make_script(args) -> str:
   if args.account:
     lines.append(f"#SBATCH --account={args.account}")
   env = {common.DISTRIBUTED_ENV: "1", "TF_CPP_MIN_LOG_LEVEL": "2",
-         "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.9"}
+         "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.9",
+         # Episode workers per task (config.data.num_workers=-1) take the
+         # task's share of the node's cores when srun does not bind them.
+         "CTX_JAX_PROCESSES_PER_HOST": str(tasks_per_node)}
   if not per_gpu:
     # JAX's SLURM detection would give each task only GPU $SLURM_LOCALID.
     env["CTX_JAX_LOCAL_DEVICE_IDS"] = ",".join(

@@ -19,9 +19,10 @@ systems and orbax:
   gs://my-bucket/runs/ctx/  ckpt/<step>/, best/, export/, results.json,
                             config.json, TensorBoard events
 
-Each worker also gets GCS_READ_CACHE_BLOCK_SIZE_MB=1 unless its environment
-or `--env` sets it (TF's 64 MB default block costs a 64 MB fetch per record
-read by offset). The JAX compilation cache of a multi-process run defaults to
+Each worker also gets GCS_READ_CACHE_BLOCK_SIZE_MB=0 unless its environment
+or `--env` sets it (the pipeline's own default: exact ranged reads of the
+records an episode needs, located by their sidecar indexes; TF's 64 MB
+default block costs a 64 MB fetch per record read by offset). The JAX compilation cache of a multi-process run defaults to
 `<workdir>/compilation_cache`: on the bucket, every worker reads what worker
 0 wrote, so a restarted run compiles nothing; `--cache_dir` puts it
 elsewhere (any path every worker reaches).
@@ -64,10 +65,13 @@ def make_parser() -> argparse.ArgumentParser:
 
 # Worker settings used unless the worker's environment or --env sets them.
 # TensorFlow's GCS reader fetches GCS_READ_CACHE_BLOCK_SIZE_MB (64 MB by
-# default) per read; the pipeline reads single records by offset: 1 MB took
-# 18 ms per 100-byte read against 200 ms at 64 MB on the loopback emulator,
-# and 250 against 82 img/s (launch/README.md; not measured on a bucket).
-REMOTE_DEFAULTS = {"GCS_READ_CACHE_BLOCK_SIZE_MB": "1"}
+# default) per read. The pipeline reads each episode's records of a class in
+# few exact ranges (sidecar offsets), from many threads: 0 (no block cache,
+# one request per range) gave 1.7x the records/s of 1 MB with 20 readers and
+# 3-10x fewer bytes on the loopback emulator with 30 ms per request
+# (benchmarks/bucket_read_bench.json; not measured on a real bucket).
+# `meta_dataset_pipeline` sets the same default when imported.
+REMOTE_DEFAULTS = {"GCS_READ_CACHE_BLOCK_SIZE_MB": "0"}
 
 
 def remote_command(args) -> str:

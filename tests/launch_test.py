@@ -91,7 +91,7 @@ def test_tpu_dry_run_starts_the_program_on_every_worker(capsys):
   remote = [c for c in cmd if c.startswith("--command=")][0]
   assert remote == (
       "--command=cd ~/ctx-jax && git pull && "
-      'GCS_READ_CACHE_BLOCK_SIZE_MB="${GCS_READ_CACHE_BLOCK_SIZE_MB:-1}" '
+      'GCS_READ_CACHE_BLOCK_SIZE_MB="${GCS_READ_CACHE_BLOCK_SIZE_MB:-0}" '
       "A=1 CTX_JAX_DISTRIBUTED=1 "
       "TF_CPP_MIN_LOG_LEVEL=2 ctx-train --config experiments/ctx_ilsvrc.py "
       "--workdir gs://b/runs/ctx")
@@ -112,6 +112,8 @@ def test_local_starts_one_process_per_gpu_by_default(capsys, monkeypatch):
     assert f"CTX_JAX_PROCESS_ID={i} CUDA_VISIBLE_DEVICES={i} " in line
     assert "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 " in line
     assert "TF_NUM_INTEROP_THREADS=12 " in line
+    # Episode workers sized to this process's share of the host's CPUs.
+    assert "CTX_JAX_PROCESSES_PER_HOST=8 " in line
     assert "TF_NUM_INTRAOP_THREADS" not in line  # The user's 3 stays.
   # The visible GPUs are the ones split; one process on request.
   monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
@@ -148,7 +150,7 @@ def test_tpu_dry_run_sets_gcs_and_cache_settings(capsys):
   remote = [c for c in shlex.split(capsys.readouterr().out)
             if c.startswith("--command=")][0]
   command = remote.removeprefix("--command=cd ~/ctx-jax && ")
-  for preset, expected in ((None, "1"), ("8", "8")):
+  for preset, expected in ((None, "0"), ("8", "8")):
     env = {k: v for k, v in os.environ.items()
            if k != "GCS_READ_CACHE_BLOCK_SIZE_MB"}
     if preset:
