@@ -9,7 +9,6 @@ initialise is an error, never a silent fallback to a single process.
 
 import contextlib
 import os
-import re
 import sys
 import threading
 import time
@@ -219,21 +218,10 @@ class FailTogether:
 def error_message(e: BaseException) -> str:
   """One line naming what failed (the file and record for record errors)."""
   from meta_dataset_pipeline import cli  # pylint: disable=g-import-not-at-top
-  message = getattr(e, "message", None)
-  if isinstance(message, str):
-    # An error raised in the pipeline's generator reaches us as a TF error
-    # wrapping the Python traceback: its last exception line says it all
-    # (e.g. "RecordError: <file>: record 10 (byte 9060) of class 0 is
-    # corrupt: data CRC mismatch").
-    found = _EMBEDDED.findall(message)
-    if found:
-      return " ".join(found[-1].split())
+  # `one_line` also unwraps an error raised in the pipeline's generator,
+  # which reaches us as a TF error around the Python traceback.
   text = cli.one_line(e)
   return text if cli.is_user_error(e) else f"{type(e).__name__}: {text}"
-
-
-_EMBEDDED = re.compile(r"^(?:[\w.]+\.)?\w+(?:Error|Exception): (.+)$",
-                       re.MULTILINE)
 
 
 _ACTIVE = []  # The FailTogether of the running `fail_together` block.

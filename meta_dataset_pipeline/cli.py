@@ -39,6 +39,13 @@ def is_user_error(e: BaseException) -> bool:
 def one_line(e: BaseException) -> str:
   """The error's message on one line (TF errors: their own message)."""
   text = getattr(e, "message", None) if _is_tf_error(e) else None
+  if text and "Traceback (most recent call last)" in text:
+    # A Python error raised inside tf.data (the episode generator): TF
+    # wraps its traceback between node names; keep the error's own line.
+    raised = re.findall(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+)$",
+                        text, flags=re.M)
+    if raised:
+      text = raised[-1][1]
   text = text or (str(e.args[0]) if isinstance(e, KeyError) and e.args
                   else str(e))
   # ml_collections wraps a KeyError's repr in an AttributeError.
