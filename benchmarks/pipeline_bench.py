@@ -66,8 +66,10 @@ def _measure(iterator, count_images, seconds, warmup_seconds=0.0):
           "images_per_s": images / elapsed}
 
 
-def _ours(sources, image_size, seconds, cache_mb=0, warmup_seconds=0.0):
-  """Our pipeline; with `cache_mb`, the decoded-image cache, warmed up."""
+def _ours(sources, image_size, seconds, cache_mb=0, warmup_seconds=0.0,
+          num_workers=0):
+  """Our pipeline; with `cache_mb`, the decoded-image cache, warmed up;
+  with `num_workers`, that many worker processes (`workers.py`)."""
   import meta_dataset_pipeline as mdp  # pylint: disable=g-import-not-at-top
   from meta_dataset_pipeline import reader  # pylint: disable=g-import-not-at-top
   reads = {"cached": 0, "read": 0}
@@ -85,17 +87,23 @@ def _ours(sources, image_size, seconds, cache_mb=0, warmup_seconds=0.0):
   options = {"decoded_cache_bytes": int(cache_mb * 2**20)} if cache_mb else {}
   # Flat class sampling, as the official run below (ILSVRC replicas too).
   options["use_dag_ontology"] = False
-  if len(specs) == 1:
-    ds = mdp.make_one_source_episode_dataset(specs[0], "TRAIN", cfg,
-                                             image_size, seed=0, **options)
+  if num_workers:
+    it = mdp.make_episode_iterator(specs, "TRAIN", cfg, image_size, seed=0,
+                                   num_workers=num_workers, **options)
+  elif len(specs) == 1:
+    it = mdp.make_one_source_episode_dataset(
+        specs[0], "TRAIN", cfg, image_size, seed=0,
+        **options).as_numpy_iterator()
   else:
-    ds = mdp.make_multisource_episode_dataset(specs, "TRAIN", cfg,
-                                              image_size, seed=0, **options)
-  it = ds.as_numpy_iterator()
+    it = mdp.make_multisource_episode_dataset(
+        specs, "TRAIN", cfg, image_size, seed=0,
+        **options).as_numpy_iterator()
   build = time.perf_counter() - start
   result = _measure(
       it, lambda e: int(e["support_mask"].sum() + e["query_mask"].sum()),
       seconds, warmup_seconds)
+  if hasattr(it, "close"):
+    it.close()
   del it
   result["build_seconds"] = build
   if cache_mb:
@@ -191,10 +199,11 @@ def _index_bench(num_files, num_records, record_bytes):
 
 def _worker(args):
   sources = args.sources.split(",")
-  if args.worker in ("ours", "ours_cache"):
+  if args.worker in ("ours", "ours_cache", "ours_workers"):
     result = _ours(sources, args.image_size, args.seconds,
                    args.cache_mb if args.worker == "ours_cache" else 0,
-                   args.warmup_seconds if args.worker == "ours_cache" else 0)
+                   args.warmup_seconds if args.worker == "ours_cache" else 0,
+                   args.num_workers if args.worker == "ours_workers" else 0)
   else:
     result = _official(sources, args.image_size, args.seconds,
                        args.official_src, args.gin_path)
@@ -206,7 +215,8 @@ def _spawn(impl, sources, size, args):
          ",".join(sources), "--image_size", str(size), "--seconds",
          str(args.seconds), "--cache_mb", str(args.cache_mb),
          "--warmup_seconds", str(args.warmup_seconds),
-         "--records_root", str(RECORDS)]
+         "--records_root", str(RECORDS), "--num_workers",
+         str(args.num_workers)]
   if impl == "official":
     cmd += ["--official_src", args.official_src, "--gin_path", args.gin_path]
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
@@ -257,9 +267,12 @@ def main():
                       "fixtures; e.g. a benchmarks/replica_data.py replica)")
   # Internal: one measurement in this process.
   parser.add_argument("--worker", choices=["ours", "ours_cache",
-                                           "official"])
+                                           "ours_workers", "official"])
   parser.add_argument("--sources")
   parser.add_argument("--image_size", type=int)
+  parser.add_argument("--num_workers", type=int, default=0,
+                      help="also run ours with this many worker processes "
+                      "(impl 'ours_workers')")
   args = parser.parse_args()
   RECORDS = pathlib.Path(args.records_root)
   if args.index_bench:
@@ -273,6 +286,7 @@ def main():
     _worker(args)
     return
   impls = (["ours"] + (["ours_cache"] if args.cache_mb else [])
+           + (["ours_workers"] if args.num_workers else [])
            + (["official"] if args.official_src else []))
   cases = [tuple(c.split(",")) for c in args.cases.split(";")]
   rows = []
