@@ -22,7 +22,8 @@ systems and orbax:
 Each worker also gets GCS_READ_CACHE_BLOCK_SIZE_MB=0 unless its environment
 or `--env` sets it (the pipeline's own default: exact ranged reads of the
 records an episode needs, located by their sidecar indexes; TF's 64 MB
-default block costs a 64 MB fetch per record read by offset). The JAX compilation cache of a multi-process run defaults to
+default block costs a 64 MB fetch per record read by offset). The JAX
+compilation cache of a multi-process run defaults to
 `<workdir>/compilation_cache`: on the bucket, every worker reads what worker
 0 wrote, so a restarted run compiles nothing; `--cache_dir` puts it
 elsewhere (any path every worker reaches).

@@ -21,10 +21,10 @@ flushed records to throw them away, and pads every episode with placeholder
 pulls. Here start-up does not depend on the number of records: when the
 pipeline is built, every class file of the split is only checked cheaply
 (`record_files.check_class_files`: it exists, has room for the spec's
-count, ends with a complete record). A class file is indexed when a
-record of it is first read (record offsets from the 12-byte record headers; a
-record count that differs from the spec's fails then), and every record's
-CRCs are verified when it is read. The shuffle is done on record *indices*
+count, ends with a complete record). A class file's record offsets are
+loaded when a record of it is first read (from its sidecar index, else from
+the 12-byte record headers; a record count that differs from the spec's
+fails then), and every record's CRCs are verified when it is read. The shuffle is done on record *indices*
 in numpy, and only the records an episode keeps are read, by offset (at
 most 256 files open at a time; from URL file systems in several threads).
 Files are opened through `files`, so records may sit on any `tf.io.gfile`
@@ -32,9 +32,9 @@ file system (`gs://`, ...).
 
 Bad data fails loudly, naming the file: a missing class file or one cut
 off at a random byte (when the pipeline is built), a record count that
-differs from the spec's (when a record of the class is first read), a corrupt
-record, an image that is not one (when read). An image whose bytes look
-fine but fail to decode is named by `decoder.decode_rows`.
+differs from the spec's (when a record of the class is first read), a
+corrupt record, an image that is not one (when read). An image whose bytes
+look fine but fail to decode is named by `decoder.decode_rows`.
 """
 
 import collections

@@ -118,7 +118,8 @@ def test_views_are_given_back_and_reused(specs):
     for ep in itertools.islice(it, 6):
       del ep
     # Segments are reused, not created per episode.
-    assert len(it._segments._all) <= len(names) + 1  # pylint: disable=protected-access
+    segments = it._segments._all  # pylint: disable=protected-access
+    assert len(segments) <= len(names) + 1
   finally:
     it.close()
   assert not it._segments._all  # pylint: disable=protected-access
@@ -226,7 +227,8 @@ import hashlib, itertools, json, sys
 import numpy as np
 from experiments import common
 from ctx_jax.data import input_pipeline
-root, workers, index, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+root = sys.argv[1]
+workers, index, count = (int(x) for x in sys.argv[2:5])
 config = common.get_base_config()
 config.data.records_root = root
 config.data.image_size = 24
