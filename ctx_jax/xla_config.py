@@ -3,8 +3,8 @@
 **CPU convolutions, chosen by measurement per jaxlib.** jaxlib 0.10 to 0.12
 send XLA:CPU's convolutions to YNNPACK by default. On the CTX train step
 (ResNet-34 stride 16) its convolutions, above all their filter gradients,
-take 1.5x (jaxlib 0.10) to 2.3x (0.12) the time of XLA's Eigen
-convolutions. `MEASURED_CPU_CONV` gives, for each jaxlib release that was
+take 1.7x (jaxlib 0.10) to 2.8x (0.12) the CPU time of XLA's Eigen
+convolutions, and the whole step 2.1x on jaxlib 0.12. `MEASURED_CPU_CONV` gives, for each jaxlib release that was
 measured (`benchmarks/conv_kernels_bench.py` and the train step against the
 official, `benchmarks/official_step_bench.py`; figures in
 `benchmarks/RESULTS.md`, "Supported JAX versions"), the fastest setting of
@@ -53,15 +53,18 @@ CPU_CONV_SETTINGS = {
 }
 CPU_CONV_FLAG = CPU_CONV_SETTINGS['eigen']
 
-# Measured: jaxlib (major, minor) -> the setting used. Convolution time of
-# one episode-b training step (ResNet-34 stride 16, 200 images at 84 px,
-# forward + both gradients; conv_kernels_bench.jsonl) and the whole step
-# against the official's (official_step_bench_versions.json), both on the
-# 2-vCPU Intel Xeon of benchmarks/RESULTS.md, "Supported JAX versions":
-#   jaxlib 0.10.2: jaxlib 8.60 s, eigen 6.61 s; step 1.23x the official.
-#   jaxlib 0.11.2: jaxlib 8.62 s, eigen 6.50 s; step 1.15x.
-#   jaxlib 0.12.0.1: jaxlib 19.65 s, eigen 6.41 s; step 1.17x.
-# Eigen keeps every official-fixture test within tolerance on all three.
+# Measured: jaxlib (major, minor) -> the setting used. CPU seconds of the
+# convolutions of one episode-b training step (ResNet-34 stride 16, 200
+# images at 84 px, forward + both gradients; conv_kernels_bench.jsonl),
+# jaxlib's own (YNNPACK) / Eigen / TF's oneDNN 8.42; and the whole step's
+# CPU seconds against the official's, median of interleaved rounds
+# (official_step_bench_versions*.json). 2-vCPU Intel Xeon, shared (load
+# 3-10): benchmarks/RESULTS.md, "Supported JAX versions".
+#   jaxlib 0.10.2:   convolutions 18.76 / 11.35 s; step 1.18x the official.
+#   jaxlib 0.11.2:   convolutions 24.04 / 10.05 s; step 1.13x.
+#   jaxlib 0.12.0.1: convolutions 26.96 / 9.67 s; step 1.12x (YNNPACK:
+#                    2.53x).
+# Eigen keeps the official-fixture tests within tolerance on all three.
 MEASURED_CPU_CONV = {
     (0, 10): 'eigen',
     (0, 11): 'eigen',
