@@ -3,9 +3,10 @@
 **CPU convolutions, chosen by measurement per jaxlib.** jaxlib 0.10 to 0.12
 send XLA:CPU's convolutions to YNNPACK by default. On the CTX train step
 (ResNet-34 stride 16) its convolutions, above all their filter gradients,
-take 1.7x (jaxlib 0.10) to 2.8x (0.12) the CPU time of XLA's Eigen
-convolutions, and the whole step 2.1x on jaxlib 0.12. `MEASURED_CPU_CONV` gives, for each jaxlib release that was
-measured (`benchmarks/conv_kernels_bench.py` and the train step against the
+take 1.8x (jaxlib 0.10) to 2.6x (0.12) the CPU time of XLA's Eigen
+convolutions, and the whole step 2.1x on jaxlib 0.12. `MEASURED_CPU_CONV`
+gives, for each jaxlib release that was measured
+(`benchmarks/conv_kernels_bench.py` and the train step against the
 official, `benchmarks/official_step_bench.py`; figures in
 `benchmarks/RESULTS.md`, "Supported JAX versions"), the fastest setting of
 `CPU_CONV_SETTINGS` that keeps the official-fixture tests within their
@@ -57,12 +58,12 @@ CPU_CONV_FLAG = CPU_CONV_SETTINGS['eigen']
 # convolutions of one episode-b training step (ResNet-34 stride 16, 200
 # images at 84 px, forward + both gradients; conv_kernels_bench.jsonl),
 # jaxlib's own (YNNPACK) / Eigen / TF's oneDNN 8.42; and the whole step's
-# CPU seconds against the official's, median of interleaved rounds
-# (official_step_bench_versions*.json). 2-vCPU Intel Xeon, shared (load
-# 3-10): benchmarks/RESULTS.md, "Supported JAX versions".
-#   jaxlib 0.10.2:   convolutions 18.76 / 11.35 s; step 1.18x the official.
-#   jaxlib 0.11.2:   convolutions 24.04 / 10.05 s; step 1.13x.
-#   jaxlib 0.12.0.1: convolutions 26.96 / 9.67 s; step 1.12x (YNNPACK:
+# CPU seconds against the official's (official_step_bench_versions*.json).
+# Medians of interleaved rounds on a shared 2-vCPU Intel Xeon (load 3-10):
+# benchmarks/RESULTS.md, "Supported JAX versions".
+#   jaxlib 0.10.2:   convolutions 17.32 / 9.76 s; step 1.18x the official.
+#   jaxlib 0.11.2:   convolutions 21.54 / 9.41 s; step 1.13x.
+#   jaxlib 0.12.0.1: convolutions 23.45 / 9.03 s; step 1.12x (YNNPACK:
 #                    2.53x).
 # Eigen keeps the official-fixture tests within tolerance on all three.
 MEASURED_CPU_CONV = {
