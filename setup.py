@@ -72,6 +72,7 @@ setuptools.setup(
             "md-episodes=meta_dataset_pipeline.episodes_cli:run",
             "md-episode-grid=meta_dataset_pipeline.episode_grid:run",
             "md-convert=meta_dataset_pipeline.conversion.cli:run",
+            "md-index=meta_dataset_pipeline.index_cli:run",
             "ctx-import-official=ctx_jax.checkpoints.official_cli:run",
             "ctx-run-episode=ctx_jax.checkpoints.official_cli:run_episode_main",
             "ctx-attention=ctx_jax.eval.attention_main:run",

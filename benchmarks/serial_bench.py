@@ -90,14 +90,14 @@ def _serial(spec, seconds, read_threads=None, cold=False, seed=0):
 def _decode_cost(spec, size, seconds):
   """CPU us per image of the pipeline's episode map, on one thread."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from meta_dataset_pipeline import pipeline  # pylint: disable=g-import-not-at-top
+  from meta_dataset_pipeline import episode_map  # pylint: disable=g-import-not-at-top
   # pylint: disable=protected-access
   gen, _ = _generator(spec)
   episodes = list(itertools.islice(gen, 20))
   source = tf.data.Dataset.from_generator(
       lambda: itertools.cycle(episodes),
-      output_signature=pipeline._EPISODE_SIGNATURE)
-  mapped = source.map(pipeline._episode_fn(size, None, None),
+      output_signature=episode_map.EPISODE_SIGNATURE)
+  mapped = source.map(episode_map.episode_fn(size, None, None),
                       num_parallel_calls=1)
   options = tf.data.Options()
   options.threading.private_threadpool_size = 1

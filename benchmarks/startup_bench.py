@@ -107,12 +107,13 @@ def _run_on_gcs_emulator(args, root):
     gcs.upload_tree(root, f"replica/{name}")
     upload_s = time.perf_counter() - start
     env = dict(gcs.env)
-    if args.gcs_block_mb:  # TF's GCS reader fetches this much per read.
+    if args.gcs_block_mb >= 0:  # TF's GCS reader fetches this per read.
       env["GCS_READ_CACHE_BLOCK_SIZE_MB"] = str(args.gcs_block_mb)
     result = _run(args.repo, gcs.url(f"replica/{name}"), False,
                   args.episodes, args.warmup, env=env)
   result["upload_to_emulator_s"] = upload_s
-  result["gcs_read_cache_block_size_mb"] = args.gcs_block_mb or "default"
+  result["gcs_read_cache_block_size_mb"] = (
+      args.gcs_block_mb if args.gcs_block_mb >= 0 else "package default")
   return result
 
 
@@ -124,9 +125,10 @@ def main(argv=None):
   p.add_argument("--gcs", type=int, default=0,
                  help="also run the first N replicas from gs:// on the "
                  "loopback Cloud Storage emulator (tests/gcs_emulator.py)")
-  p.add_argument("--gcs_block_mb", type=int, default=0,
-                 help="GCS_READ_CACHE_BLOCK_SIZE_MB for --gcs runs (0: TF's "
-                 "default, 64)")
+  p.add_argument("--gcs_block_mb", type=int, default=-1,
+                 help="GCS_READ_CACHE_BLOCK_SIZE_MB for --gcs runs (-1: "
+                 "unset, so meta_dataset_pipeline's 0 applies; 64 is TF's "
+                 "own default)")
   p.add_argument("--repo", default=str(REPO),
                  help="checkout whose pipeline runs")
   p.add_argument("--episodes", type=int, default=40)

@@ -226,6 +226,10 @@ def enable_compilation_cache(directory: str | None = None) -> str | None:
   directory = directory or default_cache_dir()
   if '://' not in directory:
     os.makedirs(directory, exist_ok=True)
+  else:
+    # XLA's own GPU autotune cache writes beside the entries with local file
+    # APIs, which cannot reach a gs:// folder.
+    jax.config.update('jax_persistent_cache_enable_xla_caches', 'none')
   jax.config.update('jax_compilation_cache_dir', directory)
   # Every train/eval step is worth keeping (the default keeps only compiles
   # over 1 s, which the tiny test configs do not reach).

@@ -89,10 +89,20 @@ def get_base_config() -> ml_collections.ConfigDict:
   # occurs); 0 = geometric buckets (growth 1.5). Padded-FLOPs overhead over
   # the official ILSVRC training episodes: benchmarks/padding_flops_bench.py.
   config.data.num_buckets = 10
+  # Evaluation (validation, the final test, ctx-eval) pads every source and
+  # split to one shared list of at most this many (support, query) shapes,
+  # so a run compiles at most 100 + 49 programs (ctx_jax/data/
+  # compile_plan.py); 0 = per-source buckets as training's.
+  config.data.eval_num_shapes = 49
   # Memory (MiB) for an exact cache of decoded, resized images (per process;
   # 0: off). Worth it for small sources at small image sizes, e.g. all of
   # DTD at 84x84 takes 477 MB; see benchmarks/RESULTS.md.
   config.data.decoded_cache_mb = 0
+  # Processes that read, decode, augment and pad episodes for this process
+  # (meta_dataset_pipeline/workers.py; same episodes for any number): -1
+  # picks one per CPU this process may use, less one (0 below 4 CPUs);
+  # 0 decodes in this process with tf.data threads.
+  config.data.num_workers = -1
   # Augmentation of SimCLR episodes (`mdp.SimCLRAugmentation` fields; the
   # official `color_jitter_strength` flag defaults to 1.0).
   config.data.simclr = ml_collections.ConfigDict({

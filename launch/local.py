@@ -1,13 +1,19 @@
 r"""Runs a program on this host: one process, or N cooperating processes.
 
-(a) One host, several GPUs: one process sees all local GPUs; nothing else is
-needed (the episode is split over every visible device).
+(a) One host, several GPUs: by default one process per GPU (its own
+tf.data reading threads; they feed better than one process for all GPUs),
+each with CUDA_VISIBLE_DEVICES set to its GPU, 90% of that GPU's memory
+(XLA_PYTHON_CLIENT_MEM_FRACTION) and TensorFlow's thread pools, which bound
+tf.data's parallelism, capped at cores / processes (TF_NUM_INTEROP_THREADS,
+TF_NUM_INTRAOP_THREADS); settings already in the environment win. The GPUs
+are CUDA_VISIBLE_DEVICES or those `nvidia-smi -L` lists (`--num_gpus`).
 
   python -m launch.local -- ctx-train --config experiments/ctx_ilsvrc.py \
       --workdir runs/ctx
 
-  sets (unless already set) XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 (let JAX take
-  most GPU memory; TF runs tf.data on the host and is kept off the GPUs by the
+  `--num_processes 1` runs one process over all GPUs instead, with (unless
+  already set) XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 (let JAX take most GPU
+  memory; TF runs tf.data on the host and is kept off the GPUs by the
   program itself) and TF_CPP_MIN_LOG_LEVEL=2.
 
 (b) N processes on this host (tests, or one process per GPU): each gets
@@ -54,7 +60,12 @@ def make_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="python -m launch.local", description=__doc__,
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--num_processes", type=int, default=1)
+  parser.add_argument("--num_processes", type=int, default=None,
+                      help="default: one per GPU on a host with several "
+                      "GPUs (see --num_gpus), else 1")
+  parser.add_argument("--num_gpus", type=int, default=None,
+                      help="GPUs of this host (default: CUDA_VISIBLE_DEVICES"
+                      ", else `nvidia-smi -L`, else 0)")
   parser.add_argument("--platform", choices=["auto", "cpu", "gpu"],
                       default="auto", help="cpu sets JAX_PLATFORMS=cpu and "
                       "the fake device count per process")
@@ -75,10 +86,69 @@ def make_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def visible_gpus(environ=None) -> list[str]:
+  """This host's GPU ids as CUDA numbers them for a child process."""
+  environ = os.environ if environ is None else environ
+  if "CUDA_VISIBLE_DEVICES" in environ:
+    ids = [g.strip() for g in environ["CUDA_VISIBLE_DEVICES"].split(",")]
+    return [] if ids[:1] in ([""], ["-1"]) else ids
+  try:
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True,
+                         text=True, timeout=30, check=False).stdout
+  except (OSError, subprocess.SubprocessError):
+    return []
+  return [str(i) for i, line in enumerate(
+      l for l in out.splitlines() if l.startswith("GPU "))]
+
+
+def resolve_processes(args) -> None:
+  """Fills in the default process layout: one process per GPU.
+
+  One process per GPU feeds a multi-GPU host better than one process for
+  all of them (each has its own tf.data reading threads; benchmarks/
+  RESULTS.md), so without `--num_processes` a host with several GPUs
+  (`--num_gpus`, default: detected) gets one process per GPU.
+  """
+  gpus = (None if args.platform == "cpu" else
+          [str(i) for i in range(args.num_gpus)] if args.num_gpus is not None
+          else visible_gpus())
+  args.gpu_ids = gpus or []
+  if args.num_processes is None:
+    if len(args.gpu_ids) > 1 and not args.gpus_per_process:
+      args.num_processes, args.gpus_per_process = len(args.gpu_ids), 1
+    else:
+      args.num_processes = 1
+
+
+def several_per_host_env(args, cpu_count=None) -> dict[str, str]:
+  """Settings several processes on one GPU host need (user's env wins).
+
+  Device memory: each process may take 90% of its own GPUs, or its share of
+  90% when processes share GPUs. tf.data: TensorFlow's thread pools, whose
+  size bounds tf.data's AUTOTUNE parallelism, get this host's cores divided
+  by the processes instead of all cores each (oversubscription).
+  """
+  cpus = cpu_count or os.cpu_count() or 1
+  fraction = 0.9 if args.gpus_per_process else 0.9 / args.num_processes
+  threads = str(max(2, cpus // args.num_processes))
+  env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{fraction:.3g}",
+         "TF_NUM_INTEROP_THREADS": threads, "TF_NUM_INTRAOP_THREADS": threads,
+         "TF_CPP_MIN_LOG_LEVEL": "2"}
+  return {k: v for k, v in env.items() if k not in os.environ}
+
+
 def process_envs(args) -> list[dict[str, str]]:
   """The environment additions of each process."""
+  if not hasattr(args, "gpu_ids"):
+    resolve_processes(args)
   if args.num_processes < 1:
     raise ValueError("--num_processes must be at least 1")
+  if args.gpus_per_process and args.gpu_ids and (
+      args.num_processes * args.gpus_per_process > len(args.gpu_ids)):
+    raise ValueError(
+        f"{args.num_processes} processes x {args.gpus_per_process} GPUs need "
+        f"{args.num_processes * args.gpus_per_process} GPUs; this host has "
+        f"{len(args.gpu_ids)}")
   extra = common.parse_env(args.env)
   envs = []
   port = args.port or free_port()
@@ -92,6 +162,8 @@ def process_envs(args) -> list[dict[str, str]]:
                   "CTX_JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
                   "CTX_JAX_NUM_PROCESSES": str(args.num_processes),
                   "CTX_JAX_PROCESS_ID": str(i)})
+      if args.platform != "cpu":
+        env.update(several_per_host_env(args))
     if args.platform == "cpu":
       flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
                if not f.startswith("--xla_force_host_platform_device_count")]
@@ -101,8 +173,10 @@ def process_envs(args) -> list[dict[str, str]]:
                   "JAX_NUM_CPU_DEVICES": str(args.cpu_devices)})
     if args.gpus_per_process:
       first = i * args.gpus_per_process
+      ids = args.gpu_ids or [str(g) for g in range(
+          args.num_processes * args.gpus_per_process)]
       env["CUDA_VISIBLE_DEVICES"] = ",".join(
-          str(g) for g in range(first, first + args.gpus_per_process))
+          ids[first:first + args.gpus_per_process])
     env.update(extra)
     envs.append(env)
   return envs

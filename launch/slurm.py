@@ -84,6 +84,12 @@ def make_script(args) -> str:
   if args.setup:
     lines.append(args.setup)
   lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())]
+  # Several tasks per node: TensorFlow's thread pools (which bound tf.data's
+  # parallelism) sized to the task's cores, not the node's; the submitting
+  # environment and --env win.
+  lines += [f'export {k}="${{{k}:-{cpus}}}"'
+            for k in ("TF_NUM_INTEROP_THREADS", "TF_NUM_INTRAOP_THREADS")
+            if k not in env]
   lines += ["", "srun --kill-on-bad-exit=1 " + common.quote(args.command), ""]
   return "\n".join(lines)
 

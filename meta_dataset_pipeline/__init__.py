@@ -19,6 +19,26 @@ for TensorFlow's import, which the pipeline modules need.
 """
 
 import importlib
+import os
+
+# Records on a bucket (`gs://`): TensorFlow's GCS file system reads
+# GCS_READ_CACHE_BLOCK_SIZE_MB once, when TensorFlow is imported, so it is
+# set here, on the package's import, before anything of it imports TF
+# (ctx-train and ctx-eval import this package before TensorFlow); a value
+# the user exported wins. TF's default, 64 MB, makes every read of an open
+# file fetch (and that file hold) a 64 MB block: 17 GB of memory and 4x
+# slower on the emulator (benchmarks/RESULTS.md, "Start-up at scale"). 0
+# turns the block buffer off, so a read of n bytes fetches exactly n (one
+# ranged request, plus one for the byte TF probes before a seek's target):
+# `record_files.read_records` merges an episode's records of a class into
+# few such reads. Measured with benchmarks/bucket_read_bench.py (emulated
+# bucket: 30 ms a request, 100 MB/s; 10 records of 100 KB from each of 20
+# classes): 1 MB blocks fetch 3-10x the bytes (a 1 MB block per record
+# read); with 20 reading threads 0 gave 1.7x the records/s of 1 MB (117 vs
+# 70 per s), with 2 threads (latency-bound: 0 costs a probe request more
+# per read) 1 MB gave 1.7x (49 vs 29). The pipeline reads in many threads
+# and processes, and the bytes are what saturate a host's network, so 0.
+os.environ.setdefault("GCS_READ_CACHE_BLOCK_SIZE_MB", "0")
 
 _EXPORTS = {
     "BiLevelDatasetSpecification": "dataset_spec",
@@ -32,6 +52,7 @@ _EXPORTS = {
     "EpisodeBuckets": "padding",
     "episode_buckets": "pipeline",
     "EPISODE_KEYS": "pipeline",
+    "make_episode_iterator": "pipeline",
     "make_multisource_episode_dataset": "pipeline",
     "make_one_source_episode_dataset": "pipeline",
     "RecordError": "record_files",

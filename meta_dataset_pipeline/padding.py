@@ -101,19 +101,42 @@ def geometric_buckets(max_size: int, min_size: int = DEFAULT_MIN_SIZE,
 
 @dataclasses.dataclass(frozen=True)
 class EpisodeBuckets:
-  """Allowed padded sizes of the support and query sets."""
+  """Allowed padded sizes of the support and query sets.
+
+  Either every pair of a support and a query bucket is allowed (`pairs`
+  None), or only the listed `(support, query)` pairs (`fitted_pairs`; then
+  `support` and `query` are the sizes the pairs use).
+  """
   support: tuple[int, ...]
   query: tuple[int, ...]
+  pairs: tuple[tuple[int, int], ...] | None = None
 
   @property
   def num_programs(self) -> int:
     """Bound on distinct episode shapes (hence compiled train steps)."""
+    if self.pairs is not None:
+      return len(self.pairs)
     return len(self.support) * len(self.query)
 
   def pick(self, support_size: int, query_size: int) -> tuple[int, int]:
-    """Smallest (support, query) buckets holding the given sizes."""
-    return (_smallest_fit(self.support, support_size, "support"),
-            _smallest_fit(self.query, query_size, "query"))
+    """Smallest (support, query) buckets holding the given sizes.
+
+    With `pairs`: the allowed pair holding both sets with the fewest padded
+    rows (ties: the smaller support set).
+    """
+    if self.pairs is None:
+      return (_smallest_fit(self.support, support_size, "support"),
+              _smallest_fit(self.query, query_size, "query"))
+    best = None
+    for s, q in self.pairs:
+      if s >= support_size and q >= query_size and (
+          best is None or (s + q, s) < (best[0] + best[1], best[0])):
+        best = (s, q)
+    if best is None:
+      raise ValueError(f"an episode of {support_size} support and "
+                       f"{query_size} query rows exceeds every bucket pair "
+                       f"(largest {max(self.pairs)})")
+    return best
 
 
 def _smallest_fit(buckets, size, what):
@@ -192,6 +215,90 @@ def fitted_buckets(sizes: Sequence[int], num_buckets: int, max_size: int,
       break
     j = layer_back[j]
   return tuple(sorted(buckets))
+
+
+def fitted_pairs(support_sizes: Sequence[int], query_sizes: Sequence[int],
+                 num_pairs: int, max_support: int, max_query: int,
+                 multiple: int = 1, num_candidates: int = 40
+                 ) -> EpisodeBuckets:
+  """At most `num_pairs` (support, query) shapes fitted to sampled episodes.
+
+  Support and query sizes are correlated (many ways: both sets large), so a
+  list of allowed shapes pads far less than the product of per-set buckets
+  with as many programs. Candidates are the products of `num_candidates`
+  fitted buckets per set (`fitted_buckets`, least relative padding); starting
+  from the one shape that holds everything, `(max_support, max_query)`
+  rounded up, the candidate that most lowers the mean relative padding
+  (padded rows / real rows of each episode, as `pick` pads it) is added
+  until there are `num_pairs`. Deterministic: the same sizes give the same
+  pairs in every process.
+
+  Args:
+    support_sizes: sampled support set sizes.
+    query_sizes: the query set sizes of the same episodes.
+    num_pairs: at most this many pairs (>= 1).
+    max_support: the largest support size that must fit.
+    max_query: the largest query size that must fit.
+    multiple: every size is a multiple of this.
+    num_candidates: fitted buckets per set that candidate pairs combine.
+
+  Returns:
+    `EpisodeBuckets` with `pairs`.
+  """
+  if num_pairs < 1:
+    raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
+  s_top, q_top = round_up(max_support, multiple), round_up(max_query,
+                                                            multiple)
+  s_cand = fitted_buckets(support_sizes, num_candidates, max_support,
+                          multiple, relative=True)
+  q_cand = fitted_buckets(query_sizes, num_candidates, max_query, multiple,
+                          relative=True)
+  points, counts = np.unique(
+      np.stack([np.asarray(support_sizes, np.int64),
+                np.asarray(query_sizes, np.int64)], 1), axis=0,
+      return_counts=True)
+  real = points.sum(1).astype(np.float64)
+  cand = np.array([(s, q) for s in s_cand for q in q_cand], np.int64)
+  # cost[c, p]: relative padded rows of point p in candidate c (inf: no fit).
+  fits = ((cand[:, None, 0] >= points[None, :, 0]) &
+          (cand[:, None, 1] >= points[None, :, 1]))
+  cost = np.where(fits, cand.sum(1)[:, None] / real[None, :], np.inf)
+  chosen = [int(np.flatnonzero((cand[:, 0] == s_top) &
+                               (cand[:, 1] == q_top))[0])]
+  current = cost[chosen[0]].copy()
+  while len(chosen) < min(num_pairs, len(cand)):
+    totals = (np.minimum(cost, current[None, :]) * counts).sum(1)
+    totals[chosen] = np.inf
+    best = int(np.argmin(totals))
+    if not np.isfinite(totals[best]) or totals[best] >= (
+        current * counts).sum():
+      break
+    chosen.append(best)
+    current = np.minimum(current, cost[best])
+  pairs = tuple(sorted((int(cand[c, 0]), int(cand[c, 1])) for c in chosen))
+  return EpisodeBuckets(support=tuple(sorted({s for s, _ in pairs})),
+                        query=tuple(sorted({q for _, q in pairs})),
+                        pairs=pairs)
+
+
+def pair_buckets_for_samplers(samplers: Sequence, num_pairs: int,
+                              pad_multiple: int = 1) -> EpisodeBuckets:
+  """`fitted_pairs` over `FIT_SAMPLES` episodes of the samplers.
+
+  As `buckets_for_samplers` with `num_buckets`, but the allowed shapes are
+  fitted jointly (`fitted_pairs`); a config whose sets have one fixed size
+  each gets that one shape.
+  """
+  fixed = {(_fixed_support_size(s), _fixed_query_size(s)) for s in samplers}
+  if len(fixed) == 1 and None not in next(iter(fixed)):
+    s, q = fixed.pop()
+    s, q = round_up(s, pad_multiple), round_up(q, pad_multiple)
+    return EpisodeBuckets((s,), (q,), ((s, q),))
+  support, query = sampled_set_sizes(samplers, FIT_SAMPLES)
+  return fitted_pairs(support, query, num_pairs,
+                      max(s.max_support_size() for s in samplers),
+                      max(s.max_query_size() for s in samplers),
+                      pad_multiple)
 
 
 def sampled_set_sizes(samplers: Sequence, num_episodes: int, seed: int = 0

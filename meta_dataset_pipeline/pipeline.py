@@ -69,10 +69,12 @@ import numpy as np
 import tensorflow as tf
 
 from meta_dataset_pipeline import decoder
+from meta_dataset_pipeline import episode_map
 from meta_dataset_pipeline import padding
 from meta_dataset_pipeline import reader
 from meta_dataset_pipeline import sampling
 from meta_dataset_pipeline import simclr as simclr_lib
+from meta_dataset_pipeline import workers as workers_lib
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -208,19 +210,6 @@ def episode_buckets(dataset_specs, split, episode_config, pad_multiple=1,
                                       min_bucket_size, num_buckets)
 
 
-def _pack(images: Sequence[bytes]) -> tuple[bytes, np.ndarray]:
-  """One buffer and the lengths: much cheaper to hand to TF than a list."""
-  return b"".join(images), np.array([len(x) for x in images], np.int64)
-
-
-def _unpack(blob, lengths):
-  """Inverse of `_pack`, in TF: a [N] string tensor."""
-  starts = tf.cumsum(lengths, exclusive=True)
-  # `substr` broadcasts the scalar buffer; tiling it first would copy the
-  # whole buffer once per image.
-  return tf.strings.substr(blob, starts, lengths)
-
-
 def _row_block(num_support, num_rows, s_pad, q_pad, row_block):
   """Indices (into support-then-query rows) of one block of the padded sets.
 
@@ -236,85 +225,109 @@ def _row_block(num_support, num_rows, s_pad, q_pad, row_block):
   return support + query, len(support), len(support_rows), len(query_rows)
 
 
+class EpisodePlanner:
+  """The serial part of an episode stream: what episode i is, not its pixels.
+
+  For each episode, in order, it samples the description, takes record
+  indices from the per-class shuffled streams, picks the padded sizes, the
+  SimCLR flag and the augmentation seeds, and keeps this process's row
+  block. Everything random about episode i happens here, in one thread, so
+  episode i is the same whoever reads and decodes it (this process, or any
+  of the worker processes of `workers.py`) and however many there are.
+  No record is read: planning costs about a millisecond per ILSVRC episode.
+
+  `next()` returns `(plan, episode, origin)`: `plan` is the episode's
+  description for the decoder (the `_EPISODE_SIGNATURE` fields except the
+  image bytes), `episode` the `reader.Episode` planned and `origin` the row
+  of `episode` each output row shows.
+  """
+
+  def __init__(self, sources, seed, buckets, shuffle_buffer_size,
+               simclr_episode_fraction=0.0, start_episode=0, row_block=None,
+               cache=None):
+    self.sources = sources
+    self._seed = seed
+    self._buckets = buckets
+    self._fraction = simclr_episode_fraction
+    self._row_block = row_block
+    self._cache = cache
+    self.reader = reader.EpisodeReader(sources, seed, shuffle_buffer_size)
+    self._aug_rng = np.random.default_rng(
+        reader.derive_seeds(seed, 3, count=2))
+    if cache is not None:  # Cached images are not read again.
+      self.reader.skip_cached_reads(lambda *key: cache.is_filled(key))
+    # Resume: the state after `start_episode` episodes, no record read.
+    # Augmentation seeds are drawn for the unconverted episode, as below.
+    for _ in range(start_episode):
+      self._aug_rng.integers(0, 2**31 - 1, size=(self.reader.skip(), 2))
+    self.index = start_episode
+
+  def next(self):
+    """The plan of the next episode (see the class docstring)."""
+    if self._cache is not None:
+      self._cache.refresh_filled()
+    ep = self.reader.plan_episode()
+    s_pad, q_pad = self._buckets.pick(ep.num_support, ep.num_query)
+    # Which row of `ep` each output row shows (for errors, the cache and
+    # which records to read).
+    origin = np.arange(len(ep.class_ids))
+    is_simclr = simclr_lib.is_simclr_episode(self._seed, self.index,
+                                             self._fraction)
+    self.index += 1
+    labels, class_ids, num_ways = ep.labels, ep.class_ids, ep.num_ways
+    if is_simclr:  # Query size only shrinks: the buckets still fit.
+      converted, labels, class_ids, num_ways = simclr_lib.convert_episode(
+          list(origin), ep.class_ids, ep.num_support)
+      origin = np.asarray(converted, np.int64)
+    # Drawn for the unconverted episode, so conversion never shifts the
+    # seeds of later episodes.
+    aug_seeds = self._aug_rng.integers(0, 2**31 - 1,
+                                       size=(len(ep.class_ids), 2))
+    aug_seeds = aug_seeds[:len(origin)]
+    num_support = ep.num_support
+    if self._row_block is not None:  # Only this block's rows are decoded.
+      keep, num_support, s_pad, q_pad = _row_block(
+          num_support, len(origin), s_pad, q_pad, self._row_block)
+      origin = origin[keep]
+      labels, class_ids = labels[keep], class_ids[keep]
+      aug_seeds = aug_seeds[keep]
+    plan = {
+        "labels": np.asarray(labels, np.int32),
+        "class_ids": np.asarray(class_ids, np.int32),
+        "info": np.array([num_support, s_pad, q_pad, num_ways,
+                          ep.source_id], dtype=np.int32),
+        "aug_seeds": aug_seeds.reshape(-1, 2),
+        "simclr": np.bool_(is_simclr),
+        **_provenance(self.sources, ep, origin, self._cache),
+    }
+    return plan, ep, origin
+
+  def read(self, ep, origin) -> list[bytes]:
+    """The encoded images of the output rows, read in this process."""
+    # Only the records of output rows are read: not those of other row
+    # blocks, nor the query records a SimCLR episode replaces.
+    ep = self.reader.read_images(ep, origin)
+    return [ep.images[i] for i in origin.tolist()]
+
+
 def _episode_generator(sources, seed, buckets, shuffle_buffer_size,
                        simclr_episode_fraction=0.0, start_episode=0,
                        row_block=None, cache=None):
-  """Returns a generator function yielding one packed episode at a time."""
+  """Returns a generator function yielding one packed episode at a time
+  (planned and read in this process: `num_workers=0`)."""
 
   def generate():
     # Built here, not outside: every iteration of the dataset restarts from
     # the seed, as tf.data expects of a deterministic source.
-    episodes = reader.EpisodeReader(sources, seed, shuffle_buffer_size)
-    aug_rng = np.random.default_rng(reader.derive_seeds(seed, 3, count=2))
-    if cache is not None:  # Cached images are not read again.
-      episodes.skip_cached_reads(lambda *key: cache.is_filled(key))
-    # Resume: the state after `start_episode` episodes, no image reads.
-    # Augmentation seeds are drawn for the unconverted episode, as below.
-    for _ in range(start_episode):
-      aug_rng.integers(0, 2**31 - 1, size=(episodes.skip(), 2))
-    index = start_episode
+    planner = EpisodePlanner(sources, seed, buckets, shuffle_buffer_size,
+                             simclr_episode_fraction, start_episode,
+                             row_block, cache)
     while True:
-      if cache is not None:
-        cache.refresh_filled()
-      ep = episodes.plan_episode()
-      s_pad, q_pad = buckets.pick(ep.num_support, ep.num_query)
-      # Which row of `ep` each output row shows (for errors, the cache and
-      # which records to read).
-      origin = np.arange(len(ep.class_ids))
-      is_simclr = simclr_lib.is_simclr_episode(seed, index,
-                                               simclr_episode_fraction)
-      index += 1
-      if is_simclr:  # Query size only shrinks: the buckets still fit.
-        origin = np.asarray(simclr_lib.convert_episode(
-            origin, ep.class_ids, ep.num_support)[0], np.int64)
-      num_support = ep.num_support
-      keep = None
-      if row_block is not None:  # Only this block's rows are decoded.
-        keep, num_support, s_pad, q_pad = _row_block(
-            num_support, len(origin), s_pad, q_pad, row_block)
-        origin = origin[keep]
-      # Only the records of output rows are read: not those of other row
-      # blocks, nor the query records a SimCLR episode replaces.
-      ep = episodes.read_images(ep, origin)
-      # Drawn for the unconverted episode, so conversion never shifts the
-      # seeds of later episodes.
-      aug_seeds = aug_rng.integers(0, 2**31 - 1, size=(len(ep.images), 2))
-      images, labels, class_ids, num_ways = (ep.images, ep.labels,
-                                             ep.class_ids, ep.num_ways)
-      if is_simclr:
-        images, labels, class_ids, num_ways = simclr_lib.convert_episode(
-            images, class_ids, ep.num_support)
-      aug_seeds = aug_seeds[:len(images)]
-      if keep is not None:
-        images = [images[i] for i in keep]
-        labels, class_ids = labels[keep], class_ids[keep]
-        aug_seeds = aug_seeds[keep]
-      blob, lengths = _pack(images)
-      yield {
-          "blob": blob, "lengths": lengths, "labels": labels,
-          "class_ids": class_ids,
-          "info": np.array([num_support, s_pad, q_pad, num_ways,
-                            ep.source_id], dtype=np.int32),
-          "aug_seeds": aug_seeds.reshape(-1, 2),
-          "simclr": np.bool_(is_simclr),
-          **_provenance(sources, ep, origin, cache),
-      }
+      plan, ep, origin = planner.next()
+      blob, lengths = episode_map.pack(planner.read(ep, origin))
+      yield {"blob": blob, "lengths": lengths, **plan}
 
   return _EXIT_GUARD.wrap(generate)
-
-
-_EPISODE_SIGNATURE = {
-    "blob": tf.TensorSpec([], tf.string),
-    "lengths": tf.TensorSpec([None], tf.int64),
-    "labels": tf.TensorSpec([None], tf.int32),
-    "class_ids": tf.TensorSpec([None], tf.int32),
-    "info": tf.TensorSpec([5], tf.int32),
-    "aug_seeds": tf.TensorSpec([None, 2], tf.int64),
-    "simclr": tf.TensorSpec([], tf.bool),
-    "record_index": tf.TensorSpec([None], tf.int32),
-    "row_files": tf.TensorSpec([None], tf.string),
-    "cache_slots": tf.TensorSpec([None], tf.int32),
-}
 
 
 def _provenance(sources, ep, origin, cache):
@@ -342,70 +355,6 @@ def _provenance(sources, ep, origin, cache):
           "cache_slots": slots}
 
 
-def _describe_row(files, records, class_ids):
-  """`describe` of `decoder.decode_rows`: row -> "<file>: record R of
-  class C: the image failed to decode ..." (files: [N] string; records,
-  class_ids: [N] int32)."""
-
-  def describe(i):
-    return tf.strings.join([
-        files[i], ": record ", tf.strings.as_string(records[i]),
-        " of class ", tf.strings.as_string(class_ids[i]),
-        ": the image failed to decode (corrupt image data)"])
-
-  return describe
-
-
-def _pad_rows(x, size, value):
-  pad = [[0, size - tf.shape(x)[0]]] + [[0, 0]] * (len(x.shape) - 1)
-  return tf.pad(x, pad, constant_values=value)
-
-
-def _episode_fn(image_size, support_augmentation, query_augmentation,
-                episode_augmenter=None, cache=None):
-  """Per-episode map: decode every image once, augment, pad, add masks.
-
-  `episode_augmenter` (a `simclr.EpisodeAugmenter`) augments SimCLR and
-  ordinary episodes after the decoder's own augmentation.
-  """
-  extra = episode_augmenter if (episode_augmenter and
-                                episode_augmenter.augments_in_map) else None
-
-  def decode_padded(ep, rows, size, augmentation, is_query):
-    """[size, H, W, 3]: decoded images, then zero rows up to `size`."""
-    images = _unpack(ep["blob"], ep["lengths"])[rows]
-    describe = _describe_row(ep["row_files"][rows], ep["record_index"][rows],
-                             ep["class_ids"][rows])
-    more = None
-    if extra is not None:
-      more = lambda image, seed: extra(image, seed, is_query, ep["simclr"])
-    return decoder.decode_rows(images, size, image_size, augmentation,
-                               ep["aug_seeds"][rows], describe, cache,
-                               ep["cache_slots"][rows], more)
-
-  def process(ep):
-    num_support, s_pad, q_pad = ep["info"][0], ep["info"][1], ep["info"][2]
-    out = {}
-    for prefix, rows, size, aug in (
-        ("support_", slice(None, num_support), s_pad, support_augmentation),
-        ("query_", slice(num_support, None), q_pad, query_augmentation)):
-      labels = ep["labels"][rows]
-      out[prefix + "images"] = decode_padded(ep, rows, size, aug,
-                                             prefix == "query_")
-      out[prefix + "labels"] = _pad_rows(labels, size, 0)
-      out[prefix + "mask"] = tf.range(size) < tf.shape(labels)[0]
-      out[prefix + "class_ids"] = _pad_rows(ep["class_ids"][rows], size, -1)
-      if episode_augmenter is not None:  # Only with on-device augmentation.
-        out.update(episode_augmenter.device_fields(
-            prefix, ep["aug_seeds"][rows], tf.shape(labels)[0], size,
-            ep["simclr"]))
-    out["num_ways"] = ep["info"][3]
-    out["source_id"] = ep["info"][4]
-    return out
-
-  return process
-
-
 def _episode_dataset(specs, split, episode_config, image_size, seed, *,
                      pad_multiple, bucket_growth, min_bucket_size,
                      num_buckets,
@@ -414,8 +363,11 @@ def _episode_dataset(specs, split, episode_config, image_size, seed, *,
                      use_bilevel_ontology, process_index, process_count,
                      num_parallel_calls, prefetch, simclr_augmentation=None,
                      md_augmentation=None, augment_on_device=False,
-                     start_episode=0, row_block=None, decoded_cache_bytes=0):
-  """Shared body of the one-source and multi-source builders."""
+                     start_episode=0, row_block=None, decoded_cache_bytes=0,
+                     buckets: padding.EpisodeBuckets | None = None,
+                     num_workers=0):
+  """Shared body of the one-source and multi-source builders (a dataset),
+  and of `make_episode_iterator` (`num_workers` > 0: worker processes)."""
   if not specs:
     raise ValueError("at least one dataset spec is needed")
   augmenter = simclr_lib.EpisodeAugmenter(
@@ -426,9 +378,10 @@ def _episode_dataset(specs, split, episode_config, image_size, seed, *,
                           use_dag_ontology, use_bilevel_ontology)
   for source in sources:  # Fail now, not on the first episode.
     reader.check_class_files(source.spec, source.split)
-  buckets = padding.buckets_for_samplers(
-      [s.sampler for s in sources], pad_multiple, bucket_growth,
-      min_bucket_size, num_buckets)
+  if buckets is None:
+    buckets = padding.buckets_for_samplers(
+        [s.sampler for s in sources], pad_multiple, bucket_growth,
+        min_bucket_size, num_buckets)
   if start_episode < 0:
     raise ValueError(f"start_episode={start_episode} must be >= 0")
   if row_block is not None:
@@ -444,16 +397,32 @@ def _episode_dataset(specs, split, episode_config, image_size, seed, *,
       sum(s.spec.get_total_images_per_class(c) for s in sources
           for c in s.class_set))
   if capacity > 0:
+    if num_workers:
+      raise ValueError(
+          "decoded_cache_bytes (config.data.decoded_cache_mb) works with "
+          "in-process decoding only: set num_workers=0 or the cache to 0")
     cache = decoder.DecodedImageCache(capacity, image_size)
+  if num_workers:
+    if any(hasattr(s.spec, "open_class_streams") for s in sources):
+      raise ValueError(
+          "num_workers > 0 reads class record files; TFDS-prepared data "
+          "(config.data.format='tfds') needs num_workers=0")
+    planner = EpisodePlanner(sources, seed, buckets, shuffle_buffer_size,
+                             episode_config.simclr_episode_fraction,
+                             start_episode, row_block)
+    setup = workers_lib.WorkerSetup(image_size, support_augmentation,
+                                    query_augmentation, augmenter)
+    return workers_lib.EpisodeWorkers(planner, setup, num_workers,
+                                      window=2 * num_workers + prefetch)
   episodes = tf.data.Dataset.from_generator(
       _episode_generator(sources, seed, buckets, shuffle_buffer_size,
                          episode_config.simclr_episode_fraction,
                          start_episode, row_block, cache),
-      output_signature=_EPISODE_SIGNATURE)
+      output_signature=episode_map.EPISODE_SIGNATURE)
   # Episodes decode in parallel with each other.
   episodes = episodes.map(
-      _episode_fn(image_size, support_augmentation, query_augmentation,
-                  augmenter, cache),
+      episode_map.episode_fn(image_size, support_augmentation,
+                             query_augmentation, augmenter, cache),
       num_parallel_calls=num_parallel_calls)
   return episodes.prefetch(prefetch)
 
@@ -476,7 +445,8 @@ def make_one_source_episode_dataset(
     augment_on_device: bool = False,
     start_episode: int = 0,
     row_block: tuple[int, int] | None = None,
-    decoded_cache_bytes: int = 0) -> tf.data.Dataset:
+    decoded_cache_bytes: int = 0,
+    buckets: padding.EpisodeBuckets | None = None) -> tf.data.Dataset:
   """Infinite dataset of padded episodes from one source.
 
   `episode_config.simclr_episode_fraction` of the episodes are SimCLR
@@ -524,6 +494,10 @@ def make_one_source_episode_dataset(
       (`decoder.DecodedImageCache`, float32, before augmentation); 0: none.
       Exact: cached images are the same values. Images past the budget are
       decoded every time. E.g. all 5640 DTD images at 84x84 take 477 MB.
+    buckets: the padded shapes to use instead of buckets fitted to these
+      samplers (`pad_multiple`, `bucket_growth`, `min_bucket_size` and
+      `num_buckets` are then not used for padding), e.g. buckets shared by
+      several sources and splits; every episode must fit them.
 
   Returns:
     A `tf.data.Dataset` of episode dicts (see module docstring).
@@ -542,7 +516,19 @@ def make_one_source_episode_dataset(
       simclr_augmentation=simclr_augmentation,
       md_augmentation=md_augmentation, augment_on_device=augment_on_device,
       start_episode=start_episode, row_block=row_block,
-      decoded_cache_bytes=decoded_cache_bytes)
+      decoded_cache_bytes=decoded_cache_bytes, buckets=buckets)
+
+
+_DEFAULT_OPTIONS = dict(
+    pad_multiple=1, bucket_growth=padding.DEFAULT_GROWTH,
+    min_bucket_size=padding.DEFAULT_MIN_SIZE, num_buckets=0,
+    shuffle_buffer_size=reader.DEFAULT_SHUFFLE_BUFFER_SIZE,
+    support_augmentation=None,
+    query_augmentation=None, use_dag_ontology=None,
+    use_bilevel_ontology=None, process_index=0, process_count=1,
+    num_parallel_calls=AUTOTUNE, prefetch=2, simclr_augmentation=None,
+    md_augmentation=None, augment_on_device=False, start_episode=0,
+    row_block=None, decoded_cache_bytes=0, buckets=None)
 
 
 def make_multisource_episode_dataset(
@@ -561,16 +547,7 @@ def make_multisource_episode_dataset(
   Returns:
     A `tf.data.Dataset` of episode dicts; padding buckets cover all sources.
   """
-  options = dict(
-      pad_multiple=1, bucket_growth=padding.DEFAULT_GROWTH,
-      min_bucket_size=padding.DEFAULT_MIN_SIZE, num_buckets=0,
-      shuffle_buffer_size=reader.DEFAULT_SHUFFLE_BUFFER_SIZE,
-      support_augmentation=None,
-      query_augmentation=None, use_dag_ontology=None,
-      use_bilevel_ontology=None, process_index=0, process_count=1,
-      num_parallel_calls=AUTOTUNE, prefetch=2, simclr_augmentation=None,
-      md_augmentation=None, augment_on_device=False, start_episode=0,
-      row_block=None, decoded_cache_bytes=0)
+  options = dict(_DEFAULT_OPTIONS)
   unknown = set(kwargs) - set(options)
   if unknown:
     raise TypeError(f"unexpected arguments {sorted(unknown)}")
@@ -578,3 +555,46 @@ def make_multisource_episode_dataset(
   return _episode_dataset(list(dataset_spec_list), split, episode_config,
                           image_size, seed, **options)
 
+
+def make_episode_iterator(dataset_spec_list, split, episode_config,
+                          image_size, seed=0, *, num_workers: int = 0,
+                          **kwargs):
+  """Iterator of numpy episodes, from this process or from worker processes.
+
+  The same episodes, bit for bit, whatever `num_workers` (tested).
+
+  Args:
+    dataset_spec_list: one spec or a list of specs (`source_id` indexes it).
+    split: the split.
+    episode_config: an `EpisodeDescriptionConfig`.
+    image_size: output height and width.
+    seed: seeds everything, as in `make_one_source_episode_dataset`.
+    num_workers: 0: the tf.data pipeline of this process
+      (`as_numpy_iterator` of `make_multisource_episode_dataset`); K > 0:
+      the episodes are planned here and read, decoded and padded by K
+      worker processes (`workers.py`), then handed over without a copy.
+      `workers.default_num_workers()` is a good K. Class record files only
+      (not TFDS-prepared data), without `decoded_cache_bytes`.
+    **kwargs: the keyword options of `make_one_source_episode_dataset`;
+      `prefetch` is the number of episodes prepared ahead beyond two per
+      worker (one decoding, one being read).
+
+  Returns:
+    An iterator of episode dicts; with workers, its arrays are views of
+    shared memory that is reused once the episode's arrays are all gone,
+    and `close()` stops the workers (also done at exit).
+  """
+  specs = _as_spec_list(dataset_spec_list)
+  if num_workers < 0:
+    raise ValueError(f"num_workers={num_workers} must be >= 0")
+  if not num_workers:
+    return make_multisource_episode_dataset(
+        specs, split, episode_config, image_size, seed,
+        **kwargs).as_numpy_iterator()
+  options = dict(_DEFAULT_OPTIONS)
+  unknown = set(kwargs) - set(options)
+  if unknown:
+    raise TypeError(f"unexpected arguments {sorted(unknown)}")
+  options.update(kwargs)
+  return _episode_dataset(specs, split, episode_config, image_size, seed,
+                          num_workers=num_workers, **options)

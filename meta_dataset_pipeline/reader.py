@@ -21,8 +21,8 @@ flushed records to throw them away, and pads every episode with placeholder
 pulls. Here start-up does not depend on the number of records: when the
 pipeline is built, every class file of the split is only checked cheaply
 (`record_files.check_class_files`: it exists, has room for the spec's
-count, ends with a complete record). A class file is indexed when the
-class is first sampled (record offsets from the 12-byte record headers; a
+count, ends with a complete record). A class file is indexed when a
+record of it is first read (record offsets from the 12-byte record headers; a
 record count that differs from the spec's fails then), and every record's
 CRCs are verified when it is read. The shuffle is done on record *indices*
 in numpy, and only the records an episode keeps are read, by offset (at
@@ -32,7 +32,7 @@ file system (`gs://`, ...).
 
 Bad data fails loudly, naming the file: a missing class file or one cut
 off at a random byte (when the pipeline is built), a record count that
-differs from the spec's (when the class is first sampled), a corrupt
+differs from the spec's (when a record of the class is first read), a corrupt
 record, an image that is not one (when read). An image whose bytes look
 fine but fail to decode is named by `decoder.decode_rows`.
 """
@@ -183,8 +183,9 @@ class ClassStream:
     if count > self.num_records:
       raise ValueError(f"{self.path}: {count} examples requested from a "
                        f"class of {self.num_records}")
-    if self._offsets is None:
-      self.ensure_open()
+    # No file access: the planner only needs the spec's count (the file's
+    # own count is checked when a record is first read), so planning and
+    # resuming read nothing.
     left = len(self._order) - self._cursor
     flushed = 0
     if count > left:
@@ -213,26 +214,35 @@ class ClassStream:
           f"{self.class_id} is corrupt: {e}") from None
 
   def read_image(self, index: int) -> bytes:
-    """The encoded image of record `index`, checked (see `decoder`).
+    """The encoded image of record `index`, checked (see `checked_image`).
 
     Empty when `self.cached` says the decoded image is cached (the record
     was read and checked when it was first used).
     """
     if self.cached is not None and self.cached(self.class_id, index):
       return b""
-    where = f"{self.path}: record {index} of class {self.class_id}"
-    record = self.read(index)
-    try:
-      image, label = decoder.parse_record(record)
-    except ValueError as e:
-      raise RecordError(f"{where}: {e}") from None
-    if label != self.class_id:
-      raise RecordError(f"{where} has label {label}; records of a class "
-                        "file must carry its class id")
-    problem = decoder.image_bytes_problem(image)
-    if problem:
-      raise RecordError(f"{where}: {problem}")
-    return image
+    return checked_image(self.read(index), self.path, index, self.class_id)
+
+
+def checked_image(record, path: str, index: int, class_id: int) -> bytes:
+  """The encoded image of a class file's record, or a `RecordError`.
+
+  The record must be a `tf.train.Example` of the class's label whose image
+  bytes look complete (`decoder.image_bytes_problem`). The error names the
+  file, the record and the class.
+  """
+  where = f"{path}: record {index} of class {class_id}"
+  try:
+    image, label = decoder.parse_record(record)
+  except ValueError as e:
+    raise RecordError(f"{where}: {e}") from None
+  if label != class_id:
+    raise RecordError(f"{where} has label {label}; records of a class "
+                      "file must carry its class id")
+  problem = decoder.image_bytes_problem(image)
+  if problem:
+    raise RecordError(f"{where}: {problem}")
+  return image
 
 
 def open_class_streams(spec, split, rngs, shuffle_buffer_size: int,

@@ -11,6 +11,12 @@ as one folder holding
   with `json.dump(..., indent=2)` (no trailing newline). Class ids are
   contiguous: train classes first, then valid, then test.
 
+Not official: next to a class file `write_class_records(...,
+write_index=True)` (md-convert) can write its record-offset index,
+`<class_id>.tfrecords.index` (`encode_record_index`; read by
+`record_files.load_record_offsets`), so that readers need not walk the
+file's headers.
+
 These helpers write exactly that, for a flat `DatasetSpecification` or a
 `BiLevelDatasetSpecification` (superclasses, as Omniglot). Every file is
 written to a temporary name in the same folder and renamed into place when
@@ -39,6 +45,18 @@ DATASET_SPEC_FILENAME = "dataset_spec.json"
 SPLITS = ("TRAIN", "VALID", "TEST")
 # Prefix of temporary files; readers never match it (it is not `<int>.*`).
 TMP_PREFIX = ".tmp-"
+# Record-offset index of a class file: `<class_id>.tfrecords.index`. A suffix
+# after the whole name, so it sits beside its file, is derived from any
+# class-file name, and matches no `{}.tfrecords` pattern or `*.tfrecords`
+# glob (the spec, md-convert --verify and TF readers never take it for
+# records).
+INDEX_SUFFIX = ".index"
+# Index layout, little-endian: magic, version, reserved (0), the class
+# file's size, the record count; then one int64 start offset per record;
+# then the masked CRC-32C of all the bytes before it.
+INDEX_MAGIC = b"TFRECIDX"
+INDEX_VERSION = 1
+INDEX_HEADER = struct.Struct("<8sIIQQ")
 
 
 @contextlib.contextmanager
@@ -197,26 +215,67 @@ def class_records_path(records_dir: str, class_id: int) -> str:
   return os.path.join(records_dir, FILE_PATTERN.format(int(class_id)))
 
 
+def encode_record_index(file_size: int, offsets: Sequence[int]) -> bytes:
+  """The bytes of a record-offset index (see `INDEX_HEADER`).
+
+  Args:
+    file_size: the class file's size in bytes.
+    offsets: the start offset of every record, in order.
+
+  Returns:
+    Header, offsets (int64 little-endian) and the masked CRC.
+  """
+  body = (INDEX_HEADER.pack(INDEX_MAGIC, INDEX_VERSION, 0, int(file_size),
+                            len(offsets)) +
+          struct.pack(f"<{len(offsets)}q", *map(int, offsets)))
+  return body + masked_crc(body)
+
+
+def write_record_index_file(path: str, file_size: int,
+                            offsets: Sequence[int]) -> str:
+  """Writes the index of local class file `path`, atomically.
+
+  Returns:
+    The index's path (`path + INDEX_SUFFIX`).
+  """
+  index_path = path + INDEX_SUFFIX
+  with atomic_output_path(index_path) as tmp:
+    with open(tmp, "wb") as f:
+      f.write(encode_record_index(file_size, offsets))
+  return index_path
+
+
 def write_class_records(records_dir: str, class_id: int,
-                        images: Iterable[bytes]) -> int:
+                        images: Iterable[bytes],
+                        write_index: bool = False) -> int:
   """Writes the record file of one class, atomically.
 
   Args:
     records_dir: the dataset folder; must exist.
     class_id: the absolute class id; also the file's name.
     images: the encoded images of the class, in record order.
+    write_index: also write the file's record-offset index
+      (`<class_id>.tfrecords.index`), after the class file is in place.
 
   Returns:
     The number of records written.
   """
-  count = 0
-  with atomic_output_path(class_records_path(records_dir, class_id)) as tmp:
+  offsets, size = [], 0
+  path = class_records_path(records_dir, class_id)
+  # An index of the file being replaced would describe the old records.
+  with contextlib.suppress(FileNotFoundError):
+    os.remove(path + INDEX_SUFFIX)
+  with atomic_output_path(path) as tmp:
     # No compression: the official reader opens the files uncompressed.
     with open(tmp, "wb") as f:
       for image_bytes in images:
-        f.write(tfrecord_frame(serialize_example(image_bytes, class_id)))
-        count += 1
-  return count
+        frame = tfrecord_frame(serialize_example(image_bytes, class_id))
+        f.write(frame)
+        offsets.append(size)
+        size += len(frame)
+  if write_index:
+    write_record_index_file(path, size, offsets)
+  return len(offsets)
 
 
 def dataset_spec_dict(name: str,

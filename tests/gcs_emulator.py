@@ -34,6 +34,12 @@ GCS_STAT_CACHE_MAX_AGE (5 s by default), so a folder just emptied may still
 `ifGenerationMatch` preconditions (tensorstore uses them for orbax's OCDBT
 manifests), so concurrent writers are not checked.
 
+To emulate a real bucket (benchmarks), `gcs_emulator(latency_s=0.03,
+bandwidth=100e6)` makes the proxy wait `latency_s` before forwarding each
+HTTP request and send each reply no faster than `bandwidth` bytes/s per
+connection. `gcs.stats` counts the requests the proxy forwarded and the
+bytes of their replies (`requests_for` filters them by object name).
+
 Usage:
 
     with gcs_emulator() as gcs:
@@ -58,6 +64,8 @@ import socketserver
 import ssl
 import tempfile
 import threading
+import time
+import urllib.parse
 import warnings
 
 import pytest
@@ -75,6 +83,38 @@ _UNSET = ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
           "all_proxy", "GOOGLE_APPLICATION_CREDENTIALS")
 
 
+class ProxyStats:
+  """Requests the proxy forwarded: (method, path, Range header, reply bytes).
+
+  Paths are unquoted and without the query (`/bucket/a/b` for a download,
+  `/storage/v1/b/bucket/o/a/b` for metadata).
+  """
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self.log = []
+
+  def add(self, method, path, byte_range, num_bytes):
+    with self._lock:
+      self.log.append((method, path, byte_range, num_bytes))
+
+  def reset(self):
+    with self._lock:
+      self.log = []
+
+  @property
+  def requests(self) -> int:
+    return len(self.log)
+
+  @property
+  def bytes_sent(self) -> int:
+    return sum(entry[3] for entry in self.log)
+
+  def requests_for(self, object_name):
+    """Log entries whose path ends with `object_name` (a download or stat)."""
+    return [e for e in self.log if e[1].endswith("/" + object_name)]
+
+
 @dataclasses.dataclass(frozen=True)
 class GcsEmulator:
   """A running emulator and its bucket (created, empty at start).
@@ -86,6 +126,7 @@ class GcsEmulator:
   settings: dict
   bucket: str
   emulator_url: str  # Plain HTTP on loopback, straight to the emulator.
+  stats: ProxyStats = dataclasses.field(default_factory=ProxyStats)
 
   @property
   def env(self):
@@ -263,6 +304,8 @@ class _TunnelHandler(http.server.BaseHTTPRequestHandler):
             "x-goog-metageneration": meta["metageneration"]}
 
   def _forward(self):
+    if self.server.latency_s:
+      time.sleep(self.server.latency_s)
     if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
       body = self._read_chunked()
     else:
@@ -301,8 +344,24 @@ class _TunnelHandler(http.server.BaseHTTPRequestHandler):
         self.send_header(k, v)
     self.send_header("Content-Length", str(len(data)))
     self.end_headers()
+    self.server.stats.add(
+        self.command, urllib.parse.unquote(self.path.split("?")[0]),
+        self.headers.get("Range"), 0 if self.command == "HEAD" else len(data))
     if self.command != "HEAD":
+      self._send_body(data)
+
+  def _send_body(self, data):
+    """Writes `data`, no faster than the server's `bandwidth` (bytes/s)."""
+    bandwidth = self.server.bandwidth
+    if not bandwidth:
       self.wfile.write(data)
+      return
+    start, chunk = time.monotonic(), 64 << 10
+    for i in range(0, len(data), chunk):
+      self.wfile.write(data[i:i + chunk])
+      ahead = (i + chunk) / bandwidth - (time.monotonic() - start)
+      if ahead > 0:
+        time.sleep(ahead)
 
   def _read_chunked(self):
     parts = []
@@ -365,11 +424,18 @@ def _serving(srv):
 
 
 @contextlib.contextmanager
-def gcs_emulator(bucket=BUCKET):
+def gcs_emulator(bucket=BUCKET, latency_s=0.0, bandwidth=None):
   """Runs the emulator and proxy; yields a `GcsEmulator`.
 
   Skips the calling test when `gcp-storage-emulator`, `google-cloud-storage`
   or `cryptography` is absent.
+
+  Args:
+    bucket: the bucket created (empty).
+    latency_s: seconds the proxy waits before forwarding each HTTP request
+      (a real bucket's time to first byte is tens of ms).
+    bandwidth: bytes/s at most per connection for replies (None: as fast as
+      loopback).
   """
   emulator_server = pytest.importorskip(
       "gcp_storage_emulator.server",
@@ -408,6 +474,9 @@ def gcs_emulator(bucket=BUCKET):
     proxy.upstream = (_LOOPBACK, api_port)
     proxy.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     proxy.tls.load_cert_chain(cert, key)
+    proxy.latency_s = latency_s
+    proxy.bandwidth = bandwidth
+    proxy.stats = ProxyStats()
     proxy_port = stack.enter_context(_serving(proxy))
 
     proxy_url = f"http://{_LOOPBACK}:{proxy_port}"
@@ -432,4 +501,5 @@ def gcs_emulator(bucket=BUCKET):
         "GCS_RETRY_CONFIG_MAX_DELAY_TIME_US": "100000",
     }
     yield GcsEmulator(settings=settings, bucket=bucket,
-                      emulator_url=f"http://{_LOOPBACK}:{api_port}")
+                      emulator_url=f"http://{_LOOPBACK}:{api_port}",
+                      stats=proxy.stats)

@@ -7,11 +7,14 @@ place before TF's GCS file system starts. Results are compared with local
 reads, and what was written is checked through the emulator itself.
 """
 
+import http.client
 import json
 import pathlib
 import socket
+import ssl
 import subprocess
 import sys
+import time
 import urllib.parse
 
 import numpy as np
@@ -166,3 +169,41 @@ def test_emulator_listens_on_loopback_only_and_stops():
   for a in addresses:
     with pytest.raises(ConnectionRefusedError):
       socket.create_connection((a.hostname, a.port), timeout=5)
+
+
+def _get_through_proxy(emulator, path, byte_range=None):
+  """One GET of `path` on the Google host, through the proxy's tunnel."""
+  proxy = urllib.parse.urlsplit(emulator.env["HTTPS_PROXY"])
+  context = ssl.create_default_context(cafile=emulator.env["CURL_CA_BUNDLE"])
+  conn = http.client.HTTPSConnection(proxy.hostname, proxy.port,
+                                     context=context, timeout=30)
+  conn.set_tunnel(gcs_emulator.GOOGLE_HOSTS[1], 443)
+  try:
+    conn.request("GET", path, headers={
+        "Authorization": "Bearer x", **({"Range": byte_range}
+                                         if byte_range else {})})
+    return conn.getresponse().read()
+  finally:
+    conn.close()
+
+
+def test_injected_latency_and_bandwidth_and_request_counts():
+  data = bytes(range(256)) * 1200  # 300 KB.
+  with gcs_emulator.gcs_emulator(latency_s=0.2, bandwidth=1e6) as emulator:
+    emulator.client().bucket(emulator.bucket).blob("o/x.bin") \
+        .upload_from_string(data)
+    start = time.monotonic()
+    got = _get_through_proxy(emulator, f"/{emulator.bucket}/o/x.bin",
+                             "bytes=1000-1099")
+    small = time.monotonic() - start
+    start = time.monotonic()
+    whole = _get_through_proxy(emulator, f"/{emulator.bucket}/o/x.bin")
+    large = time.monotonic() - start
+    log = emulator.stats.log
+  assert got == data[1000:1100] and whole == data
+  assert small >= 0.2  # The latency, once.
+  assert large >= 0.2 + 0.25  # Plus 300 KB at 1 MB/s.
+  assert [(e[0], e[1], e[2], e[3]) for e in log] == [
+      ("GET", f"/{gcs_emulator.BUCKET}/o/x.bin", "bytes=1000-1099", 100),
+      ("GET", f"/{gcs_emulator.BUCKET}/o/x.bin", None, len(data))]
+  assert len(emulator.stats.requests_for("o/x.bin")) == 2

@@ -50,11 +50,11 @@ def test_local_dry_run_prints_every_process(capsys):
 
 
 def test_local_single_process_and_gpu_split(capsys):
-  local.main(["--dry_run", "--", "ctx-train"])
+  local.main(["--num_gpus", "0", "--dry_run", "--", "ctx-train"])
   line = capsys.readouterr().out.strip()
   assert "CTX_JAX_DISTRIBUTED" not in line and line.endswith("ctx-train")
   local.main(["--num_processes", "2", "--gpus_per_process", "4",
-              "--dry_run", "--", "ctx-train"])
+              "--num_gpus", "8", "--dry_run", "--", "ctx-train"])
   lines = capsys.readouterr().out.splitlines()
   assert "CUDA_VISIBLE_DEVICES=0,1,2,3" in lines[0]
   assert "CUDA_VISIBLE_DEVICES=4,5,6,7" in lines[1]
@@ -90,9 +90,72 @@ def test_tpu_dry_run_starts_the_program_on_every_worker(capsys):
   assert "--worker=all" in cmd
   remote = [c for c in cmd if c.startswith("--command=")][0]
   assert remote == (
-      "--command=cd ~/ctx-jax && git pull && A=1 CTX_JAX_DISTRIBUTED=1 "
+      "--command=cd ~/ctx-jax && git pull && "
+      'GCS_READ_CACHE_BLOCK_SIZE_MB="${GCS_READ_CACHE_BLOCK_SIZE_MB:-1}" '
+      "A=1 CTX_JAX_DISTRIBUTED=1 "
       "TF_CPP_MIN_LOG_LEVEL=2 ctx-train --config experiments/ctx_ilsvrc.py "
       "--workdir gs://b/runs/ctx")
+
+
+def test_local_starts_one_process_per_gpu_by_default(capsys, monkeypatch):
+  """Issue 22: a multi-GPU host gets one process per GPU, each with its GPU,
+  its memory fraction and tf.data's threads capped; the user's env wins."""
+  monkeypatch.delenv("TF_NUM_INTEROP_THREADS", raising=False)
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+  monkeypatch.setenv("TF_NUM_INTRAOP_THREADS", "3")
+  monkeypatch.setattr(local.os, "cpu_count", lambda: 96)
+  assert local.main(["--num_gpus", "8", "--dry_run", "--", "ctx-train"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert len(lines) == 8
+  for i, line in enumerate(lines):
+    assert "CTX_JAX_NUM_PROCESSES=8" in line
+    assert f"CTX_JAX_PROCESS_ID={i} CUDA_VISIBLE_DEVICES={i} " in line
+    assert "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 " in line
+    assert "TF_NUM_INTEROP_THREADS=12 " in line
+    assert "TF_NUM_INTRAOP_THREADS" not in line  # The user's 3 stays.
+  # The visible GPUs are the ones split; one process on request.
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+  local.main(["--dry_run", "--", "ctx-train"])
+  lines = capsys.readouterr().out.splitlines()
+  assert ["CUDA_VISIBLE_DEVICES=2 " in lines[0],
+          "CUDA_VISIBLE_DEVICES=5 " in lines[1]] == [True, True]
+  local.main(["--num_processes", "1", "--dry_run", "--", "ctx-train"])
+  line = capsys.readouterr().out.strip()
+  assert "CTX_JAX_DISTRIBUTED" not in line
+  assert "CUDA_VISIBLE_DEVICES" not in line
+  # Processes sharing GPUs share the memory fraction.
+  local.main(["--num_processes", "3", "--dry_run", "--", "ctx-train"])
+  assert "XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 " in capsys.readouterr().out
+  proc = _launch("local", "--num_processes", "2", "--gpus_per_process", "2",
+                 "--num_gpus", "3", "--dry_run", "--", "ctx-train")
+  assert proc.returncode == 2 and "need 4 GPUs" in proc.stderr
+
+
+def test_tpu_dry_run_sets_gcs_and_cache_settings(capsys):
+  tpu.main(["--tpu", "pod", "--zone", "z", "--cache_dir", "gs://b/cache",
+            "--env", "GCS_READ_CACHE_BLOCK_SIZE_MB=4", "--dry_run", "--",
+            "ctx-train", "--workdir", "gs://b/runs/ctx"])
+  remote = [c for c in shlex.split(capsys.readouterr().out)
+            if c.startswith("--command=")][0]
+  assert "GCS_READ_CACHE_BLOCK_SIZE_MB=4 " in remote  # --env wins.
+  assert "${GCS_READ_CACHE_BLOCK_SIZE_MB" not in remote
+  assert remote.endswith(
+      "ctx-train --workdir gs://b/runs/ctx "
+      "--config.compilation_cache_dir=gs://b/cache")
+  # The default, unless the worker's own environment sets it.
+  tpu.main(["--tpu", "pod", "--zone", "z", "--dry_run", "--", "sh", "-c",
+            'echo "$GCS_READ_CACHE_BLOCK_SIZE_MB"'])
+  remote = [c for c in shlex.split(capsys.readouterr().out)
+            if c.startswith("--command=")][0]
+  command = remote.removeprefix("--command=cd ~/ctx-jax && ")
+  for preset, expected in ((None, "1"), ("8", "8")):
+    env = {k: v for k, v in os.environ.items()
+           if k != "GCS_READ_CACHE_BLOCK_SIZE_MB"}
+    if preset:
+      env["GCS_READ_CACHE_BLOCK_SIZE_MB"] = preset
+    out = subprocess.run(["bash", "-c", command], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    assert out.strip() == expected
 
 
 @pytest.mark.parametrize("tasks", ["per_gpu", "per_node"])
@@ -110,6 +173,10 @@ def test_slurm_dry_run_prints_the_script(tasks, capsys, tmp_path):
   assert ("srun --kill-on-bad-exit=1 ctx-train --config c.py --workdir "
           "runs/x") in out
   assert f"sbatch {script}" in out
+  # tf.data's thread pools sized to the task's cores (the user's env wins).
+  cpus = 8 if tasks == "per_gpu" else 32
+  assert (f'export TF_NUM_INTEROP_THREADS="${{TF_NUM_INTEROP_THREADS:-{cpus}}}"'
+          in out)
   if tasks == "per_gpu":
     assert "#SBATCH --ntasks-per-node=4" in out
     assert "CTX_JAX_LOCAL_DEVICE_IDS" not in out

@@ -23,6 +23,7 @@ import PIL
 from PIL import Image
 import pytest
 
+from meta_dataset_pipeline import record_files
 from meta_dataset_pipeline import records_writer
 from meta_dataset_pipeline.conversion import cli
 from meta_dataset_pipeline.conversion import common
@@ -69,8 +70,19 @@ def _decoded(image):
 
 
 def _assert_same_records(ours, official, spec_key_order=True):
-  """Asserts a converted folder equals the official converter's."""
-  assert sorted(os.listdir(ours)) == sorted(os.listdir(official))
+  """Asserts a converted folder equals the official converter's.
+
+  Ours also holds a valid sidecar record index beside each class file.
+  """
+  indexes = [n for n in os.listdir(ours) if n.endswith(".index")]
+  assert sorted(set(os.listdir(ours)) - set(indexes)) == sorted(
+      os.listdir(official))
+  class_files = [n for n in os.listdir(ours) if n.endswith(".tfrecords")]
+  assert sorted(indexes) == sorted(n + ".index" for n in class_files)
+  for name in class_files:
+    offsets = record_files.valid_record_index(str(ours / name))
+    np.testing.assert_array_equal(
+        offsets[:-1], record_files.index_records(str(ours / name)))
 
   # The spec: same JSON, bar the records path (stored as given).
   ours_spec = json.loads((ours / "dataset_spec.json").read_text())
@@ -323,11 +335,14 @@ def test_resume_skips_complete_classes_and_redoes_partial(tmp_path):
   (out / "dataset_spec.json").unlink()
   partial = out / f"{records_writer.TMP_PREFIX}1.tfrecords.123.abc"
   partial.write_bytes(reference["1.tfrecords"][:50])
+  # Killed between a class file and its index.
+  (out / "2.tfrecords.index").unlink()
   kept = {n: os.stat(out / n).st_mtime_ns for n in ("0.tfrecords",
                                                      "2.tfrecords")}
   time.sleep(0.01)
   _convert("dtd", tmp_path / "b")
   assert _read_dir(out) == reference
+  assert "2.tfrecords.index" in reference
   assert not partial.exists()
   assert {n: os.stat(out / n).st_mtime_ns for n in kept} == kept
 
@@ -416,7 +431,11 @@ def test_verify_lists_every_problem(tmp_path):
   assert f"{out / '1.tfrecords'}: record 7: label [7], expected [1]" in text
   assert f"{out / '1.tfrecords'}: 8 records, the spec lists 6" in text
   assert "temporary file of an interrupted conversion" in text
-  assert len(problems) == 5, problems
+  # Class 1's sidecar index was made for the file before the appends.
+  assert (f"{out / '1.tfrecords.index'}: unusable record index (stale: "
+          "made for a file of") in text
+  assert text.count("record index") == 1
+  assert len(problems) == 6, problems
 
   (out / "0.tfrecords").write_bytes(bytes(data[:-3]))
   (out / "1.tfrecords").unlink()
@@ -519,8 +538,9 @@ def test_unreadable_image_stops_without_a_spec(workers, tmp_path):
   out = tmp_path / "records" / "dtd"
   # The other classes are complete (one process writes them before the bad
   # class 3); the bad class's file was never renamed; no spec.
-  assert sorted(os.listdir(out)) == ["0.tfrecords", "1.tfrecords",
-                                     "2.tfrecords"]
+  assert sorted(os.listdir(out)) == [
+      "0.tfrecords", "0.tfrecords.index", "1.tfrecords", "1.tfrecords.index",
+      "2.tfrecords", "2.tfrecords.index"]
 
 
 def test_converter_imports_neither_tensorflow_nor_jax():

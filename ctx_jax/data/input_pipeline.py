@@ -14,6 +14,7 @@ import numpy as np
 
 from ctx_jax import config_checks
 from ctx_jax.data import augment
+from ctx_jax.data import compile_plan
 import meta_dataset_pipeline as mdp
 
 
@@ -104,7 +105,9 @@ def device_augmenter(config: ml_collections.ConfigDict):
 def episodes(config: ml_collections.ConfigDict, split: str,
              sources: Sequence[str], seed: int, pad_multiple: int = 1,
              process_index: int = 0, process_count: int = 1,
-             start_episode: int = 0) -> Iterator[dict[str, np.ndarray]]:
+             start_episode: int = 0,
+             buckets: "mdp.EpisodeBuckets | None" = None
+             ) -> Iterator[dict[str, np.ndarray]]:
   """Infinite iterator of padded numpy episodes of `split` from `sources`.
 
   Every process draws the same episodes (same seed) and keeps its own
@@ -121,6 +124,8 @@ def episodes(config: ml_collections.ConfigDict, split: str,
     process_index: this process's index.
     process_count: number of processes.
     start_episode: index of the first episode of the seeded stream (resume).
+    buckets: padded shapes to use (e.g. `eval_buckets`); None: buckets
+      fitted to these sources and split (`config.data.num_buckets`).
 
   Yields:
     Episode dicts (see `meta_dataset_pipeline`), rows of this process only.
@@ -135,17 +140,62 @@ def episodes(config: ml_collections.ConfigDict, split: str,
                 num_buckets=int(data.get("num_buckets", 0)),
                 shuffle_buffer_size=data.shuffle_buffer_size,
                 decoded_cache_bytes=int(data.decoded_cache_mb) << 20,
-                start_episode=start_episode,
+                start_episode=start_episode, buckets=buckets,
                 row_block=((process_index, process_count)
                            if process_count > 1 else None),
                 **episode_augmentations(config, split))
-  if len(specs) == 1:
-    dataset = mdp.make_one_source_episode_dataset(specs[0], **kwargs)
-  else:
-    dataset = mdp.make_multisource_episode_dataset(specs, **kwargs)
   # Each process reads and decodes only its rows (`row_block`): the same as
   # `local_rows` of the whole episode, without decoding the others' images.
-  yield from dataset.as_numpy_iterator()
+  # With workers, the arrays are views of shared memory, given back to the
+  # pipeline when the step no longer holds them.
+  yield from mdp.make_episode_iterator(
+      specs, num_workers=num_workers(config), **kwargs)
+
+
+def num_workers(config: ml_collections.ConfigDict) -> int:
+  """`config.data.num_workers`, with -1 ("auto") resolved.
+
+  Auto: the CPUs this process may use, shared with the other processes of
+  this host (`CTX_JAX_PROCESSES_PER_HOST`, set by `launch.local` and
+  `launch.slurm`), less one for the training loop; 0 below 4 CPUs
+  (`mdp.workers.default_num_workers`). TFDS-prepared data and the decoded
+  image cache are read in-process (0).
+  """
+  data = config.data
+  k = int(data.get("num_workers", 0))
+  if k < -1:
+    raise ValueError(f"config.data.num_workers must be >= -1, got {k}")
+  if k == -1:
+    if data.get("format", "records") != "records" or data.decoded_cache_mb:
+      return 0
+    k = mdp.workers.default_num_workers()
+  return k
+
+
+def eval_buckets(config: ml_collections.ConfigDict, split: str, source: str,
+                 pad_multiple: int) -> "mdp.EpisodeBuckets | None":
+  """The padded shapes shared by every evaluation episode of a run.
+
+  One set for validation, the final test and `ctx-eval` of any source
+  (`compile_plan`), so evaluation compiles at most
+  `config.data.eval_num_shapes` programs; the same in every process (fitted
+  with a fixed seed). None when `eval_num_shapes` is 0 (each source and
+  split fits its own buckets). A source whose spec cannot be read is left
+  out of the fit unless it is the one evaluated (whose error is then raised
+  by the pipeline as before).
+  """
+  pair = (source, split)
+  extra = () if pair in compile_plan.eval_sources(config) else (pair,)
+
+  def load_spec(name):
+    try:
+      return config_checks.load_config_specs(config.data, [name])[0]
+    except Exception:  # pylint: disable=broad-except
+      if name == source:
+        raise
+      return None
+  return compile_plan.cached_eval_buckets(config, load_spec, pad_multiple,
+                                          extra)
 
 
 def local_rows(episode: dict[str, np.ndarray], process_index: int,

@@ -6,6 +6,7 @@ from flax import nnx
 import jax
 import ml_collections
 
+from ctx_jax import distributed
 from ctx_jax import mesh as mesh_lib
 from ctx_jax.data import input_pipeline
 from ctx_jax.eval import baselines
@@ -49,13 +50,19 @@ def source_accuracies(model: nnx.Module | None,
   Returns:
     The accuracies of episodes `start` to `num_episodes - 1`.
   """
+  # Every source and split shares the run's evaluation shapes: a bounded
+  # number of compiled eval steps (ctx_jax/data/compile_plan.py).
+  buckets = input_pipeline.eval_buckets(config, split, source, mesh.size)
   stream = input_pipeline.episodes(
       config, split, [source], seed=seed, pad_multiple=mesh.size,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      start_episode=start)  # Skipped episodes are sampled, not read.
+      start_episode=start,  # Skipped episodes are sampled, not read.
+      buckets=buckets)
   remaining = num_episodes - start
   try:
-    episodes = stream
+    # Multi-process: every process checks the others feed the same episode.
+    episodes = distributed.check_agreement(
+        stream, f"{split}/{source}", seed, start=start)
     if model is None:
       return episodic.episode_accuracies(
           baseline or baselines.pixel_nearest_neighbour, episodes, remaining,

@@ -297,9 +297,11 @@ def validation_images(config, model, mesh) -> dict[str, np.ndarray]:
   images = {}
   num_ways = input_pipeline.max_ways(config, "VALID")
   for source in config.data.valid_sources:
-    stream = input_pipeline.episodes(config, "VALID", [source],
-                                     seed=config.eval.seed,
-                                     pad_multiple=mesh.size)
+    stream = input_pipeline.episodes(
+        config, "VALID", [source], seed=config.eval.seed,
+        pad_multiple=mesh.size,
+        buckets=input_pipeline.eval_buckets(config, "VALID", source,
+                                            mesh.size))
     pairs, first = {}, None
     model.eval()
     try:

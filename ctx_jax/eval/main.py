@@ -191,8 +191,23 @@ def _evaluate():
 
   # tf.data runs on the host only; keep TF off the accelerators.
   tf.config.set_visible_devices([], "GPU")
+  split = _SPLIT.value
+  output = paths.resolve(_OUTPUT.value or default_output(model_dir, split))
+  # Multi-process: the cache sits beside the output, which every process
+  # reaches (a training run's work dir: its programs are reused).
+  xla_config.enable_compilation_cache(distributed.compilation_cache_dir(
+      config.get("compilation_cache_dir", ""), output.parent))
+  with distributed.fail_together(PROG, _VERBOSE.value):
+    _evaluate_on_mesh(config, model_dir, model_info, sources, reference,
+                      split, output)
+
+
+def _evaluate_on_mesh(config, model_dir, model_info, sources, reference, split,
+                      output):
+  """Loads the model and evaluates every source (after JAX started)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
   from ctx_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  xla_config.enable_compilation_cache(config.get("compilation_cache_dir", ""))
   is_chief = jax.process_index() == 0
   mesh = mesh_lib.make_mesh(config.num_devices or None)
   model = None
@@ -206,8 +221,6 @@ def _evaluate():
                if model_info["step"] is not None else ""), flush=True)
   num_episodes = _NUM_EPISODES.value or config.eval.num_episodes
   seed = config.eval.seed if _SEED.value is None else _SEED.value
-  split = _SPLIT.value
-  output = paths.resolve(_OUTPUT.value or default_output(model_dir, split))
   if is_chief:
     output.parent.mkdir(parents=True, exist_ok=True)
   cache = resumable.EpisodeCache(output.with_suffix(EPISODES_SUFFIX),

@@ -159,6 +159,10 @@ def evaluate_sources(model, model_dir, config, mesh, split, sources,
     except FileNotFoundError as e:
       rows[source] = {"error": str(e)}
     except ValueError as e:
+      if jax.process_count() > 1 and _read_error(e):
+        # A bad record seen by one process only: the others wait for it in
+        # a collective; stop them all (distributed.fail_together).
+        raise
       logging.exception("evaluation of %s failed", source)
       rows[source] = {"error": str(e)}
     if "error" in rows[source]:
@@ -167,3 +171,9 @@ def evaluate_sources(model, model_dir, config, mesh, split, sources,
       log(f"{source}: {100 * rows[source]['mean']:.2f} ± "
           f"{100 * rows[source]['ci95']:.2f}% over {num_episodes} episodes")
   return rows
+
+
+def _read_error(e: ValueError) -> bool:
+  """A record that could not be read (`RecordError`), as one process sees."""
+  from meta_dataset_pipeline import record_files  # pylint: disable=g-import-not-at-top
+  return isinstance(e, record_files.RecordError)

@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from ctx_jax import config_checks
+from ctx_jax import distributed
 from ctx_jax import mesh as mesh_lib
 from ctx_jax import xla_config
 from ctx_jax.checkpoints import export
@@ -52,15 +53,35 @@ _GUARDED = ("total_loss", "grad_norm", "param_norm")
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
-  """Trains per `config`, writing to `workdir`; returns the test results."""
+  """Trains per `config`, writing to `workdir`; returns the test results.
+
+  In a multi-process run, an error in any process (a bad record, a decode
+  error, a non-finite loss, any exception) stops every process within
+  seconds, each printing the same `ctx-train: error: process <i>: ...` line
+  and exiting 1 (`distributed.fail_together`).
+  """
   config_checks.check_start_up(config, workdir)
+  with distributed.fail_together(
+      PROG, passthrough=(preemption_lib.Preempted,)):
+    return _train_and_evaluate(config, workdir)
+
+
+PROG = "ctx-train"
+
+
+def _train_and_evaluate(config, workdir):
+  """`train_and_evaluate` after the start-up checks."""
   workdir = workdir_lib.prepare_workdir(workdir)
   is_chief = jax.process_index() == 0
   if is_chief:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   # Compiled steps are kept on disk: a restarted run does not compile again.
+  # Multi-process: in the work dir, which every host reads (JAX writes
+  # entries from process 0 only; see distributed.compilation_cache_dir).
   cache_dir = xla_config.enable_compilation_cache(
-      config.get("compilation_cache_dir", ""))
+      distributed.compilation_cache_dir(
+          config.get("compilation_cache_dir", ""), workdir))
+  cache_events = distributed.count_cache_events()
   logging.info("persistent compilation cache: %s", cache_dir)
   mesh = mesh_lib.make_mesh(config.num_devices or None)
   logging.info("process %d/%d, %d local / %d global devices, mesh %s",
@@ -77,7 +98,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   best = workdir_lib.BestExport(workdir)
   step = _train_loop(config, model, optimizer, mesh, ckpt, writer, best,
                      start_step)
-  return _test_and_report(config, workdir, model, mesh, writer, best, step)
+  results = _test_and_report(config, workdir, model, mesh, writer, best, step)
+  if jax.process_count() > 1 and cache_dir:
+    print(f"process {jax.process_index()}: compiled {cache_events['misses']} "
+          f"program(s), loaded {cache_events['hits']} from the cache "
+          f"{cache_dir}", flush=True)
+  return results
 
 
 def _resume(config, ckpt, model, optimizer, mesh) -> int:
@@ -111,7 +137,12 @@ def _train_loop(config, model, optimizer, mesh, ckpt, writer, best,
       pad_multiple=mesh.size, process_index=jax.process_index(),
       process_count=jax.process_count(), start_episode=start_step)
   aug_keys, device_augment = input_pipeline.device_augmenter(config)
-  batches = mesh_lib.prefetch_to_mesh(train_stream, mesh,
+  # Multi-process: all processes check they feed the same episode (index,
+  # seed, padded sizes) before its global array is built.
+  checked = distributed.check_agreement(
+      train_stream, "train", config.seed, start=start_step,
+      every=int(config.train.get("agree_every", distributed.AGREE_EVERY)))
+  batches = mesh_lib.prefetch_to_mesh(checked, mesh,
                                       episode_lib.MODEL_INPUT_KEYS + aug_keys)
   schedule = optim.learning_rate_schedule(config.optimizer)
   num_steps = config.train.num_steps
@@ -160,6 +191,11 @@ def _train_loop(config, model, optimizer, mesh, ckpt, writer, best,
             validation.validate(config, model, mesh, step, writer, best,
                                 is_chief)
           model.train()
+  except Exception as e:  # pylint: disable=broad-except
+    # Multi-process: tell the others now, before the clean-up below, which
+    # could wait for processes stuck in a collective.
+    distributed.fail_now(e)
+    raise
   finally:
     preemption.close()
     # Drop the tf.data iterators now: TF 2.21 can hang at interpreter exit

@@ -5,6 +5,11 @@ under a temporary name and renamed when done), so a rerun keeps it and
 counts its records; temporary files left by a killed run are deleted and
 their classes redone. `dataset_spec.json` is written last, so a folder
 holding it was converted to the end.
+
+Every class file gets its sidecar record index (`<class_id>.tfrecords.index`,
+`record_files.load_record_offsets`), written right after the file from the
+offsets known while writing; a kept file without a valid one gets it from
+its headers.
 """
 
 import concurrent.futures
@@ -14,9 +19,9 @@ import sys
 import time
 from typing import Callable, Mapping, TextIO
 
+from meta_dataset_pipeline import record_files
 from meta_dataset_pipeline import records_writer
 from meta_dataset_pipeline.conversion import common
-from meta_dataset_pipeline.conversion import records
 
 # Workers add to this shared counter (set by `_init_worker`).
 _COUNTER = None
@@ -91,7 +96,22 @@ def _counted(images, add: Callable[[int], None]):
 def _write_class(records_dir: str, job: common.ClassJob,
                  add: Callable[[int], None]) -> int:
   return records_writer.write_class_records(
-      records_dir, job.class_id, _counted(job.images_fn(*job.args), add))
+      records_dir, job.class_id, _counted(job.images_fn(*job.args), add),
+      write_index=True)
+
+
+def _kept_class_count(path: str) -> int:
+  """Records of a complete class file a former run wrote; indexes it.
+
+  Raises:
+    record_files.RecordError: the file is truncated (not one of ours).
+  """
+  offsets = record_files.valid_record_index(path)
+  if offsets is not None:
+    return len(offsets) - 1
+  offsets = record_files.index_records(path)
+  record_files.write_record_index(path, offsets)
+  return len(offsets)
 
 
 def _init_worker(counter):
@@ -141,9 +161,9 @@ def convert(plan: common.Plan, records_dir: str, workers: int = 1,
     path = records_writer.class_records_path(records_dir, job.class_id)
     if os.path.isfile(path):
       try:
-        counts[job.class_id] = records.count_records(path)
+        counts[job.class_id] = _kept_class_count(path)
         continue
-      except records.RecordProblem:
+      except record_files.RecordError:
         os.remove(path)  # Not written by us (ours are complete); redo it.
     pending.append(job)
   progress = Progress(plan.name, len(pending),

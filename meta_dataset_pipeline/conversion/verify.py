@@ -3,8 +3,9 @@
 Every problem is listed, not just the first: a missing or unreadable spec,
 missing class files, record counts that differ from the spec, truncated
 files, CRC mismatches, records that are not two-feature Examples, labels
-that are not the file's class id, images that do not decode, and files a
-killed conversion left behind.
+that are not the file's class id, images that do not decode, files a
+killed conversion left behind, and sidecar record indexes
+(`<class_id>.tfrecords.index`) that do not describe their class file.
 """
 
 import concurrent.futures
@@ -16,6 +17,7 @@ import re
 from PIL import Image
 
 from meta_dataset_pipeline import dataset_spec as spec_lib
+from meta_dataset_pipeline import record_files
 from meta_dataset_pipeline import records_writer
 from meta_dataset_pipeline.conversion import records
 
@@ -76,6 +78,25 @@ def check_class_file(path: str, class_id: int) -> tuple[int, list[str]]:
   return count, problems
 
 
+def _index_problems(path: str, count: int) -> list[str]:
+  """What is wrong with the sidecar index of `path`, if it has one."""
+  index_path = record_files.index_file_path(path)
+  if not os.path.isfile(index_path):
+    return []
+  with open(index_path, "rb") as f:
+    data = f.read()
+  try:
+    offsets = record_files.decode_record_index(data, os.path.getsize(path))
+  except ValueError as e:
+    return [f"{index_path}: unusable record index ({e}); rewrite it with "
+            f"md-index {os.path.dirname(path) or '.'}"]
+  if len(offsets) - 1 != count:
+    return [f"{index_path}: lists {len(offsets) - 1} records, the file "
+            f"holds {count}; rewrite it with md-index --force "
+            f"{os.path.dirname(path) or '.'}"]
+  return []
+
+
 def verify(records_dir: str, workers: int = 1) -> list[str]:
   """All problems of a records folder (empty if it matches its spec).
 
@@ -119,6 +140,7 @@ def verify(records_dir: str, workers: int = 1) -> list[str]:
     problems.extend(f"{path}: {p}" for p in file_problems)
     if expected is not None and count != expected:
       problems.append(f"{path}: {count} records, the spec lists {expected}")
+    problems.extend(_index_problems(path, count))
   for name in sorted(os.listdir(records_dir)):
     path = os.path.join(records_dir, name)
     if name.startswith(records_writer.TMP_PREFIX):
