@@ -23,6 +23,11 @@ eval, those of the ILSVRC test split with the eval episode config) and
 
 (see shared/tools/official_step_bench/README.md for the official side's
 set-up). Writes benchmarks/official_step_bench.json, prints the table.
+`--jax "LABEL=PYTHON,..."` runs our side with each of several JAX
+installations (one venv per Python/JAX) in every round, `LABEL=PYTHON:eigen`
+or `:jaxlib` forcing an XLA:CPU convolution setting, and `--variants
+unpadded` keeps only that variant (benchmarks/RESULTS.md, "Supported JAX
+versions", has the command).
 `--worker` times our side once (one process).
 """
 
@@ -234,7 +239,7 @@ def main():
   parser.add_argument('--cases', default='a,b,c,b_eval')
   parser.add_argument(
       '--variants', default='',
-      help='only these of ours (comma-separated: unpadded, padded, '
+      help='only these of ours (separated by ";": unpadded, padded, '
       '"padded, 2 devices"); default all')
   parser.add_argument(
       '--jax', default='',
@@ -267,7 +272,7 @@ def main():
       label = 'padded' if devices == 1 else f'padded, {devices} devices'
       variants[name].append((label, rows, devices, MAX_WAYS))
   if args.variants:
-    keep = args.variants.split(',')
+    keep = [v.strip() for v in args.variants.split(';')]
     variants = {k: [v for v in vs if v[0] in keep]
                 for k, vs in variants.items()}
   installs = [('', None, '')]
