@@ -61,9 +61,9 @@ CPU_CONV_FLAG = CPU_CONV_SETTINGS['eigen']
 # CPU seconds against the official's (official_step_bench_versions*.json).
 # Medians of interleaved rounds on a shared 2-vCPU Intel Xeon (load 3-10):
 # benchmarks/RESULTS.md, "Supported JAX versions".
-#   jaxlib 0.10.2:   convolutions 17.32 / 9.76 s; step 1.18x the official.
+#   jaxlib 0.10.2:   convolutions 17.32 / 9.76 s; step 1.19x the official.
 #   jaxlib 0.11.2:   convolutions 21.54 / 9.41 s; step 1.13x.
-#   jaxlib 0.12.0.1: convolutions 23.45 / 9.03 s; step 1.12x (YNNPACK:
+#   jaxlib 0.12.0.1: convolutions 23.45 / 9.03 s; step 1.33x (YNNPACK:
 #                    2.53x).
 # Eigen keeps the official-fixture tests within tolerance on all three.
 MEASURED_CPU_CONV = {
