@@ -4,7 +4,7 @@
 send XLA:CPU's convolutions to YNNPACK by default. On the CTX train step
 (ResNet-34 stride 16) its convolutions, above all their filter gradients,
 take 1.8x (jaxlib 0.10) to 2.6x (0.12) the CPU time of XLA's Eigen
-convolutions, and the whole step 1.9x on jaxlib 0.12. `MEASURED_CPU_CONV`
+convolutions, and the whole step 2.1x on jaxlib 0.12. `MEASURED_CPU_CONV`
 gives, for each jaxlib release that was measured
 (`benchmarks/conv_kernels_bench.py` and the train step against the
 official, `benchmarks/official_step_bench.py`; figures in
@@ -63,7 +63,7 @@ CPU_CONV_FLAG = CPU_CONV_SETTINGS['eigen']
 # benchmarks/RESULTS.md, "Supported JAX versions".
 #   jaxlib 0.10.2:   convolutions 17.32 / 9.76 s; step 1.19x the official.
 #   jaxlib 0.11.2:   convolutions 21.54 / 9.41 s; step 1.13x.
-#   jaxlib 0.12.0.1: convolutions 23.45 / 9.03 s; step 1.33x (YNNPACK:
+#   jaxlib 0.12.0.1: convolutions 23.45 / 9.03 s; step 1.35x (YNNPACK:
 #                    2.53x).
 # Eigen keeps the official-fixture tests within tolerance on all three.
 MEASURED_CPU_CONV = {
