@@ -16,19 +16,28 @@ setuptools.setup(
     # md-convert's ILSVRC split DAGs and duplicate list (official data).
     package_data={"meta_dataset_pipeline.conversion": ["data/*"]},
     install_requires=[
-        "jax>=0.10,<0.11",
-        "jaxlib>=0.10,<0.11",
-        "flax>=0.12.8,<0.13",
+        # JAX by Python version (the versions tested, README "Supported
+        # Python and JAX versions"): jax 0.11 and later need Python >= 3.12,
+        # so Python 3.11 gets 0.10.x and 3.12 / 3.13 the newest tested,
+        # 0.12.x (0.11.2, what accelerator images ship, is tested too).
+        # `ctx_jax/xla_config.py` holds the XLA:CPU setting measured for
+        # each jaxlib.
+        "jax>=0.10.2,<0.11; python_version<'3.12'",
+        "jaxlib>=0.10.2,<0.11; python_version<'3.12'",
+        "jax>=0.11.2,<0.13; python_version>='3.12'",
+        "jaxlib>=0.11.2,<0.13; python_version>='3.12'",
+        "flax>=0.12.8,<0.13; python_version<'3.12'",
+        "flax>=0.12.12,<0.13; python_version>='3.12'",
         "optax>=0.2.8,<0.3",
-        "orbax-checkpoint>=0.12,<0.13",
+        "orbax-checkpoint>=0.12.8,<0.13",
         # Paths on any file system (local, gs://), as orbax uses them.
         "etils[epath]>=1.7",
         # orbax writes gs:// checkpoints through it (it does not declare it).
         "google-cloud-storage>=3",
-        "chex>=0.1.90",
+        "chex>=0.1.92",
         "ml-collections>=1.1",
         "absl-py>=2.1",
-        "clu>=0.0.12",
+        "clu>=0.0.12,<0.1",
         "numpy>=2.0",
         "pillow>=10.0",
         # C CRC-32C for record framing (md-convert); a pure-Python fallback

@@ -14,22 +14,30 @@ is not needed and not counted).
   TF_ENABLE_ONEDNN_OPTS=1 <official venv>/bin/python \\
       benchmarks/conv_kernels_bench.py --framework tf
 
-(`--xla_flags default` is jaxlib's own choice, YNNPACK convolutions;
-`eigen` is what `ctx_jax` sets, `xla_config.CPU_CONV_FLAG`). Each run
-prints a table and appends one JSON line to --output. Medians of 5 runs per
-kernel after a warm-up; wall-clock seconds.
+(`--xla_flags default` is jaxlib's own choice, YNNPACK convolutions on
+jaxlib 0.10 to 0.12; `eigen` and the other names are the settings of
+`ctx_jax.xla_config.CPU_CONV_SETTINGS`, the candidates of its per-jaxlib
+table; `--extra_flags` adds raw XLA flags to try others). Run it with the
+Python of each supported jaxlib to fill that table. Each run prints a table
+and appends one JSON line (with the jaxlib and Python versions and the load)
+to --output. Medians of 5 runs per kernel after a warm-up; wall-clock
+seconds, and CPU seconds (`cpu_totals`).
 """
 
 import argparse
+import importlib.metadata
 import json
 import os
+import platform
 import statistics
 import sys
 import time
 
-# (name, input spatial at 84 px as a fraction key, in channels, out
-# channels, kernel, stride, dilation, count in the backbone).
-EIGEN_FLAG = '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from ctx_jax import xla_config  # main() sets XLA_FLAGS before JAX starts.
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 
 def layers(size):
@@ -56,13 +64,21 @@ def layers(size):
 
 
 def median_time(fn, repeats=5):
+  """Median wall-clock seconds of `fn()`; its median CPU seconds (all
+  threads of this process, steadier than wall time on a shared machine)
+  are appended to `CPU_TIMES`."""
   fn()
-  times = []
+  times, cpu = [], []
   for _ in range(repeats):
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     fn()
     times.append(time.perf_counter() - start)
+    cpu.append(time.process_time() - cpu_start)
+  CPU_TIMES.append(statistics.median(cpu))
   return statistics.median(times)
+
+
+CPU_TIMES = []
 
 
 def jax_kernels(batch, hw, cin, cout, k, stride, rate):
@@ -105,43 +121,63 @@ def tf_kernels(batch, hw, cin, cout, k, stride, rate):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--framework', choices=('jax', 'tf'), required=True)
-  parser.add_argument('--xla_flags', choices=('default', 'eigen'),
-                      default='eigen')
+  parser.add_argument(
+      '--xla_flags', default='eigen',
+      choices=['default'] + sorted(xla_config.CPU_CONV_SETTINGS))
+  parser.add_argument('--extra_flags', default='',
+                      help='more XLA flags (JAX side), to try other kernels')
   parser.add_argument('--sizes', type=int, nargs='+', default=[84, 126])
   parser.add_argument('--batch', type=int, default=200)
   parser.add_argument('--output', default=os.path.join(
-      os.path.dirname(os.path.abspath(__file__)), 'conv_kernels_bench.jsonl'))
+      HERE, 'conv_kernels_bench.jsonl'))
   args = parser.parse_args()
   if args.framework == 'jax':
     # Before JAX starts: exactly one of the two settings, nothing else.
     os.environ['CTX_JAX_XLA_DEFAULTS'] = '0'
-    os.environ['XLA_FLAGS'] = EIGEN_FLAG if args.xla_flags == 'eigen' else ''
-    label = f'XLA:CPU ({args.xla_flags})'
+    flag = xla_config.CPU_CONV_SETTINGS.get(args.xla_flags) or ''
+    os.environ['XLA_FLAGS'] = f'{flag} {args.extra_flags}'.strip()
+    label = f'XLA:CPU ({" ".join([args.xla_flags, args.extra_flags]).strip()})'
     kernels = jax_kernels
+    versions = {'jaxlib': xla_config.jaxlib_version()}
   else:
     label = 'TensorFlow oneDNN'
     kernels = tf_kernels
+    versions = {'tensorflow': importlib.metadata.version('tensorflow-cpu')}
+  versions['python'] = platform.python_version()
+  with open('/proc/cpuinfo') as f:
+    versions['machine'] = next(
+        (line.split(':', 1)[1].strip() for line in f
+         if line.startswith('model name')), platform.machine())
+  versions['machine'] += f', {os.cpu_count()} CPUs'
   for size in args.sizes:
-    rows, totals = [], [0.0, 0.0, 0.0]
+    load = os.getloadavg()
+    rows, totals, cpu_totals = [], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]
     print(f'{label}, {size} px, batch {args.batch}', flush=True)
     for name, hw, cin, cout, k, stride, rate, count in layers(size):
+      del CPU_TIMES[:]
       times = kernels(args.batch, hw, cin, cout, k, stride, rate)
+      cpu = list(CPU_TIMES)
       if name.startswith('stem'):
         times = (times[0], 0.0, times[2])  # No input gradient for images.
+        cpu[1] = 0.0
       for i in range(3):
         totals[i] += count * times[i]
+        cpu_totals[i] += count * cpu[i]
       rows.append({'layer': name, 'hw': hw, 'count': count,
                    'fwd_s': times[0], 'bwd_input_s': times[1],
-                   'bwd_filter_s': times[2]})
+                   'bwd_filter_s': times[2], 'cpu_s': cpu})
       print(f'  {name:18s} {hw:3d}px x{count:2d}  fwd {times[0]:.3f}  '
             f'bwd-in {times[1]:.3f}  bwd-filter {times[2]:.3f}', flush=True)
     print(f'  per step: fwd {totals[0]:.2f} s, bwd-in {totals[1]:.2f} s, '
-          f'bwd-filter {totals[2]:.2f} s, total {sum(totals):.2f} s',
+          f'bwd-filter {totals[2]:.2f} s, total {sum(totals):.2f} s '
+          f'({sum(cpu_totals):.2f} CPU-s)',
           flush=True)
     with open(args.output, 'a') as f:
       f.write(json.dumps({'framework': label, 'size': size,
                           'batch': args.batch, 'load': os.getloadavg(),
-                          'totals': totals, 'rows': rows}) + '\n')
+                          'load_before': load, **versions,
+                          'totals': totals, 'cpu_totals': cpu_totals,
+                          'rows': rows}) + '\n')
 
 
 if __name__ == '__main__':

@@ -23,12 +23,18 @@ eval, those of the ILSVRC test split with the eval episode config) and
 
 (see shared/tools/official_step_bench/README.md for the official side's
 set-up). Writes benchmarks/official_step_bench.json, prints the table.
+`--jax "LABEL=PYTHON,..."` runs our side with each of several JAX
+installations (one venv per Python/JAX) in every round, `LABEL=PYTHON:eigen`
+or `:jaxlib` forcing an XLA:CPU convolution setting, and `--variants
+unpadded` keeps only that variant (benchmarks/RESULTS.md, "Supported JAX
+versions", has the command).
 `--worker` times our side once (one process).
 """
 
 import argparse
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -56,6 +62,13 @@ def pad_rows(x, rows):
 
 def worker(args):
   """Our step on one episode: compile once, warm up, time `--steps`."""
+  if args.conv_setting:
+    # One of ctx_jax.xla_config.CPU_CONV_SETTINGS, instead of the default.
+    sys.path.insert(0, ROOT)
+    from ctx_jax import xla_config  # pylint: disable=g-import-not-at-top
+    os.environ['CTX_JAX_XLA_DEFAULTS'] = '0'
+    os.environ['XLA_FLAGS'] = (
+        xla_config.CPU_CONV_SETTINGS[args.conv_setting] or '')
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update('jax_num_cpu_devices', args.devices)
   # pylint: disable=g-import-not-at-top
@@ -72,7 +85,6 @@ def worker(args):
   from experiments import common
 
   # pylint: enable=g-import-not-at-top
-  del xla_config
   ep = load_episode(args.episode)
   num_support, num_query = len(ep['support_labels']), len(ep['query_labels'])
   s_pad = max(args.support_rows, num_support)
@@ -122,6 +134,11 @@ def worker(args):
       if i == 0:
         first = {k: float(v) for k, v in metrics.items()}
   print(json.dumps({
+      'jax': jax.__version__, 'jaxlib': xla_config.jaxlib_version(),
+      'python': platform.python_version(),
+      'xla_flags': os.environ.get('XLA_FLAGS', ''),
+      'conv_setting': (args.conv_setting or
+                       xla_config.applied().get('setting')),
       'median_s': statistics.median(times), 'times': times,
       'cpu_s': statistics.median(cpu), 'compile_s': compile_s,
       'losses': losses, 'first': first, 'rows': [s_pad, q_pad],
@@ -152,6 +169,20 @@ def padded_rows(episode_path, mode, pad_multiple, specs_dir, num_buckets):
   return buckets.pick(len(ep['support_labels']), len(ep['query_labels']))
 
 
+def machine_name():
+  """The CPU model and count (from /proc/cpuinfo where there is one)."""
+  model = platform.processor() or platform.machine()
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          model = line.split(':', 1)[1].strip()
+          break
+  except OSError:
+    pass
+  return f'{model}, {os.cpu_count()} CPUs'
+
+
 def run_json(cmd, env=None):
   out = subprocess.run(cmd, check=True, capture_output=True, text=True,
                        env=env)
@@ -174,8 +205,10 @@ def run_official(args, episode, mode):
   return result
 
 
-def run_ours(args, episode, mode, rows, devices, ways):
-  cmd = [sys.executable, os.path.abspath(__file__), '--worker',
+def run_ours(args, episode, mode, rows, devices, ways, python=None,
+             conv_setting=''):
+  cmd = [python or sys.executable, os.path.abspath(__file__), '--worker',
+         '--conv_setting', conv_setting,
          '--episode', episode, '--mode', mode, '--export', args.export,
          '--warmup', str(args.warmup), '--steps', str(args.steps),
          '--devices', str(devices), '--support_rows', str(rows[0]),
@@ -204,6 +237,18 @@ def main():
   parser.add_argument('--num_buckets', type=int, default=10)
   parser.add_argument('--rounds', type=int, default=2)
   parser.add_argument('--cases', default='a,b,c,b_eval')
+  parser.add_argument(
+      '--variants', default='',
+      help='only these of ours (separated by ";": unpadded, padded, '
+      '"padded, 2 devices"); default all')
+  parser.add_argument(
+      '--jax', default='',
+      help='compare JAX installations: comma-separated LABEL=PYTHON or '
+      'LABEL=PYTHON:SETTING (SETTING one of xla_config.CPU_CONV_SETTINGS '
+      'instead of the default), each running our side of every variant; '
+      'default: this Python, default setting')
+  parser.add_argument('--conv_setting', default='',
+                      help='(worker) XLA:CPU convolution setting to force')
   parser.add_argument('--tmp', default='/tmp')
   parser.add_argument('--output', default=os.path.join(
       HERE, 'official_step_bench.json'))
@@ -226,6 +271,17 @@ def main():
       rows = padded_rows(path, mode, devices, args.specs, args.num_buckets)
       label = 'padded' if devices == 1 else f'padded, {devices} devices'
       variants[name].append((label, rows, devices, MAX_WAYS))
+  if args.variants:
+    keep = [v.strip() for v in args.variants.split(';')]
+    variants = {k: [v for v in vs if v[0] in keep]
+                for k, vs in variants.items()}
+  installs = [('', None, '')]
+  if args.jax:
+    installs = []
+    for item in args.jax.split(','):
+      jax_label, python = item.split('=', 1)
+      python, _, setting = python.partition(':')
+      installs.append((jax_label, python, setting))
   results = {name: {'official': []} for name in chosen}
   for round_index in range(args.rounds):
     for name in chosen:
@@ -237,12 +293,15 @@ def main():
       print(f"round {round_index} {name}: official {official['median_s']:.3f}"
             f" s (load {load:.1f})", flush=True)
       for label, rows, devices, ways in variants[name]:
-        load = os.getloadavg()[0]
-        ours = run_ours(args, path, mode, rows, devices, ways)
-        ours['load_before'] = load
-        results[name].setdefault(label, []).append(ours)
-        print(f"round {round_index} {name}: ours {label} {rows} "
-              f"{ours['median_s']:.3f} s (load {load:.1f})", flush=True)
+        for jax_label, python, setting in installs:
+          load = os.getloadavg()[0]
+          ours = run_ours(args, path, mode, rows, devices, ways, python,
+                          setting)
+          ours['load_before'] = load
+          key = f'{label} [{jax_label}]' if jax_label else label
+          results[name].setdefault(key, []).append(ours)
+          print(f"round {round_index} {name}: ours {key} {rows} "
+                f"{ours['median_s']:.3f} s (load {load:.1f})", flush=True)
   table = []
   for name in chosen:
     row = {'case': name}
@@ -252,6 +311,8 @@ def main():
     cells = '  '.join(f'{k} {v:.2f}' for k, v in row.items() if k != 'case')
     print(f'{name:7s} {cells}', flush=True)
   report = {'load_average_end': os.getloadavg(), 'cpu_count': os.cpu_count(),
+            'machine': machine_name(),
+            'jax': {label: python for label, python, _ in installs},
             'rounds': args.rounds, 'steps': args.steps,
             'warmup': args.warmup, 'num_buckets': args.num_buckets,
             'variants': {k: [v[:2] for v in vs] for k, vs in

@@ -1,6 +1,7 @@
 """Project XLA defaults: the CPU convolution flag and the compile cache."""
 
 import json
+import logging
 import os
 import pathlib
 import subprocess
@@ -12,14 +13,52 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 FLAG = xla_config.CPU_CONV_FLAG
 
 
-def test_flag_added_only_for_known_jaxlib_versions():
-  env = {}
-  assert xla_config.default_xla_flags(env, version="0.10.2") == FLAG
-  assert env["XLA_FLAGS"] == FLAG
-  # Unknown versions: XLA would abort on an unknown flag, so none is added.
-  for version in ("0.11.0", "0.9.9", ""):
+def _no_probe(flag):
+  raise AssertionError(f"measured versions need no probe ({flag})")
+
+
+def test_measured_jaxlib_versions_get_their_setting():
+  # The table's choice, without probing the library.
+  for version in ("0.10.2", "0.11.2", "0.12.0.1", "0.12.0"):
+    env = {}
+    assert xla_config.default_xla_flags(env, version=version,
+                                        knows_flag=_no_probe) == FLAG
+    assert env["XLA_FLAGS"] == FLAG
+    assert xla_config.applied()["setting"] == "eigen"
+  assert xla_config.cpu_conv_choice("0.11.2", _no_probe).measured
+
+
+def test_every_measured_setting_is_a_known_setting():
+  assert set(xla_config.MEASURED_CPU_CONV.values()) <= set(
+      xla_config.CPU_CONV_SETTINGS)
+
+
+def test_unmeasured_newer_jaxlib_probes_the_flag_and_logs(caplog):
+  # A future jaxlib: the newest measured setting if its flag still exists.
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  probed = []
+  with caplog.at_level(logging.WARNING, logger="ctx_jax.xla_config"):
+    added = xla_config.default_xla_flags(
+        env, version="0.13.1", knows_flag=lambda f: probed.append(f) or True)
+  assert added == FLAG and probed == [FLAG]
+  assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=2 {FLAG}"
+  assert "eigen" in caplog.text and "0.13.1 was not measured" in caplog.text
+  # ... and jaxlib's own kernels (no flag: XLA would abort) if it is gone.
+  caplog.clear()
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  with caplog.at_level(logging.WARNING, logger="ctx_jax.xla_config"):
+    assert xla_config.default_xla_flags(
+        env, version="1.0.0", knows_flag=lambda f: False) is None
+  assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
+  assert xla_config.applied()["setting"] == "jaxlib"
+  assert "jaxlib (" in caplog.text and "does not know" in caplog.text
+
+
+def test_older_or_missing_jaxlib_gets_no_flag():
+  for version in ("0.9.2", "0.4.38", "", "dev"):
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    assert xla_config.default_xla_flags(env, version=version) is None
+    assert xla_config.default_xla_flags(env, version=version,
+                                        knows_flag=_no_probe) is None
     assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
 
 
@@ -28,12 +67,22 @@ def test_flag_keeps_other_flags_and_yields_to_the_user():
   xla_config.default_xla_flags(env, version="0.10.2")
   assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=2 {FLAG}"
   mine = "--xla_cpu_experimental_ynn_fusion_type=+individual_convolution"
-  env = {"XLA_FLAGS": mine}
-  assert xla_config.default_xla_flags(env, version="0.10.2") is None
-  assert env["XLA_FLAGS"] == mine
+  for version in ("0.10.2", "0.12.0.1", "0.13.0"):
+    env = {"XLA_FLAGS": mine}
+    assert xla_config.default_xla_flags(env, version=version,
+                                        knows_flag=lambda f: True) is None
+    assert env["XLA_FLAGS"] == mine
+    assert "the user wins" in xla_config.applied()["reason"]
   env = {"CTX_JAX_XLA_DEFAULTS": "0"}
-  assert xla_config.default_xla_flags(env, version="0.10.2") is None
+  assert xla_config.default_xla_flags(env, version="0.12.0.1") is None
   assert "XLA_FLAGS" not in env
+  assert xla_config.applied()["setting"] is None
+
+
+def test_probe_reads_the_installed_jaxlib():
+  # Every supported jaxlib defines the flag; nothing defines a made-up one.
+  assert xla_config.jaxlib_knows_flag(FLAG)
+  assert not xla_config.jaxlib_knows_flag("--xla_cpu_no_such_flag_ctx=1")
 
 
 def test_installed_jaxlib_accepts_the_flag():
@@ -52,8 +101,10 @@ def test_installed_jaxlib_accepts_the_flag():
   # All ones: each output is 3 channels x the taps inside the image; the
   # taps per axis sum to 8*3 - 2 over the 8 positions.
   assert float(total) == 2 * 4 * 3 * (8 * 3 - 2) ** 2
-  expected = FLAG if xla_config.jaxlib_version().startswith("0.10.") else ""
-  assert flags.strip() == expected
+  expected = xla_config.cpu_conv_choice(xla_config.jaxlib_version()).flag
+  assert flags.strip() == (expected or "")
+  # Every supported jaxlib is in the measured table.
+  assert expected == FLAG
 
 
 def test_compilation_cache_is_shared_by_two_processes(tmp_path):
