@@ -142,14 +142,16 @@ def test_single_process_helpers_change_nothing():
 
 def test_error_message_finds_the_pipeline_error_inside_a_tf_error():
 
-  class OpError(Exception):
-    message = ("{{function_node __wrapped__IteratorGetNext}} RecordError: "
-               "/r/0.tfrecords: record 10\nTraceback (most recent call "
-               "last):\n  File \"x.py\", line 1\n\n"
-               "meta_dataset_pipeline.record_files.RecordError: "
-               "/r/0.tfrecords: record 10 (byte 9060) of class 0 is corrupt:"
-               " data CRC mismatch\n\n\t [[{{node PyFunc}}]]")
-  assert distributed.error_message(OpError()) == (
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  wrapped = tf.errors.InvalidArgumentError(
+      None, None,
+      "{{function_node __wrapped__IteratorGetNext}} RecordError: "
+      "/r/0.tfrecords: record 10\nTraceback (most recent call "
+      "last):\n  File \"x.py\", line 1\n\n"
+      "meta_dataset_pipeline.record_files.RecordError: "
+      "/r/0.tfrecords: record 10 (byte 9060) of class 0 is corrupt:"
+      " data CRC mismatch\n\n\t [[{{node PyFunc}}]]")
+  assert distributed.error_message(wrapped) == (
       "/r/0.tfrecords: record 10 (byte 9060) of class 0 is corrupt: data CRC "
       "mismatch")
   assert distributed.error_message(ValueError("x.tfrecords: record 3")) == (

@@ -60,7 +60,8 @@ def test_records_on_ram_file_system_give_the_local_episodes(dtd_dir):
 
 def test_building_the_pipeline_reads_no_record_index(dtd_dir, monkeypatch):
   # Start-up must not scale with the number of records: no class file is
-  # indexed until its class is sampled.
+  # indexed until a record of its class is read (planning, and so resuming,
+  # reads nothing).
   indexed = []
   real = record_files.index_records
   monkeypatch.setattr(record_files, "index_records",
@@ -74,7 +75,9 @@ def test_building_the_pipeline_reads_no_record_index(dtd_dir, monkeypatch):
   episodes = reader.EpisodeReader([reader.Source(spec, sampler.split,
                                                  sampler)], seed=0)
   assert not indexed
-  episode = episodes.plan_episode()  # Indexes exactly its 5 classes.
+  episode = episodes.plan_episode()
+  assert not indexed
+  episodes.read_images(episode)  # Indexes exactly its 5 classes.
   assert sorted(indexed) == sorted(
       spec.class_file(c) for c in set(episode.class_ids.tolist()))
 
