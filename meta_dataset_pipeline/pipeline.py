@@ -412,8 +412,11 @@ def _episode_dataset(specs, split, episode_config, image_size, seed, *,
                              start_episode, row_block)
     setup = workers_lib.WorkerSetup(image_size, support_augmentation,
                                     query_augmentation, augmenter)
+    largest = (max(s + q for s, q in buckets.pairs) if buckets.pairs
+               else max(buckets.support) + max(buckets.query))
     return workers_lib.EpisodeWorkers(planner, setup, num_workers,
-                                      window=2 * num_workers + prefetch)
+                                      window=2 * num_workers + prefetch,
+                                      max_rows=largest)
   episodes = tf.data.Dataset.from_generator(
       _episode_generator(sources, seed, buckets, shuffle_buffer_size,
                          episode_config.simclr_episode_fraction,
