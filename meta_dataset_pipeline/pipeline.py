@@ -237,8 +237,8 @@ class EpisodePlanner:
   No record is read: planning costs about a millisecond per ILSVRC episode.
 
   `next()` returns `(plan, episode, origin)`: `plan` is the episode's
-  description for the decoder (the `_EPISODE_SIGNATURE` fields except the
-  image bytes), `episode` the `reader.Episode` planned and `origin` the row
+  description for the decoder (the `episode_map.EPISODE_SIGNATURE` fields
+  except the image bytes), `episode` the `reader.Episode` planned and `origin` the row
   of `episode` each output row shows.
   """
 
@@ -534,6 +534,14 @@ _DEFAULT_OPTIONS = dict(
     row_block=None, decoded_cache_bytes=0, buckets=None)
 
 
+def _with_defaults(kwargs) -> dict:
+  """The keyword options of the builders, defaults filled in."""
+  unknown = set(kwargs) - set(_DEFAULT_OPTIONS)
+  if unknown:
+    raise TypeError(f"unexpected arguments {sorted(unknown)}")
+  return {**_DEFAULT_OPTIONS, **kwargs}
+
+
 def make_multisource_episode_dataset(
     dataset_spec_list, split, episode_config, image_size, seed=0,
     **kwargs) -> tf.data.Dataset:
@@ -550,11 +558,7 @@ def make_multisource_episode_dataset(
   Returns:
     A `tf.data.Dataset` of episode dicts; padding buckets cover all sources.
   """
-  options = dict(_DEFAULT_OPTIONS)
-  unknown = set(kwargs) - set(options)
-  if unknown:
-    raise TypeError(f"unexpected arguments {sorted(unknown)}")
-  options.update(kwargs)
+  options = _with_defaults(kwargs)
   return _episode_dataset(list(dataset_spec_list), split, episode_config,
                           image_size, seed, **options)
 
@@ -594,10 +598,6 @@ def make_episode_iterator(dataset_spec_list, split, episode_config,
     return make_multisource_episode_dataset(
         specs, split, episode_config, image_size, seed,
         **kwargs).as_numpy_iterator()
-  options = dict(_DEFAULT_OPTIONS)
-  unknown = set(kwargs) - set(options)
-  if unknown:
-    raise TypeError(f"unexpected arguments {sorted(unknown)}")
-  options.update(kwargs)
+  options = _with_defaults(kwargs)
   return _episode_dataset(specs, split, episode_config, image_size, seed,
                           num_workers=num_workers, **options)

@@ -29,16 +29,14 @@ from meta_dataset_pipeline import record_files
 from meta_dataset_pipeline import records_writer
 from meta_dataset_pipeline import workers
 import meta_dataset_pipeline as mdp
+from tests import pipeline_stream_test as stream_cases
 
 SIZE = 24
-# Variable episodes with flushes (dtd's classes are small), half of them
-# SimCLR episodes, ordinary ones BOHB-augmented: every random op of the
-# episode map runs.
-CFG = mdp.EpisodeDescriptionConfig(max_ways_upper_bound=6,
-                                   max_support_set_size=20, max_num_query=3,
-                                   simclr_episode_fraction=0.5)
-NOISE = mdp.DataAugmentation(enable_gaussian_noise=True,
-                             gaussian_noise_std=0.1)
+# The stream tests' small variable episodes with flushes, half of them
+# SimCLR episodes; ordinary ones are also BOHB-augmented below: every random
+# op of the episode map runs.
+CFG = stream_cases.CFG
+NOISE = stream_cases.NOISE
 NUM = 10
 
 
